@@ -1,0 +1,63 @@
+"""rcache: Redis doing real work for Python code.
+
+Cache decorators with expiry for sync and async functions, with explicit behaviour when
+Redis is down. Importing rcache has no side effects: no client, connection, thread or
+metric exists until you create a :class:`Cache` and use it.
+
+``rcache.metrics`` (Prometheus, extra ``prometheus``) and ``rcache.testing`` (a throwaway
+``redis-server`` for tests) are public modules that are not imported here.
+"""
+
+from __future__ import annotations
+
+from rcache._cache import Cache
+from rcache._config import BreakerPolicy, RetryPolicy, parse_duration
+from rcache._exceptions import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    LockError,
+    LockLostError,
+    LockNotAcquiredError,
+    LockNotOwnedError,
+    RCacheError,
+    SerializationError,
+    TransactionConflictError,
+    TransactionError,
+)
+from rcache._metrics import InMemoryMetrics, MetricsSink
+from rcache._serializers import (
+    JsonSerializer,
+    MsgpackSerializer,
+    PickleSerializer,
+    Serializer,
+)
+from rcache._types import AsyncCachedFunction, CachedFunction
+from rcache._version import __version__
+
+__all__ = [
+    "AsyncCachedFunction",
+    "BackendError",
+    "BackendUnavailableError",
+    "BreakerPolicy",
+    "Cache",
+    "CachedFunction",
+    "ConfigurationError",
+    "InMemoryMetrics",
+    "JsonSerializer",
+    "LockError",
+    "LockLostError",
+    "LockNotAcquiredError",
+    "LockNotOwnedError",
+    "MetricsSink",
+    "MsgpackSerializer",
+    "PickleSerializer",
+    "RCacheError",
+    "RetryPolicy",
+    "SerializationError",
+    "Serializer",
+    "TransactionConflictError",
+    "TransactionError",
+    "__version__",
+    "parse_duration",
+]

@@ -1,0 +1,103 @@
+"""The one exception tree of rcache.
+
+Every error rcache raises on purpose derives from :class:`RCacheError`; redis-py errors
+are translated in exactly one place (:func:`rcache._redis.map_error`) and never escape
+the public API raw::
+
+    RCacheError(Exception)
+    ├── ConfigurationError(RCacheError, ValueError)   bad ttl, URL, key template, ...
+    ├── BackendError                                  Redis answered with an error
+    │   └── BackendUnavailableError                   refused, reset, timed out, breaker open
+    ├── SerializationError                            a value cannot be (de)serialized
+    ├── LockError
+    │   ├── LockNotAcquiredError(LockError, TimeoutError)
+    │   ├── LockNotOwnedError                         release/extend by a non-owner
+    │   └── LockLostError                             the lease is gone while "held"
+    └── TransactionError
+        └── TransactionConflictError                  WATCH retries exhausted
+
+All exceptions survive ``pickle`` round trips (celery-singleton #55: an exception that
+cannot be unpickled kills a Celery worker), so every constructor argument is kept in
+``self.args``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "LockError",
+    "LockLostError",
+    "LockNotAcquiredError",
+    "LockNotOwnedError",
+    "RCacheError",
+    "SerializationError",
+    "TransactionConflictError",
+    "TransactionError",
+]
+
+
+class RCacheError(Exception):
+    """Base class of every error raised by rcache."""
+
+
+class ConfigurationError(RCacheError, ValueError):
+    """A configuration mistake, raised at construction or decoration time."""
+
+
+class BackendError(RCacheError):
+    """Redis answered with an error. The redis-py exception is in ``.original``."""
+
+    def __init__(self, message: str, original: BaseException | None = None) -> None:
+        super().__init__(message, original)
+        self.message = message
+        self.original = original
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BackendUnavailableError(BackendError):
+    """Redis could not be reached (refused, reset, timed out) or the breaker is open."""
+
+
+class SerializationError(RCacheError):
+    """A value could not be serialized or deserialized."""
+
+
+class LockError(RCacheError):
+    """Base class of lock errors. Locks fail closed: they never pretend to hold."""
+
+
+class LockNotAcquiredError(LockError, TimeoutError):
+    """The lock could not be acquired within the timeout."""
+
+
+class LockNotOwnedError(LockError):
+    """Release or extend by a holder whose lease is gone or was never held."""
+
+
+class LockLostError(LockError):
+    """The lease was lost (expired, deleted or taken over) while it was believed held."""
+
+
+class TransactionError(RCacheError):
+    """Base class of transaction errors."""
+
+
+class TransactionConflictError(TransactionError):
+    """Optimistic transaction gave up after ``attempts`` WATCH conflicts on ``keys``."""
+
+    def __init__(self, keys: Sequence[str], attempts: int) -> None:
+        super().__init__(list(keys), attempts)
+        self.keys = list(keys)
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return (
+            f"transaction on {self.keys!r} gave up after {self.attempts} attempts: "
+            "the watched keys kept changing (raise retries= or reduce contention)"
+        )

@@ -1,0 +1,65 @@
+"""The metrics sink protocol, and the in-memory default.
+
+The cache and locks report events to ``Cache.metrics``. The default, ``InMemoryMetrics``,
+counts them in a dict (so errors are always counted, even without prometheus-client);
+``rcache.metrics.PrometheusMetrics`` exports the same events to Prometheus. Labels are
+bounded: a cache (function) name or lock name, never keys, arguments or values.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Protocol
+
+__all__ = ["InMemoryMetrics", "MetricsSink"]
+
+
+class MetricsSink(Protocol):
+    def register_cache(self, cache: str) -> None: ...
+    def cache_get(self, cache: str, result: str) -> None: ...
+    def cache_put(self, cache: str) -> None: ...
+    def cache_removal(self, cache: str) -> None: ...
+    def cache_load(self, cache: str, result: str, seconds: float) -> None: ...
+    def cache_error(self, cache: str, operation: str, error: str) -> None: ...
+    def breaker_state(self, state: int) -> None: ...
+
+
+class InMemoryMetrics:
+    """Counts events in process memory; ``counts`` maps (event, labels...) to a count.
+
+    Example: ``cache.metrics.count("cache_gets", "myapp.get_user", "hit")``.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.breaker = 0
+        self._lock = threading.Lock()
+
+    def count(self, *event: str) -> int:
+        return self.counts[event]
+
+    def _inc(self, *event: str) -> None:
+        with self._lock:  # Counter += is not atomic across threads
+            self.counts[event] += 1
+
+    def register_cache(self, cache: str) -> None:
+        pass
+
+    def cache_get(self, cache: str, result: str) -> None:
+        self._inc("cache_gets", cache, result)
+
+    def cache_put(self, cache: str) -> None:
+        self._inc("cache_puts", cache)
+
+    def cache_removal(self, cache: str) -> None:
+        self._inc("cache_removals", cache)
+
+    def cache_load(self, cache: str, result: str, seconds: float) -> None:
+        self._inc("cache_loads", cache, result)
+
+    def cache_error(self, cache: str, operation: str, error: str) -> None:
+        self._inc("cache_errors", cache, operation, error)
+
+    def breaker_state(self, state: int) -> None:
+        self.breaker = state

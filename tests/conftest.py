@@ -1,0 +1,75 @@
+"""Shared fixtures: one throwaway redis-server per test session, flushed after each test.
+
+Tests that kill, pause or restart Redis start their own server with ``redis_server_factory``.
+A missing ``redis-server`` fails the run (with a pointer to ./scripts/test); set
+RCACHE_ALLOW_SKIP=1 to skip Redis tests instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+import rcache
+from rcache.testing import RedisServer
+
+
+def _need_redis() -> None:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("RCACHE_ALLOW_SKIP") == "1":
+            pytest.skip("redis-server not installed and RCACHE_ALLOW_SKIP=1")
+        pytest.fail(
+            "redis-server is not on PATH: run ./scripts/test (it installs it) or "
+            "apt-get install redis-server",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """The session's shared server. Do not kill it: use redis_server_factory."""
+    _need_redis()
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    yield redis_server.url
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer, redis_url: str) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_server_factory() -> Iterator[Callable[[], RedisServer]]:
+    """Start extra servers that the test may kill, pause or restart."""
+    _need_redis()
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = RedisServer().start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def cache(redis_url: str) -> Iterator[rcache.Cache]:
+    c = rcache.Cache(redis_url, prefix="test")
+    yield c
+    c.close()
