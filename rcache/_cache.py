@@ -29,6 +29,7 @@ from rcache._exceptions import (
     RCacheError,
 )
 from rcache._keys import KeyBuilder
+from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
 from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
@@ -39,6 +40,7 @@ from rcache._serializers import (
     encode_envelope,
     resolve_serializer,
 )
+from rcache._transaction import TransactionMixin
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 
 __all__ = ["Cache"]
@@ -70,7 +72,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache:
+class Cache(LockMixin, TransactionMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,

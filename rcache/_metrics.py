@@ -23,6 +23,13 @@ class MetricsSink(Protocol):
     def cache_load(self, cache: str, result: str, seconds: float) -> None: ...
     def cache_error(self, cache: str, operation: str, error: str) -> None: ...
     def breaker_state(self, state: int) -> None: ...
+    def register_lock(self, lock: str) -> None: ...
+    def lock_acquire(self, lock: str, result: str) -> None: ...
+    def lock_wait(self, lock: str, seconds: float) -> None: ...
+    def lock_held(self, lock: str, seconds: float) -> None: ...
+    def lock_release(self, lock: str, result: str) -> None: ...
+    def lock_renewal(self, lock: str, result: str) -> None: ...
+    def locks_held_change(self, lock: str, delta: int) -> None: ...
 
 
 class InMemoryMetrics:
@@ -63,3 +70,25 @@ class InMemoryMetrics:
 
     def breaker_state(self, state: int) -> None:
         self.breaker = state
+
+    def register_lock(self, lock: str) -> None:
+        pass
+
+    def lock_acquire(self, lock: str, result: str) -> None:
+        self._inc("lock_acquires", lock, result)
+
+    def lock_wait(self, lock: str, seconds: float) -> None:
+        self._inc("lock_waits", lock)
+
+    def lock_held(self, lock: str, seconds: float) -> None:
+        self._inc("lock_holds", lock)
+
+    def lock_release(self, lock: str, result: str) -> None:
+        self._inc("lock_releases", lock, result)
+
+    def lock_renewal(self, lock: str, result: str) -> None:
+        self._inc("lock_renewals", lock, result)
+
+    def locks_held_change(self, lock: str, delta: int) -> None:
+        with self._lock:
+            self.counts[("locks_held", lock)] += delta

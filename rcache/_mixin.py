@@ -1,0 +1,27 @@
+"""What the capability mixins (locks, transactions) may use of ``Cache``.
+
+``Cache`` is assembled from one mixin per concept so that each concept lives in its own
+module (``_lock.py``, ``_transaction.py``); this base declares, for the type checker, the
+attributes those mixins read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rcache._config import RetryPolicy
+    from rcache._metrics import MetricsSink
+    from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
+    from rcache._serializers import Serializer
+
+
+class CacheBase:
+    prefix: str
+    name: str
+    retry: RetryPolicy
+    serializer: Serializer
+    metrics: MetricsSink
+    _spec: ClientSpec
+    _sync: SyncRedis
+    _async: AsyncRedis
