@@ -39,4 +39,4 @@ if ! command -v redis-server >/dev/null 2>&1 && [ -z "${RCACHE_NO_APT:-}" ]; the
     fi
 fi
 
-"$UV" sync --all-packages --frozen --quiet
+"$UV" sync --all-packages --frozen --inexact --quiet
