@@ -61,7 +61,7 @@ _MISSING: Any = object()
 
 class _CachedDecorator(Protocol):
     @overload
-    def __call__(
+    def __call__(  # type: ignore[overload-overlap]
         self, fn: Callable[P, Coroutine[Any, Any, R]], /
     ) -> AsyncCachedFunction[P, R]: ...
 
@@ -119,7 +119,11 @@ class Cache(LockMixin, TransactionMixin):
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
-        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+        if (
+            not isinstance(prefix, str)
+            or not prefix
+            or any(c.isspace() for c in prefix)
+        ):
             raise ConfigurationError(
                 f"prefix must be a non-empty string without spaces, got {prefix!r}: "
                 'write prefix="myapp"'
@@ -131,10 +135,14 @@ class Cache(LockMixin, TransactionMixin):
         self.serializer = resolve_serializer(serializer)
         self.on_backend_error: BackendErrorPolicy = on_backend_error
         self.retry = retry or RetryPolicy()
-        self._spec = ClientSpec(url, client=client, async_client=async_client, options=redis_options)
+        self._spec = ClientSpec(
+            url, client=client, async_client=async_client, options=redis_options
+        )
         self._sync = SyncRedis(self._spec, self.retry)
         self._async = AsyncRedis(self._spec, self.retry)
-        self.metrics: MetricsSink = metrics if metrics is not None else InMemoryMetrics()
+        self.metrics: MetricsSink = (
+            metrics if metrics is not None else InMemoryMetrics()
+        )
         self.breaker = CircuitBreaker(breaker or BreakerPolicy())
         self.breaker.on_change = self._breaker_changed
         self._log = RateLimitedLog(cache_log)
@@ -159,8 +167,10 @@ class Cache(LockMixin, TransactionMixin):
                 self._spec.describe(),
             )
         elif state == 0:
-            cache_log.warning("rcache: Redis at %s answers again; caching resumed",
-                              self._spec.describe())
+            cache_log.warning(
+                "rcache: Redis at %s answers again; caching resumed",
+                self._spec.describe(),
+            )
 
     def _skipped(self, name: str, operation: str, policy: BackendErrorPolicy) -> Any:
         self.metrics.cache_error(name, operation, "CircuitOpen")
@@ -271,7 +281,9 @@ class Cache(LockMixin, TransactionMixin):
             self.metrics.cache_removal(name)
         return bool(n)
 
-    async def _adelete_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> bool:
+    async def _adelete_raw(
+        self, key: str, name: str, policy: BackendErrorPolicy
+    ) -> bool:
         if not self.breaker.allow():
             self._skipped(name, "delete", policy)
             return False
@@ -338,7 +350,9 @@ class Cache(LockMixin, TransactionMixin):
         """
         seconds = self._ttl(ttl)
         data = self._encode(value, seconds)
-        return self._set_raw(self._key(key), data, seconds, self.name, self.on_backend_error)
+        return self._set_raw(
+            self._key(key), data, seconds, self.name, self.on_backend_error
+        )
 
     async def aset(self, key: str, value: Any, ttl: Duration | None = None) -> bool:
         """Async twin of :meth:`set`."""
@@ -381,7 +395,7 @@ class Cache(LockMixin, TransactionMixin):
     # -- decorator --------------------------------------------------------------------
 
     @overload
-    def cached(
+    def cached(  # type: ignore[overload-overlap]
         self, fn: Callable[P, Coroutine[Any, Any, R]], /
     ) -> AsyncCachedFunction[P, R]: ...
 
@@ -455,7 +469,9 @@ class Cache(LockMixin, TransactionMixin):
         policy = self.on_backend_error if on_backend_error is None else on_backend_error
         _check_policy(policy)
         if unless is not None and not callable(unless):
-            raise ConfigurationError("unless= takes a callable: unless=lambda result: ...")
+            raise ConfigurationError(
+                "unless= takes a callable: unless=lambda result: ..."
+            )
         ignore = tuple(ignore) if not isinstance(ignore, str) else ignore
 
         def decorate(func: Any) -> Any:

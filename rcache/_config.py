@@ -15,7 +15,7 @@ from rcache._exceptions import ConfigurationError
 
 __all__ = ["BackendErrorPolicy", "Duration", "RetryPolicy", "parse_duration"]
 
-Duration = Union[int, float, str, timedelta]
+Duration = Union[int, float, str, timedelta]  # noqa: UP007 (a runtime alias on 3.10)
 BackendErrorPolicy = Literal["bypass", "raise"]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -30,7 +30,9 @@ def parse_duration(value: Duration | None, *, what: str = "ttl") -> float:
     """
     hint = f'write {what}=60 (seconds), {what}="10m", {what}="1h30m" or a timedelta'
     if isinstance(value, bool) or value is None:
-        raise ConfigurationError(f"{what} must be a positive duration, got {value!r}: {hint}")
+        raise ConfigurationError(
+            f"{what} must be a positive duration, got {value!r}: {hint}"
+        )
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)):
@@ -55,7 +57,9 @@ def parse_duration(value: Duration | None, *, what: str = "ttl") -> float:
             f"{what} must be a duration, got {type(value).__name__}: {hint}"
         )
     if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-        raise ConfigurationError(f"{what} must be positive and finite, got {value!r}: {hint}")
+        raise ConfigurationError(
+            f"{what} must be positive and finite, got {value!r}: {hint}"
+        )
     return seconds
 
 
@@ -84,7 +88,9 @@ class RetryPolicy:
                 "RetryPolicy(attempts=...) counts the first try: write attempts=1 for no retry"
             )
         if self.backoff < 0 or self.max_backoff < 0 or self.max_time <= 0:
-            raise ConfigurationError("RetryPolicy backoff/max_backoff >= 0 and max_time > 0")
+            raise ConfigurationError(
+                "RetryPolicy backoff/max_backoff >= 0 and max_time > 0"
+            )
 
 
 NO_RETRY = RetryPolicy(attempts=1)
@@ -105,7 +111,11 @@ class BreakerPolicy:
     max_reset_after: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.failures < 1 or self.reset_after <= 0 or self.max_reset_after < self.reset_after:
+        if (
+            self.failures < 1
+            or self.reset_after <= 0
+            or self.max_reset_after < self.reset_after
+        ):
             raise ConfigurationError(
                 "BreakerPolicy needs failures >= 1 and 0 < reset_after <= max_reset_after"
             )

@@ -6,7 +6,6 @@ awaiting. They implement ``__get__`` so decorated methods bind like functions.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import time
@@ -45,11 +44,16 @@ class CachedSpec:
             return None
         try:
             return encode_envelope(
-                self.cache.serializer, value, compute_time=compute_time, fresh_for=self.ttl
+                self.cache.serializer,
+                value,
+                compute_time=compute_time,
+                fresh_for=self.ttl,
             )
         except SerializationError as exc:
             if self.on_unserializable == "skip":
-                self.cache.metrics.cache_error(self.name, "serialize", "SerializationError")
+                self.cache.metrics.cache_error(
+                    self.name, "serialize", "SerializationError"
+                )
                 return None
             raise SerializationError(
                 f"{self.name} returned a {type(value).__qualname__} that the "
@@ -101,7 +105,9 @@ class SyncCached(_Base):
         cache.metrics.cache_get(spec.name, "miss")
         return self._load(key, args, kwargs, store=raw is not BYPASS)
 
-    def _load(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], store: bool) -> Any:
+    def _load(
+        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], store: bool
+    ) -> Any:
         spec = self._spec
         cache = spec.cache
         start = time.perf_counter()
@@ -137,11 +143,15 @@ class AsyncCached(_Base):
 
     def __init__(self, spec: CachedSpec, bound: Any = _UNBOUND) -> None:
         super().__init__(spec, bound)
-        # Let inspect/asyncio see a coroutine function (3.12+ marker, older flag).
+        # Let inspect.iscoroutinefunction() see a coroutine function, as frameworks
+        # (FastAPI, Celery, pytest) dispatch on it: 3.12+ has a marker; before that,
+        # inspect treats an object with __code__/__defaults__ as function-like.
         if hasattr(inspect, "markcoroutinefunction"):
             inspect.markcoroutinefunction(self)
-        else:  # pragma: no cover - Python < 3.12
-            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+        elif bound is _UNBOUND and hasattr(spec.fn, "__code__"):
+            self.__code__ = spec.fn.__code__
+            self.__defaults__ = getattr(spec.fn, "__defaults__", None)
+            self.__kwdefaults__ = getattr(spec.fn, "__kwdefaults__", None)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = self._args(args)
@@ -179,7 +189,9 @@ class AsyncCached(_Base):
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store the entry for these arguments; return the new value."""
         args = self._args(args)
-        return await self._load(self._spec.keys.build(args, kwargs), args, kwargs, store=True)
+        return await self._load(
+            self._spec.keys.build(args, kwargs), args, kwargs, store=True
+        )
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there."""

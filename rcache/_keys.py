@@ -104,10 +104,12 @@ class KeyBuilder:
                 f"ignore= names {unknown} that {self.name} does not take; "
                 f"its parameters are {list(params)}"
             )
-        self._names = [p for p in params]
+        self._names = list(params)
         self._kinds = {n: p.kind for n, p in params.items()}
         self._defaults = {
-            n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty
+            n: p.default
+            for n, p in params.items()
+            if p.default is not inspect.Parameter.empty
         }
         # The fast binder handles the common shape (no *args/**kwargs, no positional-only
         # quirks); anything else goes through inspect.Signature.bind.
@@ -137,7 +139,9 @@ class KeyBuilder:
     def _check_template(self, template: str) -> None:
         params = self.signature.parameters
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            fields = [
+                f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+            ]
         except ValueError as exc:
             raise ConfigurationError(f"bad key template {template!r}: {exc}") from None
         for field in fields:
@@ -159,7 +163,7 @@ class KeyBuilder:
         """Arguments by parameter name, defaults applied (raises TypeError like a call)."""
         if self._simple and len(args) <= self._n_positional:
             names = self._names
-            bound = dict(zip(names, args))
+            bound = dict(zip(names, args, strict=False))
             if not kwargs and len(args) == len(names):
                 return bound
             used = 0
@@ -203,7 +207,9 @@ class KeyBuilder:
                     f"{exc.args[0].__qualname__}; write ignore=({name!r},), give the class "
                     "a __rcache_key__() method, or pass key="
                 ) from None
-        text = json.dumps(values, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        text = json.dumps(
+            values, separators=(",", ":"), sort_keys=True, ensure_ascii=False
+        )
         if len(text) <= _MAX_PLAIN and _SAFE.issuperset(text):
             return text
         return "h:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

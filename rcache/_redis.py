@@ -25,7 +25,7 @@ import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rcache._config import BreakerPolicy, RetryPolicy
+from rcache._config import RetryPolicy
 from rcache._exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -33,7 +33,14 @@ from rcache._exceptions import (
     RCacheError,
 )
 
-__all__ = ["AsyncRedis", "ClientSpec", "LuaScript", "SyncRedis", "map_error", "resolve_url"]
+__all__ = [
+    "AsyncRedis",
+    "ClientSpec",
+    "LuaScript",
+    "SyncRedis",
+    "map_error",
+    "resolve_url",
+]
 
 T = TypeVar("T")
 
@@ -60,7 +67,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 
 def resolve_url(url: str | None) -> str:
     """``url``, else ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default."""
-    url = url or os.environ.get("RCACHE_URL") or os.environ.get("REDIS_URL") or DEFAULT_URL
+    url = (
+        url
+        or os.environ.get("RCACHE_URL")
+        or os.environ.get("REDIS_URL")
+        or DEFAULT_URL
+    )
     scheme = urlsplit(url).scheme
     if scheme not in _SCHEMES:
         raise ConfigurationError(
@@ -81,8 +93,10 @@ def map_error(exc: BaseException) -> RCacheError:
     """Translate a redis-py (or socket) exception into rcache's tree."""
     if isinstance(exc, RCacheError):
         return exc
-    if isinstance(exc, TRANSIENT) or isinstance(exc, OSError):
-        return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}", exc)
+    if isinstance(exc, (*TRANSIENT, OSError)):
+        return BackendUnavailableError(
+            f"Redis unavailable: {type(exc).__name__}: {exc}", exc
+        )
     return BackendError(f"Redis error: {type(exc).__name__}: {exc}", exc)
 
 
@@ -141,7 +155,7 @@ class ClientSpec:
         if self.memory:
             import fakeredis
 
-            return fakeredis.FakeRedis(server=self._fake_server)  # type: ignore[no-any-return]
+            return fakeredis.FakeRedis(server=self._fake_server)
         assert self.url is not None
         return redis.Redis.from_url(self.url, **self.options)
 
@@ -152,11 +166,13 @@ class ClientSpec:
             kwargs = dict(self.user_client.connection_pool.connection_kwargs)
             kwargs["decode_responses"] = False
             kwargs.pop("retry", None)
-            return redis.asyncio.Redis(**kwargs, retry=Retry(NoBackoff(), 0))  # type: ignore[arg-type]
+            return redis.asyncio.Redis(
+                **kwargs, retry=redis.asyncio.retry.Retry(NoBackoff(), 0)
+            )
         if self.memory:
             import fakeredis
 
-            return fakeredis.FakeAsyncRedis(server=self._fake_server)  # type: ignore[no-any-return]
+            return fakeredis.FakeAsyncRedis(server=self._fake_server)
         assert self.url is not None
         opts = dict(self.options)
         opts["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 0)
@@ -172,7 +188,9 @@ def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(policy.attempts - 1)
         | tenacity.stop_after_delay(policy.max_time),
-        wait=tenacity.wait_random_exponential(multiplier=policy.backoff, max=policy.max_backoff),
+        wait=tenacity.wait_random_exponential(
+            multiplier=policy.backoff, max=policy.max_backoff
+        ),
         retry=tenacity.retry_if_exception_type(TRANSIENT),
         reraise=True,
     )
@@ -182,7 +200,9 @@ def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
     return tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(policy.attempts - 1)
         | tenacity.stop_after_delay(policy.max_time),
-        wait=tenacity.wait_random_exponential(multiplier=policy.backoff, max=policy.max_backoff),
+        wait=tenacity.wait_random_exponential(
+            multiplier=policy.backoff, max=policy.max_backoff
+        ),
         retry=tenacity.retry_if_exception_type(TRANSIENT),
         reraise=True,
     )
@@ -257,8 +277,13 @@ class AsyncRedis:
             first = exc
         except rex.RedisError as exc:
             raise map_error(exc) from exc
+
+        async def attempt() -> T:
+            # a coroutine *function*: tenacity would not await a lambda's coroutine
+            return await op(client)
+
         try:
-            return await _aretrying(self._retry)(op, client)
+            return await _aretrying(self._retry)(attempt)
         except (rex.RedisError, OSError) as exc:
             raise map_error(exc) from first
 
@@ -285,7 +310,9 @@ class LuaScript:
         from importlib import resources
 
         if source is None:
-            source = resources.files("rcache._scripts").joinpath(f"{name}.lua").read_text()
+            source = (
+                resources.files("rcache._scripts").joinpath(f"{name}.lua").read_text()
+            )
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -297,9 +324,11 @@ class LuaScript:
             client.script_load(self.source)
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def acall(self, client: redis.asyncio.Redis, keys: list[Any], args: list[Any]) -> Any:
+    async def acall(
+        self, client: redis.asyncio.Redis, keys: list[Any], args: list[Any]
+    ) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
             await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)

@@ -73,7 +73,10 @@ def _encode_tree(obj: Any) -> Any:
     if t is dict:
         if all(type(k) is str for k in obj) and _TAG not in obj:
             return {k: _encode_tree(v) for k, v in obj.items()}
-        return {_TAG: "dict", "v": [[_encode_tree(k), _encode_tree(v)] for k, v in obj.items()]}
+        return {
+            _TAG: "dict",
+            "v": [[_encode_tree(k), _encode_tree(v)] for k, v in obj.items()],
+        }
     if t is tuple:
         return {_TAG: "tuple", "v": [_encode_tree(x) for x in obj]}
     if t is dt.datetime:
@@ -150,7 +153,9 @@ class JsonSerializer:
                 f"cannot serialize a value of type {exc.args[0].__qualname__} to JSON"
             ) from None
         except RecursionError:
-            raise SerializationError("cannot serialize a self-referencing value") from None
+            raise SerializationError(
+                "cannot serialize a self-referencing value"
+            ) from None
         return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode()
 
     def loads(self, data: bytes) -> Any:
@@ -221,8 +226,10 @@ class PickleSerializer:
     def loads(self, data: bytes) -> Any:
         sig, payload = data[: self._DIGEST], data[self._DIGEST :]
         for key in self._keys:
-            if hmac.compare_digest(sig, hmac.new(key, payload, hashlib.sha256).digest()):
-                return pickle.loads(payload)  # noqa: S301 -- signed by our own secret
+            if hmac.compare_digest(
+                sig, hmac.new(key, payload, hashlib.sha256).digest()
+            ):
+                return pickle.loads(payload)
         raise SerializationError("pickle signature mismatch: value refused")
 
 
@@ -290,7 +297,9 @@ def encode_envelope(
     else:
         payload = serializer.dumps(value)
     name = serializer.name.encode()
-    header = _HEADER.pack(_MAGIC, _VERSION, flags, now, compute_time, now + fresh_for, len(stamp))
+    header = _HEADER.pack(
+        _MAGIC, _VERSION, flags, now, compute_time, now + fresh_for, len(stamp)
+    )
     return b"".join((header, stamp, bytes((len(name),)), name, payload))
 
 
@@ -301,7 +310,9 @@ class UndecodableError(SerializationError):
 def decode_envelope(serializer: Serializer, data: bytes) -> Envelope:
     """Decode ``data``; raise UndecodableError for anything foreign or corrupt."""
     try:
-        magic, version, flags, created, compute, fresh_until, slen = _HEADER.unpack_from(data)
+        magic, version, flags, created, compute, fresh_until, slen = (
+            _HEADER.unpack_from(data)
+        )
     except struct.error:
         raise UndecodableError("not an rcache envelope (too short)") from None
     if magic != _MAGIC or version != _VERSION:

@@ -7,14 +7,8 @@ decorated methods bind like functions (tenacity #532, PR #668).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, overload
-
-if sys.version_info >= (3, 10):
-    from typing import Concatenate, ParamSpec
-else:  # pragma: no cover
-    from typing_extensions import Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 __all__ = ["AsyncCachedFunction", "CachedFunction"]
 

@@ -46,8 +46,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.005,
-               message: str = "condition") -> Any:
+def wait_until(
+    predicate: Any,
+    timeout: float = 10.0,
+    interval: float = 0.005,
+    message: str = "condition",
+) -> Any:
     """Poll ``predicate()`` until it returns a truthy value or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -101,24 +105,36 @@ class RedisServer:
             if self._spawn():
                 return self
             if fixed:
-                time.sleep(0.05)  # same port after a kill: the socket may linger briefly
+                time.sleep(
+                    0.05
+                )  # same port after a kill: the socket may linger briefly
         raise RuntimeError(f"redis-server did not start; see {self._dir / 'redis.log'}")
 
     def _spawn(self) -> bool:
         log = self._dir / "redis.log"
         cmd = [
             self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self._dir),
-            "--logfile", str(log),
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._dir),
+            "--logfile",
+            str(log),
+            "--daemonize",
+            "no",
             *self.extra_args,
         ]
         self.process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + self.start_timeout
         client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -140,13 +156,12 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        """Shut down cleanly (``SHUTDOWN NOSAVE``), killing it if it does not go."""
+        """Shut down cleanly (SIGTERM; nothing is saved), killing it if it does not go."""
         if not self.running:
             return
         assert self.process is not None
         self.resume()
-        with contextlib.suppress(redis.RedisError):
-            self.client(socket_timeout=1).shutdown(nosave=True)
+        self.process.terminate()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:

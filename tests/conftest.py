@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
@@ -69,7 +69,9 @@ def redis_server_factory() -> Iterator[Callable[[], RedisServer]]:
 
 
 @pytest.fixture
-def cache(redis_url: str) -> Iterator[rcache.Cache]:
+async def cache(redis_url: str) -> AsyncIterator[rcache.Cache]:
+    """A Cache on the session server; async so that its loop's client is closed in-loop."""
     c = rcache.Cache(redis_url, prefix="test")
     yield c
+    await c.aclose()
     c.close()

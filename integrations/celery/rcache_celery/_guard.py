@@ -1,0 +1,239 @@
+"""The guard protocol: owner-checked keys shared by UniqueTask and LockedTask.
+
+A *guard key* holds the id of the task that owns it. A UniqueTask takes it when it is
+enqueued (``SET key id NX GET PX``: one round trip tells a duplicate caller which task
+already owns it); a LockedTask takes it when it starts. Every copy that is about to run
+calls ``begin`` (Lua), which also sets a *run marker* for its own task id, so that
+copies of the same id are told apart:
+
+* ``queued``: the id will be delivered again (``retry()``, ``acks_late`` requeue after a
+  lost worker): the next delivery is the owner;
+* ``running``: a copy with this id runs right now (a visibility-timeout redelivery,
+  celery-singleton #38): another copy is ignored;
+* ``done``: the id already ran (a late redelivery): another copy is ignored.
+
+Release and renewal are compare-and-act on the task id: nobody deletes or extends
+another task's key (celery-once PR #101 was never merged). Keys::
+
+    {prefix}:celery:u:{<task name>:<args digest>}         dedup guard (UniqueTask)
+    {prefix}:celery:l:{<lock name>}                       lock guard (LockedTask)
+    <guard key>:r:<task id>                               run marker, same hash slot
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from rcache._config import ttl_ms
+from rcache._redis import LuaScript
+
+if TYPE_CHECKING:
+    import redis
+
+    from rcache import Cache
+
+__all__ = [
+    "BEGIN",
+    "FINISH",
+    "RELEASE",
+    "RENEW",
+    "Guard",
+    "begin",
+    "finish",
+    "renewer",
+]
+
+log = logging.getLogger("rcache.celery")
+
+
+def _script(name: str) -> LuaScript:
+    source = resources.files("rcache_celery").joinpath(f"_scripts/{name}.lua").read_text()
+    return LuaScript(name, source=source)
+
+
+class _Scripts:
+    """Loaded on first use: nothing is read at import time."""
+
+    _loaded: dict[str, LuaScript] = {}  # noqa: RUF012 -- a per-process read-only cache
+
+    def __getitem__(self, name: str) -> LuaScript:
+        script = self._loaded.get(name)
+        if script is None:
+            script = self._loaded[name] = _script(name)
+        return script
+
+
+SCRIPTS = _Scripts()
+BEGIN, FINISH, RENEW, RELEASE = "begin", "finish", "renew", "release"
+
+# begin() codes, see _scripts/begin.lua
+ACQUIRED, OWNER, RUNNING_ELSEWHERE, ALREADY_DONE, HELD, FREE = 0, 1, 2, 3, -1, -2
+
+
+def digest(text: str) -> str:
+    """A short, brace-free digest: hash tags must not contain ``{`` or ``}``."""
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def tag_safe(name: str) -> str:
+    """``name`` if it can sit inside a hash tag, else its digest."""
+    if "{" in name or "}" in name or len(name) > 200:
+        return digest(name)
+    return name
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One guard key and the run marker of one task id."""
+
+    cache: Cache
+    key: str
+    task_id: str
+
+    @property
+    def marker(self) -> str:
+        return f"{self.key}:r:{self.task_id}"
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def begin(guard: Guard, lease: float, *, acquire: bool) -> tuple[int, str]:
+    """Run ``begin.lua``: the code and the holder's task id."""
+    script = SCRIPTS[BEGIN]
+    keys = [guard.key, guard.marker]
+    args = [guard.task_id, ttl_ms(lease), "1" if acquire else "0"]
+    code, holder = guard.cache._sync.run(lambda c: script(c, keys, args))
+    return int(code), _decode(holder)
+
+
+def finish(guard: Guard, state: str, ttl: float) -> bool:
+    """Run ``finish.lua`` (``state`` is ``"done"`` or ``"queued"``); True if owned."""
+    script = SCRIPTS[FINISH]
+    keys = [guard.key, guard.marker]
+    args = [guard.task_id, state, ttl_ms(ttl)]
+    return bool(guard.cache._sync.run(lambda c: script(c, keys, args)))
+
+
+def release(cache: Cache, key: str, value: str) -> bool:
+    """Compare-and-delete a plain guard key."""
+    script = SCRIPTS[RELEASE]
+    return bool(cache._sync.run(lambda c: script(c, [key], [value])))
+
+
+def renew_once(guard: Guard, lease: float) -> bool:
+    script = SCRIPTS[RENEW]
+    keys = [guard.key, guard.marker]
+    args = [guard.task_id, ttl_ms(lease)]
+    return bool(guard.cache._sync.run(lambda c: script(c, keys, args), retry=False))
+
+
+def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
+    """``SET key value NX GET PX ttl``: None if set, else the value already there."""
+
+    def op(c: redis.Redis) -> Any:
+        return c.set(key, value, nx=True, get=True, px=ttl_ms(ttl))
+
+    existing = cache._sync.run(op)
+    return None if existing is None else _decode(existing)
+
+
+@dataclass
+class _Lease:
+    guard: Guard
+    lease: float
+    due: float
+    on_lost: Callable[[], None] | None
+    lost: bool = False
+
+
+@dataclass
+class Renewer:
+    """The watchdog: one daemon thread per process renews every running task's lease.
+
+    Running tasks renew their lease every ``lease / 3`` instead of holding a one-hour
+    lock (celery-once #147, celery-singleton #40): if every release hook is lost (the
+    worker host dies), the key expires within one lease. A failed renewal is logged and
+    reported, never raised (redbeat #230: a lost lock that raises crash-loops beat).
+
+    This is the one piece of process-global state of rcache_celery (see ``renewer()``);
+    the thread is started lazily by the first running task of a process, so a thread
+    started before a prefork fork never counts (Artemis PR #2632, celery #4607).
+    """
+
+    pid: int = field(default_factory=os.getpid)
+    _leases: dict[int, _Lease] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+    _next: int = 0
+
+    def add(self, guard: Guard, lease: float, on_lost: Callable[[], None] | None = None) -> int:
+        with self._cond:
+            self._next += 1
+            handle = self._next
+            self._leases[handle] = _Lease(guard, lease, time.monotonic() + lease / 3, on_lost)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="rcache-celery-renewer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return handle
+
+    def remove(self, handle: int) -> bool:
+        """Stop renewing; True if the lease was lost while it was renewed."""
+        with self._cond:
+            entry = self._leases.pop(handle, None)
+        return entry is not None and entry.lost
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [(h, e) for h, e in self._leases.items() if e.due <= now and not e.lost]
+                if not due:
+                    wait = min((e.due for e in self._leases.values() if not e.lost), default=None)
+                    self._cond.wait(None if wait is None else max(wait - now, 0.001))
+                    continue
+                for _, entry in due:
+                    entry.due = now + entry.lease / 3
+            for handle, entry in due:
+                try:
+                    ok = renew_once(entry.guard, entry.lease)
+                except Exception as exc:  # a Redis outage: try again at the next tick
+                    log.warning("rcache-celery: renewing %s failed: %r", entry.guard.key, exc)
+                    continue
+                if not ok:
+                    with self._cond:
+                        if handle not in self._leases:
+                            continue  # finished meanwhile: not a loss
+                        entry.lost = True
+                    log.warning(
+                        "rcache-celery: task %s lost its lease on %s (expired or taken)",
+                        entry.guard.task_id,
+                        entry.guard.key,
+                    )
+                    if entry.on_lost is not None:
+                        entry.on_lost()
+
+
+_renewer: Renewer | None = None
+_renewer_lock = threading.Lock()
+
+
+def renewer() -> Renewer:
+    """This process's renewer (re-created in a forked child: threads do not survive fork)."""
+    global _renewer
+    with _renewer_lock:
+        if _renewer is None or _renewer.pid != os.getpid():
+            _renewer = Renewer()
+        return _renewer

@@ -1,0 +1,149 @@
+"""``install(app, cache)`` / ``uninstall(app)``: the cache and the main-process hooks.
+
+The hooks run in the worker's **main process**, where Celery reports what a pool child
+cannot: a child killed by SIGKILL or the OOM killer (``task_failure`` with
+``WorkerLostError``), a hard time limit (``task_failure`` with ``TimeLimitExceeded``,
+celery PR #10226), ``revoke()`` with or without ``terminate=True`` (``task_revoked``).
+Each releases the task's guard key at once, owner-checked, instead of leaving it for an
+hour (celery-once #147, #110) or forever (celery-singleton #29, #40).
+
+Signals are connected with ``weak=False`` (the receivers are closures) and a
+``dispatch_uid`` per app, so ``install`` is idempotent and ``uninstall`` mirrors it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+from rcache._exceptions import ConfigurationError
+from rcache_celery._metrics import NullCeleryMetrics, metrics_for
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from rcache import Cache
+
+__all__ = ["State", "install", "state_of", "uninstall"]
+
+log = logging.getLogger("rcache.celery")
+_ATTR = "_rcache_celery_state"
+
+
+@dataclass
+class State:
+    """What ``install`` attached to an app."""
+
+    app: Celery
+    cache: Cache
+    metrics: NullCeleryMetrics
+    uid: str
+
+
+def state_of(app: Celery) -> State:
+    """The installed state of ``app``; a ConfigurationError tells how to install."""
+    found: State | None = getattr(app, _ATTR, None)
+    if found is None:
+        raise ConfigurationError(
+            f"rcache_celery is not installed on the Celery app {app.main!r}: call "
+            "rcache_celery.install(app, cache) where the app is created"
+        )
+    return found
+
+
+def maybe_state(app: Celery) -> State | None:
+    return getattr(app, _ATTR, None)
+
+
+def install(app: Celery, cache: Cache, *, metrics: Any = None) -> None:
+    """Attach ``cache`` to ``app`` and connect the worker hooks.
+
+    :param app: the Celery app (call this where the app is created, so that producers,
+        workers and beat all run it).
+    :param cache: the ``rcache.Cache`` holding dedup keys, locks and warmed entries.
+    :param metrics: a metrics sink with a Prometheus ``.registry``; default
+        ``cache.metrics``. Without a registry, metrics are off.
+    :raises ConfigurationError: if ``app`` is already installed with another cache.
+
+    Idempotent for the same cache. Nothing connects to Redis here: clients are created
+    lazily in the process that uses them (after the prefork fork, celery #4607).
+    """
+    current = maybe_state(app)
+    if current is not None:
+        if current.cache is cache:
+            return
+        raise ConfigurationError(
+            "rcache_celery is already installed on this app with another cache: "
+            "call rcache_celery.uninstall(app) first"
+        )
+    uid = f"rcache_celery:{id(app)}"
+    state = State(app, cache, metrics_for(metrics if metrics is not None else cache.metrics), uid)
+    setattr(app, _ATTR, state)
+    signals.task_failure.connect(_on_failure, weak=False, dispatch_uid=uid + ":failure")
+    signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=uid + ":revoked")
+
+
+def uninstall(app: Celery) -> None:
+    """Disconnect what ``install`` connected; a no-op if it is not installed."""
+    state = maybe_state(app)
+    if state is None:
+        return
+    signals.task_failure.disconnect(dispatch_uid=state.uid + ":failure")
+    signals.task_revoked.disconnect(dispatch_uid=state.uid + ":revoked")
+    delattr(app, _ATTR)
+
+
+def _on_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    # In a pool child the task already released its key in __call__ (before the result
+    # was stored); only the main-process failures below need a release from here.
+    if isinstance(exception, WorkerLostError):
+        reason = "worker_lost"
+    elif isinstance(exception, TimeLimitExceeded):
+        reason = "time_limit"
+    else:
+        return
+    _recover(sender, task_id, args, kwargs, reason)
+
+
+def _on_revoked(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool = False,
+    expired: bool = False,
+    **_: Any,
+) -> None:
+    if request is None:
+        return
+    reason = "expired" if expired else "revoked"
+    _recover(sender, request.id, request.args, request.kwargs, reason)
+
+
+def _recover(task: Any, task_id: str | None, args: Any, kwargs: Any, reason: str) -> None:
+    from rcache_celery._tasks import GuardedTask
+
+    if not isinstance(task, GuardedTask) or task_id is None:
+        return
+    state = maybe_state(task.app)
+    if state is None:
+        return
+    try:
+        owned = task._release_from_main(task_id, tuple(args or ()), dict(kwargs or {}))
+    except Exception as exc:  # a hook must never break the worker; the lease expires
+        log.warning(
+            "rcache-celery: could not release %s[%s] after %s: %r", task.name, task_id, reason, exc
+        )
+        return
+    if owned:
+        state.metrics.recovery(task.name, reason)
+        log.info("rcache-celery: released %s[%s] after %s", task.name, task_id, reason)

@@ -1,0 +1,148 @@
+"""The lease watchdog: one daemon thread per process renews every held lease.
+
+Why one thread per process and not one per lock: python-redis-lock starts a thread per
+lock (and the thread dies silently on the first error, python-redis-lock #85/#91);
+Redisson runs one timer for all locks (``renewal/LockTask``). A process that holds a
+thousand locks here still has one renewer thread.
+
+This module holds the only global mutable state of the lock code, on purpose: the
+per-process renewer (``_RENEWER``), created lazily on the first acquisition (nothing
+at import time) and re-created in a forked child, because a thread started before
+``fork`` does not exist in the child (Artemis PR #2632). The child never renews or
+releases its parent's leases: they stay with the parent's renewer object, which the
+child never touches.
+
+Each lease is renewed every ``ttl / 3`` (replace-TTL extend by token). A lease is
+marked lost, and its ``on_lost`` callback runs (in the renewer thread), when
+
+* Redis answers that the token is gone (expired, deleted, taken over), or
+* its client-side deadline passes without a successful renewal: the deadline is the
+  monotonic time at which the last successful acquire/extend was *sent* plus the lease,
+  minus a drift margin, so a holder that cannot reach Redis learns it lost the lease
+  before (not after) the server can give it to someone else; or
+* ``max_hold`` is reached: renewal stops and the lease runs out (python-redis-lock #114:
+  endless renewal turns a hung holder into a permanent lock).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from rcache._exceptions import RCacheError
+from rcache._logging import lock_log
+
+if TYPE_CHECKING:
+    from rcache._lock import Lease
+
+__all__ = ["Renewer", "get_renewer"]
+
+#: The renewer thread exits after this long without leases (a new one starts on demand).
+_IDLE_EXIT = 10.0
+
+
+class Renewer:
+    """Renews leases in one daemon thread; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._leases: set[Lease] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.add(lease)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="rcache-lock-renewer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.discard(lease)
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                if not self._leases:
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= _IDLE_EXIT:
+                        self._thread = None
+                        return
+                    self._cond.wait(_IDLE_EXIT)
+                    continue
+                idle_since = None
+                due = [
+                    lease
+                    for lease in self._leases
+                    if lease.next_renew <= now or lease.deadline <= now
+                ]
+                if not due:
+                    wake = min(
+                        min(lease.next_renew, lease.deadline) for lease in self._leases
+                    )
+                    self._cond.wait(max(0.0, wake - now))
+                    continue
+            for lease in due:  # IO outside the condition: add/remove never wait on Redis
+                self._service(lease)
+
+    def _service(self, lease: Lease) -> None:
+        now = time.monotonic()
+        if lease.lost or lease.released:
+            self.remove(lease)
+            return
+        if now >= lease.deadline:
+            self._lost(lease, "its lease ran out without a successful renewal")
+            return
+        if lease.renew_until is not None and now >= lease.renew_until:
+            lease.next_renew = float("inf")  # max_hold reached: let the lease run out
+            return
+        sent = time.monotonic()
+        try:
+            ok = lease.owner._renew_io(lease)
+        except RCacheError as exc:
+            # Transient trouble: try again soon (jittered), well before the deadline.
+            lock_log.debug("rcache: renewing lock %s failed: %s", lease.name, exc)
+            lease.next_renew = time.monotonic() + min(lease.ttl / 10, 1.0) * (
+                0.5 + random.random()
+            )
+            return
+        if lease.released:
+            return
+        if ok:
+            lease.renewed(sent)
+            lease.owner._metrics.lock_renewal(lease.metrics_name, "renewed")
+        else:
+            self._lost(lease, "Redis no longer holds its token (expired or taken over)")
+
+    def _lost(self, lease: Lease, reason: str) -> None:
+        self.remove(lease)
+        lease.mark_lost(reason)
+
+
+_RENEWER: Renewer | None = None
+_RENEWER_LOCK = threading.Lock()
+
+
+def get_renewer() -> Renewer:
+    """The renewer of this process (a new one after ``fork``)."""
+    global _RENEWER
+    renewer = _RENEWER
+    if renewer is not None and renewer.pid == os.getpid():
+        return renewer
+    with _RENEWER_LOCK:
+        if _RENEWER is None or _RENEWER.pid != os.getpid():
+            _RENEWER = Renewer()
+        return _RENEWER

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from rcache import ConfigurationError, parse_duration
+from rcache._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from rcache._config import BreakerPolicy, RetryPolicy
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (60, 60.0),
+        (0.5, 0.5),
+        ("90", 90.0),
+        ("500ms", 0.5),
+        ("10m", 600.0),
+        ("1h30m", 5400.0),
+        ("2d", 172800.0),
+        (timedelta(minutes=2), 120.0),
+    ],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        -1,
+        "0",
+        "-5",
+        "ten",
+        "10x",
+        "",
+        "m10",
+        None,
+        True,
+        [1],
+        float("nan"),
+        float("inf"),
+        timedelta(0),
+    ],
+)
+def test_parse_duration_rejects_with_a_hint(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="ttl=60"):
+        parse_duration(value)  # type: ignore[arg-type]
+
+
+def test_policies_validate() -> None:
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ConfigurationError):
+        BreakerPolicy(failures=0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_probes_and_closes() -> None:
+    clock = Clock()
+    changes: list[int] = []
+    b = CircuitBreaker(
+        BreakerPolicy(failures=2, reset_after=1.0, max_reset_after=4.0), clock
+    )
+    b.on_change = changes.append
+    assert b.allow()
+    b.failure()
+    assert b.state == CLOSED and b.allow()
+    b.failure()
+    assert b.state == OPEN
+    assert not b.allow()
+    clock.now += 1.0
+    assert b.allow()  # the one probe
+    assert b.state == HALF_OPEN
+    assert not b.allow()  # only one probe at a time
+    b.failure()  # probe failed: open again, delay doubled
+    assert b.state == OPEN
+    clock.now += 1.5
+    assert not b.allow()
+    clock.now += 0.5
+    assert b.allow()
+    b.success()
+    assert b.state == CLOSED and b.allow()
+    assert changes == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
+
+
+def test_breaker_success_resets_the_failure_count() -> None:
+    b = CircuitBreaker(BreakerPolicy(failures=2), Clock())
+    b.failure()
+    b.success()
+    b.failure()
+    assert b.state == CLOSED
