@@ -7,7 +7,11 @@ every decision with the pure core (keys, envelope, failure policy); they differ 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import secrets
+import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, Protocol, TypeVar, overload
 
@@ -25,15 +29,19 @@ from rcache._config import (
 )
 from rcache._exceptions import (
     BackendUnavailableError,
+    SerializationError,
     ConfigurationError,
     RCacheError,
 )
+from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder
+from rcache._lease import LeaseKeeper
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
-from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
+from rcache._redis import MAX_BLOCK, AsyncRedis, ClientSpec, LuaScript, SyncRedis
 from rcache._serializers import (
+    Envelope,
     Serializer,
     UndecodableError,
     decode_envelope,
@@ -147,6 +155,11 @@ class Cache(LockMixin, TransactionMixin):
         self.breaker.on_change = self._breaker_changed
         self._log = RateLimitedLog(cache_log)
         self._explicit_prefix = f"{prefix}:k:"
+        self._tag_prefix = f"{prefix}:s:t:"
+        self._claim_script = LuaScript("cache_claim")
+        self._store_script = LuaScript("cache_store")
+        self._renew_script = LuaScript("cache_renew")
+        self._leases = LeaseKeeper(self._renew)
         self.metrics.register_cache(self.name)
 
     def __repr__(self) -> str:
@@ -209,11 +222,19 @@ class Cache(LockMixin, TransactionMixin):
 
     def _decode(self, name: str, raw: bytes) -> Any:
         """The cached value, or _MISSING when ``raw`` cannot be decoded."""
+        env = self._envelope(name, raw)
+        return _MISSING if env is None else env.value
+
+    def _envelope(self, name: str, raw: bytes) -> Envelope | None:
         try:
-            return decode_envelope(self.serializer, raw).value
+            return decode_envelope(self.serializer, raw)
         except UndecodableError as exc:
             self._undecodable(name, exc)
-            return _MISSING
+            return None
+
+    def tag_key(self, tag: str) -> str:
+        """The Redis key of a tag's version stamp."""
+        return self._tag_prefix + tag
 
     # -- raw operations: one sync/async pair each -------------------------------------
 
@@ -297,6 +318,145 @@ class Cache(LockMixin, TransactionMixin):
             self.metrics.cache_removal(name)
         return bool(n)
 
+    def _mget_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
+        if not self.breaker.allow():
+            return self._skipped(name, "get", policy)
+        try:
+            rows = self._sync.run(lambda c: c.mget(keys))
+        except RCacheError as exc:
+            return self._failed(name, "get", exc, policy)
+        self.breaker.success()
+        return rows
+
+    async def _amget_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
+        if not self.breaker.allow():
+            return self._skipped(name, "get", policy)
+        try:
+            rows = await self._async.run(lambda c: c.mget(keys))
+        except RCacheError as exc:
+            return self._failed(name, "get", exc, policy)
+        self.breaker.success()
+        return rows
+
+    # -- stampede protection: claim / store / wait (see _decorated.py) ----------------
+
+    def _claim_args(
+        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
+    ) -> tuple[list[str], list[Any]]:
+        fr: Freshness = spec.freshness
+        keys = [key + ":lease", key + ":ready", *stamp_keys]
+        args: list[Any] = [
+            token,
+            ttl_ms(fr.lease_ttl) if take_lease else 0,
+            fr.redis_ttl_ms,
+            *(secrets.token_hex(8) for _ in stamp_keys),
+        ]
+        return keys, args
+
+    @staticmethod
+    def _claimed(token: str, reply: list[Any]) -> tuple[str, bool, list[bytes], int]:
+        return token, reply[0] == 1, list(reply[2:]), int(reply[1])
+
+    def _claim(
+        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool = True
+    ) -> Any:
+        """(token, claimed, stamps, lease_pttl_ms), or BYPASS."""
+        if not self.breaker.allow():
+            return self._skipped(spec.name, "get", spec.policy)
+        keys, args = self._claim_args(key, stamp_keys, token, spec, take_lease)
+        try:
+            reply = self._sync.run(lambda c: self._claim_script(c, keys, args))
+        except RCacheError as exc:
+            return self._failed(spec.name, "get", exc, spec.policy)
+        self.breaker.success()
+        return self._claimed(token, reply)
+
+    async def _aclaim(
+        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool = True
+    ) -> Any:
+        if not self.breaker.allow():
+            return self._skipped(spec.name, "get", spec.policy)
+        keys, args = self._claim_args(key, stamp_keys, token, spec, take_lease)
+        try:
+            reply = await self._async.run(lambda c: self._claim_script.acall(c, keys, args))
+        except RCacheError as exc:
+            return self._failed(spec.name, "get", exc, spec.policy)
+        self.breaker.success()
+        return self._claimed(token, reply)
+
+    def _store_args(
+        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        spec: Any,
+    ) -> tuple[list[str], list[Any]]:
+        fr: Freshness = spec.freshness
+        keys = [key, key + ":lease", key + ":ready", *stamp_keys]
+        args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
+        return keys, args
+
+    def _stored(self, spec: Any, result: int) -> None:
+        if result == 1:
+            self.metrics.cache_put(spec.name)
+        elif result == 0:
+            self.metrics.cache_error(spec.name, "set", "InvalidatedDuringLoad")
+
+    def _store(
+        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        spec: Any,
+    ) -> Any:
+        """Store ``data`` (b"" = only release) unless a stamp changed; wake waiters."""
+        if not self.breaker.allow():
+            return self._skipped(spec.name, "set", spec.policy)
+        keys, args = self._store_args(key, stamp_keys, token, data, stamps, spec)
+        try:
+            result = self._sync.run(lambda c: self._store_script(c, keys, args))
+        except RCacheError as exc:
+            return self._failed(spec.name, "set", exc, spec.policy)
+        self.breaker.success()
+        self._stored(spec, result)
+        return result
+
+    async def _astore(
+        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        spec: Any,
+    ) -> Any:
+        if not self.breaker.allow():
+            return self._skipped(spec.name, "set", spec.policy)
+        keys, args = self._store_args(key, stamp_keys, token, data, stamps, spec)
+        try:
+            result = await self._async.run(lambda c: self._store_script.acall(c, keys, args))
+        except RCacheError as exc:
+            return self._failed(spec.name, "set", exc, spec.policy)
+        self.breaker.success()
+        self._stored(spec, result)
+        return result
+
+    def _renew(self, lease_key: str, token: str, px: int) -> bool:
+        reply = self._sync.run(lambda c: self._renew_script(c, [lease_key], [token, px]))
+        return bool(reply == 1)
+
+    def _wait_ready(self, key: str, timeout: float) -> None:
+        """Block until the computation of ``key`` signals, or ``timeout`` seconds."""
+        timeout = max(0.001, min(timeout, MAX_BLOCK))
+        if self.is_memory:  # fakeredis does not block: poll the in-process store
+            time.sleep(min(timeout, 0.01))
+            return
+        ready = key + ":ready"
+        try:
+            self._sync.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")
+        except Exception:
+            time.sleep(min(timeout, 0.05))  # the next claim reports the error
+
+    async def _await_ready(self, key: str, timeout: float) -> None:
+        timeout = max(0.001, min(timeout, MAX_BLOCK))
+        if self.is_memory:
+            await asyncio.sleep(min(timeout, 0.01))
+            return
+        ready = key + ":ready"
+        try:
+            await self._async.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")
+        except Exception:
+            await asyncio.sleep(min(timeout, 0.05))
+
     # -- explicit operations ----------------------------------------------------------
 
     def _key(self, key: str) -> str:
@@ -370,6 +530,156 @@ class Cache(LockMixin, TransactionMixin):
         """Async twin of :meth:`delete`."""
         return await self._adelete_raw(self._key(key), self.name, self.on_backend_error)
 
+    def invalidate_tags(self, *tags: str) -> int:
+        """Invalidate every entry computed under any of ``tags``: O(1) per tag.
+
+        Deletes the tags' version stamps; entries that recorded the old stamps read as
+        misses from then on and expire by their TTL. No tag sets, no KEYS, no SCAN.
+        Returns how many tags had a stamp.
+        """
+        keys = [self.tag_key(t) for t in tags]
+        if not keys:
+            return 0
+        if not self.breaker.allow():
+            self._skipped(self.name, "delete", self.on_backend_error)
+            return 0
+        try:
+            n = self._sync.run(lambda c: c.delete(*keys))
+        except RCacheError as exc:
+            self._failed(self.name, "delete", exc, self.on_backend_error)
+            return 0
+        self.breaker.success()
+        return int(n)
+
+    async def ainvalidate_tags(self, *tags: str) -> int:
+        """Async twin of :meth:`invalidate_tags`."""
+        keys = [self.tag_key(t) for t in tags]
+        if not keys:
+            return 0
+        if not self.breaker.allow():
+            self._skipped(self.name, "delete", self.on_backend_error)
+            return 0
+        try:
+            n = await self._async.run(lambda c: c.delete(*keys))
+        except RCacheError as exc:
+            self._failed(self.name, "delete", exc, self.on_backend_error)
+            return 0
+        self.breaker.success()
+        return int(n)
+
+    # -- batches: one round trip each ---------------------------------------------------
+
+    def _many_result(self, keys: list[str], rows: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if rows is BYPASS:
+            return out
+        for key, raw in zip(keys, rows, strict=True):
+            value = _MISSING if raw is None else self._decode(self.name, raw)
+            self.metrics.cache_get(self.name, "miss" if value is _MISSING else "hit")
+            if value is not _MISSING:
+                out[key] = value
+        return out
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The present entries among ``keys`` (missing ones are left out), one MGET."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        rows = self._mget_raw([self._key(k) for k in keys], self.name, self.on_backend_error)
+        return self._many_result(keys, rows)
+
+    async def aget_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Async twin of :meth:`get_many`."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        rows = await self._amget_raw(
+            [self._key(k) for k in keys], self.name, self.on_backend_error
+        )
+        return self._many_result(keys, rows)
+
+    def _set_many_data(
+        self, mapping: Mapping[str, Any], ttl: Duration | None
+    ) -> tuple[list[tuple[str, bytes]], int]:
+        seconds = self._ttl(ttl)
+        return [(self._key(k), self._encode(v, seconds)) for k, v in mapping.items()], ttl_ms(
+            seconds
+        )
+
+    def _pipe_set(self, client: Any, items: list[tuple[str, bytes]], px: int) -> Any:
+        pipe = client.pipeline(transaction=False)
+        for key, data in items:
+            pipe.set(key, data, px=px)
+        return pipe.execute()
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: Duration | None = None) -> bool:
+        """Store every item of ``mapping`` for ``ttl``, in one pipelined round trip."""
+        items, px = self._set_many_data(mapping, ttl)
+        if not items:
+            return True
+        if not self.breaker.allow():
+            self._skipped(self.name, "set", self.on_backend_error)
+            return False
+        try:
+            self._sync.run(lambda c: self._pipe_set(c, items, px))
+        except RCacheError as exc:
+            self._failed(self.name, "set", exc, self.on_backend_error)
+            return False
+        self.breaker.success()
+        for _ in items:
+            self.metrics.cache_put(self.name)
+        return True
+
+    async def aset_many(self, mapping: Mapping[str, Any], ttl: Duration | None = None) -> bool:
+        """Async twin of :meth:`set_many`."""
+        items, px = self._set_many_data(mapping, ttl)
+        if not items:
+            return True
+        if not self.breaker.allow():
+            self._skipped(self.name, "set", self.on_backend_error)
+            return False
+        try:
+            await self._async.run(lambda c: self._pipe_set(c, items, px))
+        except RCacheError as exc:
+            self._failed(self.name, "set", exc, self.on_backend_error)
+            return False
+        self.breaker.success()
+        for _ in items:
+            self.metrics.cache_put(self.name)
+        return True
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete ``keys`` in one command; returns how many existed."""
+        full = [self._key(k) for k in keys]
+        if not full:
+            return 0
+        if not self.breaker.allow():
+            self._skipped(self.name, "delete", self.on_backend_error)
+            return 0
+        try:
+            n = int(self._sync.run(lambda c: c.delete(*full)))
+        except RCacheError as exc:
+            self._failed(self.name, "delete", exc, self.on_backend_error)
+            return 0
+        self.breaker.success()
+        return n
+
+    async def adelete_many(self, keys: Iterable[str]) -> int:
+        """Async twin of :meth:`delete_many`."""
+        full = [self._key(k) for k in keys]
+        if not full:
+            return 0
+        if not self.breaker.allow():
+            self._skipped(self.name, "delete", self.on_backend_error)
+            return 0
+        try:
+            n = int(await self._async.run(lambda c: c.delete(*full)))
+        except RCacheError as exc:
+            self._failed(self.name, "delete", exc, self.on_backend_error)
+            return 0
+        self.breaker.success()
+        return n
+
     def ping(self) -> bool:
         """True if Redis answers (never raises; does not touch the breaker)."""
         try:
@@ -416,6 +726,15 @@ class Cache(LockMixin, TransactionMixin):
         unless: Callable[[Any], bool] | None = None,
         on_unserializable: Literal["raise", "skip"] = "raise",
         on_backend_error: BackendErrorPolicy | None = None,
+        tags: Iterable[str] = (),
+        early: bool | float = False,
+        stale: Duration | None = None,
+        stale_if_error: Duration | None = None,
+        stampede: bool = True,
+        lease_ttl: Duration = 10.0,
+        wait: Duration | None = None,
+        on_wait_timeout: Literal["compute", "raise"] = "compute",
+        refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> _CachedDecorator: ...
 
     def cached(
@@ -431,6 +750,15 @@ class Cache(LockMixin, TransactionMixin):
         unless: Callable[[Any], bool] | None = None,
         on_unserializable: Literal["raise", "skip"] = "raise",
         on_backend_error: BackendErrorPolicy | None = None,
+        tags: Iterable[str] = (),
+        early: bool | float = False,
+        stale: Duration | None = None,
+        stale_if_error: Duration | None = None,
+        stampede: bool = True,
+        lease_ttl: Duration = 10.0,
+        wait: Duration | None = None,
+        on_wait_timeout: Literal["compute", "raise"] = "compute",
+        refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> Any:
         """Cache a function's results in Redis, keyed by its bound arguments.
 
@@ -443,12 +771,29 @@ class Cache(LockMixin, TransactionMixin):
         :param key: a template over parameter names (``"user:{user_id}"``, stored as
             ``{prefix}:k:user:42``) or a callable taking the function's arguments.
         :param ignore: parameter names left out of the key (``("self", "session")``).
-        :param name: the name used in metrics and logs (default: module.qualname).
+        :param name: the function's cache name: its key namespace and its label in
+            metrics and logs (default: module.qualname). Functions given the same name
+            share entries.
         :param cache_none: store ``None`` results (default True; a cached None is a hit).
         :param unless: ``unless(result)`` true means do not store this result.
         :param on_unserializable: ``"raise"`` (default) a SerializationError naming the
             function and type, or ``"skip"`` storing (the result is still returned).
         :param on_backend_error: override the cache's ``"bypass"``/``"raise"`` policy.
+        :param tags: tag templates over parameter names (``["users", "user:{user_id}"]``);
+            ``cache.invalidate_tags("user:42")`` drops their entries in O(1).
+        :param early: ``True`` (beta 1.0) or a beta > 0: XFetch probabilistic early
+            recomputation of hot keys before they expire, by one caller.
+        :param stale: stale-while-revalidate window: after ``ttl``, serve the old value
+            at once and refresh once in the background (thread, task or refresh_runner).
+        :param stale_if_error: serve the old value that long if recomputation raises.
+        :param stampede: share one computation per cold key across threads, tasks and
+            processes (default True); waiters are woken by notification.
+        :param lease_ttl: the computation lease (renewed while computing; a crashed
+            holder is replaced within it). :param wait: the longest a caller waits for
+            another's computation (default ``lease_ttl``); then ``on_wait_timeout``:
+            ``"compute"`` itself (default) or ``"raise"`` LockNotAcquiredError.
+        :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
+            task); default a daemon thread (sync) or an asyncio task (async).
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,
             ignore list or a non-callable.
         """
@@ -473,6 +818,37 @@ class Cache(LockMixin, TransactionMixin):
                 "unless= takes a callable: unless=lambda result: ..."
             )
         ignore = tuple(ignore) if not isinstance(ignore, str) else ignore
+        if isinstance(tags, str):
+            raise ConfigurationError(f"tags= takes a list: write tags=[{tags!r}]")
+        tag_list = tuple(tags)
+        if isinstance(early, bool):
+            beta = 1.0 if early else 0.0
+        elif isinstance(early, (int, float)) and early > 0:
+            beta = float(early)
+        else:
+            raise ConfigurationError(
+                f"early= takes True or a beta > 0 (1.0 is XFetch's optimum), got {early!r}"
+            )
+        lease = parse_duration(lease_ttl, what="lease_ttl")
+        freshness = Freshness(
+            ttl=seconds,
+            beta=beta,
+            stale=0.0 if stale is None else parse_duration(stale, what="stale"),
+            stale_if_error=(
+                0.0
+                if stale_if_error is None
+                else parse_duration(stale_if_error, what="stale_if_error")
+            ),
+            lease_ttl=lease,
+            wait=lease if wait is None else parse_duration(wait, what="wait"),
+            on_wait_timeout=on_wait_timeout,
+        )
+        if on_wait_timeout not in ("compute", "raise"):
+            raise ConfigurationError(
+                f"on_wait_timeout must be 'compute' or 'raise', got {on_wait_timeout!r}"
+            )
+        if refresh_runner is not None and not callable(refresh_runner):
+            raise ConfigurationError("refresh_runner= takes a callable: runner(job)")
 
         def decorate(func: Any) -> Any:
             from rcache._decorated import AsyncCached, CachedSpec, SyncCached
@@ -485,7 +861,9 @@ class Cache(LockMixin, TransactionMixin):
                 raise ConfigurationError(
                     f"cache.cached() decorates functions, got {type(func).__name__}"
                 )
-            keys = KeyBuilder(func, prefix=self.prefix, key=key, ignore=ignore)
+            keys = KeyBuilder(func, prefix=self.prefix, key=key, ignore=ignore, name=name)
+            for tag in tag_list:
+                keys.check_template(tag, what="tag")
             spec = CachedSpec(
                 cache=self,
                 fn=func,
@@ -496,6 +874,10 @@ class Cache(LockMixin, TransactionMixin):
                 cache_none=cache_none,
                 unless=unless,
                 on_unserializable=on_unserializable,
+                freshness=freshness,
+                tags=tag_list,
+                stampede=stampede,
+                refresh_runner=refresh_runner,
             )
             self.metrics.register_cache(spec.name)
             if inspect.iscoroutinefunction(func):
@@ -503,6 +885,38 @@ class Cache(LockMixin, TransactionMixin):
             return SyncCached(spec)
 
         return decorate if fn is None else decorate(fn)
+
+
+    def cached_batch(
+        self,
+        *,
+        ttl: Duration | None = None,
+        ids: str | None = None,
+        ignore: Iterable[str] = (),
+        name: str | None = None,
+        on_backend_error: BackendErrorPolicy | None = None,
+    ) -> Callable[[F], F]:
+        """Cache a function that takes a collection of ids and returns ``{id: value}``.
+
+        Present entries come from one MGET; the function is called once, only with the
+        missing ids; their results are stored in one round trip. ``ids`` names the
+        parameter holding the ids (default: the first). Other arguments are part of each
+        id's key. Ids the function leaves out of its result are not cached. The wrapper
+        has ``invalidate(ids)``, ``invalidate_all()`` and ``keys_for(ids)``.
+        """
+        from rcache._batch import make_batch
+
+        seconds = self._ttl(ttl)
+        policy = self.on_backend_error if on_backend_error is None else on_backend_error
+        _check_policy(policy)
+        ignore = tuple(ignore)
+
+        def decorate(fn: F) -> F:
+            return make_batch(  # type: ignore[no-any-return]
+                self, fn, ttl=seconds, ids=ids, name=name, ignore=ignore, policy=policy
+            )
+
+        return decorate
 
 
 def _check_policy(policy: object) -> None:

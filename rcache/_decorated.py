@@ -1,30 +1,48 @@
 """The objects returned by ``@cache.cached``: one sync and one async wrapper.
 
-Both share ``CachedSpec`` (everything decided at decoration time) and differ only in
-awaiting. They implement ``__get__`` so decorated methods bind like functions.
+Both share ``CachedSpec`` (everything decided at decoration time, plus the pure
+decisions) and differ only in awaiting. They implement ``__get__`` so decorated methods
+bind like functions.
+
+A call, in round trips:
+
+* **hit**: one ``MGET`` of the value and its version stamps (function + tags); stampede
+  protection costs nothing here (cashews ``lock=True`` pays three round trips per hit).
+* **miss**: concurrent callers in this process share one computation (single flight);
+  across processes the first caller takes a lease (``cache_claim.lua``), computes and
+  stores (``cache_store.lua``: rejected if a stamp changed meanwhile, then the lease is
+  given up and waiters are woken). The others block on ``BLMOVE`` of a signal list,
+  each wait capped at the lease's remaining PTTL, and re-read: no polling (dogpile's
+  distributed lock polls every 100 ms; cashews spins on SET NX).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import secrets
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rcache._cache import _MISSING, BYPASS, Cache
 from rcache._config import BackendErrorPolicy
-from rcache._exceptions import SerializationError
+from rcache._exceptions import LockNotAcquiredError, SerializationError
+from rcache._freshness import EARLY, EXPIRED, FRESH, MISS, STALE, Freshness, stamp_blob
 from rcache._keys import KeyBuilder
-from rcache._serializers import encode_envelope
+from rcache._serializers import Envelope, encode_envelope
 
 __all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
 
 _UNBOUND: Any = object()
+RefreshRunner = Callable[[Callable[[], Any]], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class CachedSpec:
     cache: Cache
     fn: Callable[..., Any]
@@ -35,8 +53,48 @@ class CachedSpec:
     cache_none: bool
     unless: Callable[[Any], bool] | None
     on_unserializable: Literal["raise", "skip"]
+    freshness: Freshness = field(default_factory=lambda: Freshness(ttl=60.0))
+    tags: tuple[str, ...] = ()
+    stampede: bool = True
+    refresh_runner: RefreshRunner | None = None
+    # state shared by all bindings of this function in this process
+    flights: dict[str, Any] = field(default_factory=dict)
+    flights_lock: threading.Lock = field(default_factory=threading.Lock)
+    refreshing: set[str] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    aflights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
-    def encode(self, value: Any, compute_time: float) -> bytes | None:
+    def __post_init__(self) -> None:
+        self._fn_stamp = f"{self.cache.prefix}:s:f:{self.name}"
+        self._tag_has_fields = any("{" in t for t in self.tags)
+        self._static_stamps = [self._fn_stamp] + [
+            self.cache.tag_key(t) for t in self.tags
+        ]
+
+    # -- pure helpers -----------------------------------------------------------------
+
+    def stamp_keys(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+        if not self._tag_has_fields:
+            return self._static_stamps
+        bound = self.keys.bind(args, kwargs)
+        return [self._fn_stamp] + [self.cache.tag_key(t.format_map(bound)) for t in self.tags]
+
+    def entry(self, rows: Sequence[bytes | None]) -> Envelope | None:
+        """The envelope in ``rows`` (value, stamps...) if it is valid under the stamps."""
+        raw = rows[0]
+        if raw is None:
+            return None
+        env = self.cache._envelope(self.name, raw)
+        if env is None:
+            return None
+        stamps = rows[1:]
+        if any(s is None for s in stamps) or env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
+            return None  # invalidated (a stamp was deleted) or computed under old stamps
+        return env
+
+    def encode(self, value: Any, compute_time: float, stamps: Sequence[bytes]) -> bytes | None:
         """Envelope bytes to store, or None when this result is not to be cached."""
         if value is None and not self.cache_none:
             return None
@@ -48,18 +106,35 @@ class CachedSpec:
                 value,
                 compute_time=compute_time,
                 fresh_for=self.ttl,
+                stamp=stamp_blob(stamps),
             )
         except SerializationError as exc:
             if self.on_unserializable == "skip":
-                self.cache.metrics.cache_error(
-                    self.name, "serialize", "SerializationError"
-                )
+                self.cache.metrics.cache_error(self.name, "serialize", "SerializationError")
                 return None
             raise SerializationError(
                 f"{self.name} returned a {type(value).__qualname__} that the "
                 f"{self.cache.serializer.name} serializer cannot store ({exc}); return "
                 "plain data, choose another serializer, or pass on_unserializable='skip'"
             ) from None
+
+    def wait_timed_out(self) -> None:
+        if self.freshness.on_wait_timeout == "raise":
+            raise LockNotAcquiredError(
+                f"{self.name}: another process is computing this entry and it did not "
+                f"arrive within wait={self.freshness.wait:g}s"
+            )
+
+
+class _Flight:
+    """One in-process computation that concurrent callers of the same key share."""
+
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event: threading.Event | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 class _Base:
@@ -95,45 +170,224 @@ class SyncCached(_Base):
         args = self._args(args)
         spec = self._spec
         key = spec.keys.build(args, kwargs)
-        cache = spec.cache
-        raw = cache._get_raw(key, spec.name, spec.policy)
-        if raw is not None and raw is not BYPASS:
-            value = cache._decode(spec.name, raw)
-            if value is not _MISSING:
-                cache.metrics.cache_get(spec.name, "hit")
-                return value
-        cache.metrics.cache_get(spec.name, "miss")
-        return self._load(key, args, kwargs, store=raw is not BYPASS)
+        stamp_keys = spec.stamp_keys(args, kwargs)
+        if spec.stampede:
+            return self._single_flight(key, stamp_keys, args, kwargs)
+        return self._fetch(key, stamp_keys, args, kwargs)
 
-    def _load(
-        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], store: bool
+    def _fetch(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        """Read; on a miss compute (under the cross-process lease if stampede=True)."""
         spec = self._spec
         cache = spec.cache
+        rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
+        if rows is BYPASS:
+            cache.metrics.cache_get(spec.name, "miss")
+            return self._compute(args, kwargs)[0]
+        env = spec.entry(rows)
+        state = spec.freshness.classify(env, time.time())
+        if state == FRESH:
+            cache.metrics.cache_get(spec.name, "hit")
+            return env.value  # type: ignore[union-attr]
+        if state == EARLY:
+            cache.metrics.cache_get(spec.name, "hit")
+            return self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
+        if state == STALE:
+            cache.metrics.cache_get(spec.name, "stale")
+            self._refresh_in_background(key, stamp_keys, args, kwargs)
+            return env.value  # type: ignore[union-attr]
+        cache.metrics.cache_get(spec.name, "miss")
+        fallback = env if state == EXPIRED else None
+        if not spec.stampede:
+            return self._load(key, stamp_keys, args, kwargs, None, fallback)
+        return self._distributed(key, stamp_keys, args, kwargs, fallback)
+
+    # -- computing --------------------------------------------------------------------
+
+    def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
+        spec = self._spec
         start = time.perf_counter()
         try:
             value = spec.fn(*args, **kwargs)
         except BaseException:
-            cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
+            spec.cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
             raise
         elapsed = time.perf_counter() - start
-        cache.metrics.cache_load(spec.name, "success", elapsed)
-        if store:
-            data = spec.encode(value, elapsed)
-            if data is not None:
-                cache._set_raw(key, data, spec.ttl, spec.name, spec.policy)
+        spec.cache.metrics.cache_load(spec.name, "success", elapsed)
+        return value, elapsed
+
+    def _load(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        claim: tuple[str, list[bytes]] | None,
+        fallback: Envelope | None,
+    ) -> Any:
+        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken."""
+        spec = self._spec
+        cache = spec.cache
+        leased = claim is not None
+        if claim is None:
+            got = cache._claim(key, stamp_keys, secrets.token_hex(8), spec, take_lease=False)
+            if got is BYPASS:
+                return self._compute(args, kwargs)[0]
+            claim = (got[0], got[2])
+        token, stamps = claim
+        lease = cache._leases.add(key + ":lease", token, spec.freshness.lease_ttl, leased)
+        try:
+            value, elapsed = self._compute(args, kwargs)
+        except Exception:
+            cache._leases.remove(lease)
+            cache._store(key, stamp_keys, token, b"", stamps, spec)  # give up the lease
+            if spec.freshness.usable_on_error(fallback, time.time()):
+                cache.metrics.cache_get(spec.name, "stale")
+                return fallback.value  # type: ignore[union-attr]
+            raise
+        except BaseException:
+            cache._leases.remove(lease)
+            cache._store(key, stamp_keys, token, b"", stamps, spec)
+            raise
+        cache._leases.remove(lease)
+        data = spec.encode(value, elapsed, stamps)
+        cache._store(key, stamp_keys, token, data or b"", stamps, spec)
         return value
+
+    def _single_flight(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Concurrent callers of one key in this process share one read and compute.
+
+        The flight is registered before the read, so a cold stampede sends one MGET per
+        process, not one per caller; the Event is made only when a follower arrives.
+        """
+        spec = self._spec
+        with spec.flights_lock:
+            flight = spec.flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = spec.flights[key] = _Flight()
+            elif flight.event is None:
+                flight.event = threading.Event()
+        if not leader:
+            if not flight.event.wait(spec.freshness.wait):
+                spec.wait_timed_out()
+                return self._compute(args, kwargs)[0]
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            flight.value = self._fetch(key, stamp_keys, args, kwargs)
+            return flight.value
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with spec.flights_lock:
+                spec.flights.pop(key, None)
+                event = flight.event
+            if event is not None:
+                event.set()
+
+    def _distributed(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fallback: Envelope | None,
+    ) -> Any:
+        spec = self._spec
+        cache = spec.cache
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + spec.freshness.wait
+        while True:
+            got = cache._claim(key, stamp_keys, token, spec)
+            if got is BYPASS:
+                return self._compute(args, kwargs)[0]
+            claimed, pttl, stamps = got[1], got[3], got[2]
+            if claimed:
+                return self._load(key, stamp_keys, args, kwargs, (token, stamps), fallback)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                spec.wait_timed_out()
+                return self._load(key, stamp_keys, args, kwargs, (token, stamps), fallback)
+            cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005))
+            rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
+            if rows is BYPASS:
+                return self._compute(args, kwargs)[0]
+            env = spec.entry(rows)
+            if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+                return env.value  # type: ignore[union-attr]
+
+    def _early(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        env: Envelope,
+    ) -> Any:
+        """XFetch chose this caller: recompute now if it wins the lease, else serve."""
+        spec = self._spec
+        token = secrets.token_hex(8)
+        got = spec.cache._claim(key, stamp_keys, token, spec)
+        if got is BYPASS or not got[1]:
+            return env.value
+        return self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
+
+    def _refresh_in_background(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        spec = self._spec
+        with spec.flights_lock:
+            if key in spec.refreshing:
+                return
+            spec.refreshing.add(key)
+
+        def job() -> None:
+            try:
+                token = secrets.token_hex(8)
+                got = spec.cache._claim(key, stamp_keys, token, spec)
+                if got is not BYPASS and got[1]:
+                    self._load(key, stamp_keys, args, kwargs, (token, got[2]), None)
+            except Exception as exc:  # a background refresh has no caller to raise to
+                spec.cache._log.warning(
+                    "refresh:" + spec.name,
+                    "rcache: background refresh of %s failed (%s); serving stale",
+                    spec.name,
+                    type(exc).__name__,
+                )
+            finally:
+                with spec.flights_lock:
+                    spec.refreshing.discard(key)
+
+        if spec.refresh_runner is not None:
+            spec.refresh_runner(job)
+        else:
+            threading.Thread(target=job, name="rcache-refresh", daemon=True).start()
+
+    # -- helpers ----------------------------------------------------------------------
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store the entry for these arguments; return the new value."""
         args = self._args(args)
-        return self._load(self._spec.keys.build(args, kwargs), args, kwargs, store=True)
+        spec = self._spec
+        key = spec.keys.build(args, kwargs)
+        return self._load(key, spec.stamp_keys(args, kwargs), args, kwargs, None, None)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there."""
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         return spec.cache._delete_raw(key, spec.name, spec.policy)
+
+    def invalidate_all(self) -> bool:
+        """Drop every entry of this function in O(1) (its version stamp changes)."""
+        spec = self._spec
+        return spec.cache._delete_raw(spec._fn_stamp, spec.name, spec.policy)
 
 
 class AsyncCached(_Base):
@@ -157,44 +411,219 @@ class AsyncCached(_Base):
         args = self._args(args)
         spec = self._spec
         key = spec.keys.build(args, kwargs)
-        cache = spec.cache
-        raw = await cache._aget_raw(key, spec.name, spec.policy)
-        if raw is not None and raw is not BYPASS:
-            value = cache._decode(spec.name, raw)
-            if value is not _MISSING:
-                cache.metrics.cache_get(spec.name, "hit")
-                return value
-        cache.metrics.cache_get(spec.name, "miss")
-        return await self._load(key, args, kwargs, store=raw is not BYPASS)
+        stamp_keys = spec.stamp_keys(args, kwargs)
+        if spec.stampede:
+            return await self._single_flight(key, stamp_keys, args, kwargs)
+        return await self._fetch(key, stamp_keys, args, kwargs)
 
-    async def _load(
-        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], store: bool
+    async def _fetch(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         spec = self._spec
         cache = spec.cache
+        rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
+        if rows is BYPASS:
+            cache.metrics.cache_get(spec.name, "miss")
+            return (await self._compute(args, kwargs))[0]
+        env = spec.entry(rows)
+        state = spec.freshness.classify(env, time.time())
+        if state == FRESH:
+            cache.metrics.cache_get(spec.name, "hit")
+            return env.value  # type: ignore[union-attr]
+        if state == EARLY:
+            cache.metrics.cache_get(spec.name, "hit")
+            return await self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
+        if state == STALE:
+            cache.metrics.cache_get(spec.name, "stale")
+            self._refresh_in_background(key, stamp_keys, args, kwargs)
+            return env.value  # type: ignore[union-attr]
+        cache.metrics.cache_get(spec.name, "miss")
+        fallback = env if state == EXPIRED else None
+        if not spec.stampede:
+            return await self._load(key, stamp_keys, args, kwargs, None, fallback)
+        return await self._distributed(key, stamp_keys, args, kwargs, fallback)
+
+    async def _compute(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, float]:
+        spec = self._spec
         start = time.perf_counter()
         try:
             value = await spec.fn(*args, **kwargs)
         except BaseException:
-            cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
+            spec.cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
             raise
         elapsed = time.perf_counter() - start
-        cache.metrics.cache_load(spec.name, "success", elapsed)
-        if store:
-            data = spec.encode(value, elapsed)
-            if data is not None:
-                await cache._aset_raw(key, data, spec.ttl, spec.name, spec.policy)
+        spec.cache.metrics.cache_load(spec.name, "success", elapsed)
+        return value, elapsed
+
+    async def _load(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        claim: tuple[str, list[bytes]] | None,
+        fallback: Envelope | None,
+    ) -> Any:
+        spec = self._spec
+        cache = spec.cache
+        leased = claim is not None
+        if claim is None:
+            got = await cache._aclaim(
+                key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
+            )
+            if got is BYPASS:
+                return (await self._compute(args, kwargs))[0]
+            claim = (got[0], got[2])
+        token, stamps = claim
+        lease = cache._leases.add(key + ":lease", token, spec.freshness.lease_ttl, leased)
+        try:
+            value, elapsed = await self._compute(args, kwargs)
+        except Exception:
+            cache._leases.remove(lease)
+            await cache._astore(key, stamp_keys, token, b"", stamps, spec)
+            if spec.freshness.usable_on_error(fallback, time.time()):
+                cache.metrics.cache_get(spec.name, "stale")
+                return fallback.value  # type: ignore[union-attr]
+            raise
+        except BaseException:
+            # cancelled: give up the lease without awaiting in a cancelled task; the
+            # lease TTL bounds it if this last write cannot run
+            cache._leases.remove(lease)
+            await asyncio.shield(cache._astore(key, stamp_keys, token, b"", stamps, spec))
+            raise
+        cache._leases.remove(lease)
+        data = spec.encode(value, elapsed, stamps)
+        await cache._astore(key, stamp_keys, token, data or b"", stamps, spec)
         return value
+
+    async def _single_flight(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        spec = self._spec
+        loop = asyncio.get_running_loop()
+        flights = spec.aflights.get(loop)
+        if flights is None:
+            flights = spec.aflights[loop] = {}
+        future = flights.get(key)
+        if future is not None:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(future), timeout=spec.freshness.wait
+                )
+            except asyncio.TimeoutError:
+                spec.wait_timed_out()
+                return (await self._compute(args, kwargs))[0]
+        future = flights[key] = loop.create_future()
+        try:
+            value = await self._fetch(key, stamp_keys, args, kwargs)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: no "never retrieved" warning
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            flights.pop(key, None)
+
+    async def _distributed(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fallback: Envelope | None,
+    ) -> Any:
+        spec = self._spec
+        cache = spec.cache
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + spec.freshness.wait
+        while True:
+            got = await cache._aclaim(key, stamp_keys, token, spec)
+            if got is BYPASS:
+                return (await self._compute(args, kwargs))[0]
+            claimed, pttl, stamps = got[1], got[3], got[2]
+            if claimed:
+                return await self._load(
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                spec.wait_timed_out()
+                return await self._load(
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback
+                )
+            await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005))
+            rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
+            if rows is BYPASS:
+                return (await self._compute(args, kwargs))[0]
+            env = spec.entry(rows)
+            if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+                return env.value  # type: ignore[union-attr]
+
+    async def _early(
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        env: Envelope,
+    ) -> Any:
+        spec = self._spec
+        token = secrets.token_hex(8)
+        got = await spec.cache._aclaim(key, stamp_keys, token, spec)
+        if got is BYPASS or not got[1]:
+            return env.value
+        return await self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
+
+    def _refresh_in_background(
+        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        spec = self._spec
+        if key in spec.refreshing:
+            return
+        spec.refreshing.add(key)
+
+        async def job() -> None:
+            try:
+                token = secrets.token_hex(8)
+                got = await spec.cache._aclaim(key, stamp_keys, token, spec)
+                if got is not BYPASS and got[1]:
+                    await self._load(key, stamp_keys, args, kwargs, (token, got[2]), None)
+            except Exception as exc:
+                spec.cache._log.warning(
+                    "refresh:" + spec.name,
+                    "rcache: background refresh of %s failed (%s); serving stale",
+                    spec.name,
+                    type(exc).__name__,
+                )
+            finally:
+                spec.refreshing.discard(key)
+
+        if spec.refresh_runner is not None:
+            spec.refresh_runner(job)
+        else:
+            task = asyncio.get_running_loop().create_task(job())
+            spec.tasks.add(task)  # keep a reference until done (asyncio docs)
+            task.add_done_callback(spec.tasks.discard)
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store the entry for these arguments; return the new value."""
         args = self._args(args)
-        return await self._load(
-            self._spec.keys.build(args, kwargs), args, kwargs, store=True
-        )
+        spec = self._spec
+        key = spec.keys.build(args, kwargs)
+        return await self._load(key, spec.stamp_keys(args, kwargs), args, kwargs, None, None)
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there."""
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         return await spec.cache._adelete_raw(key, spec.name, spec.policy)
+
+    async def invalidate_all(self) -> bool:
+        """Drop every entry of this function in O(1) (its version stamp changes)."""
+        spec = self._spec
+        return await spec.cache._adelete_raw(spec._fn_stamp, spec.name, spec.policy)

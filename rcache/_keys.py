@@ -127,7 +127,7 @@ class KeyBuilder:
             pass
         elif isinstance(key, str):
             self._template = key
-            self._check_template(key)
+            self.check_template(key)
         elif callable(key):
             self._key_fn = key
         else:
@@ -136,24 +136,25 @@ class KeyBuilder:
                 f"got {type(key).__name__}"
             )
 
-    def _check_template(self, template: str) -> None:
+    def check_template(self, template: str, what: str = "key template") -> None:
+        """Raise ConfigurationError unless ``template`` names only parameters."""
         params = self.signature.parameters
         try:
             fields = [
                 f for _, f, _, _ in string.Formatter().parse(template) if f is not None
             ]
         except ValueError as exc:
-            raise ConfigurationError(f"bad key template {template!r}: {exc}") from None
+            raise ConfigurationError(f"bad {what} {template!r}: {exc}") from None
         for field in fields:
             head = field.split(".", 1)[0].split("[", 1)[0]
             if head == "" or head.isdigit():
                 raise ConfigurationError(
-                    f"key template {template!r} must name parameters, like "
+                    f"{what} {template!r} must name parameters, like "
                     f"'{{{next(iter(params), 'arg')}}}', not positions"
                 )
             if head not in params:
                 raise ConfigurationError(
-                    f"key template {template!r} names {head!r}, which {self.name} does not "
+                    f"{what} {template!r} names {head!r}, which {self.name} does not "
                     f"take; its parameters are {list(params)}"
                 )
 

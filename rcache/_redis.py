@@ -56,6 +56,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: The longest a single blocking command (BLMOVE) may block, in seconds.
+MAX_BLOCK = 25.0
+
 #: Conservative client defaults: a cache must fail fast, not hang a web request.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 1.0,
@@ -141,7 +144,13 @@ class ClientSpec:
                 ) from None
             self._fake_server = fakeredis.FakeServer()
 
-    def sync_client(self) -> redis.Redis:
+    def _opts(self, blocking: bool) -> dict[str, Any]:
+        opts = dict(self.options)
+        if blocking:
+            opts["socket_timeout"] = MAX_BLOCK + 5.0
+        return opts
+
+    def sync_client(self, *, blocking: bool = False) -> redis.Redis:
         if self.user_client is not None:
             kwargs = self.user_client.connection_pool.connection_kwargs
             if kwargs.get("decode_responses"):
@@ -157,9 +166,9 @@ class ClientSpec:
 
             return fakeredis.FakeRedis(server=self._fake_server)
         assert self.url is not None
-        return redis.Redis.from_url(self.url, **self.options)
+        return redis.Redis.from_url(self.url, **self._opts(blocking))
 
-    def async_client(self) -> redis.asyncio.Redis:
+    def async_client(self, *, blocking: bool = False) -> redis.asyncio.Redis:
         if self.async_factory is not None:
             return self.async_factory()
         if self.user_client is not None:
@@ -174,7 +183,7 @@ class ClientSpec:
 
             return fakeredis.FakeAsyncRedis(server=self._fake_server)
         assert self.url is not None
-        opts = dict(self.options)
+        opts = self._opts(blocking)
         opts["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 0)
         return redis.asyncio.Redis.from_url(self.url, **opts)
 
@@ -216,6 +225,8 @@ class SyncRedis:
         self._retry = retry
         self._client: redis.Redis | None = None
         self._pid = 0
+        self._blocking: redis.Redis | None = None
+        self._blocking_pid = 0
 
     @property
     def client(self) -> redis.Redis:
@@ -223,6 +234,16 @@ class SyncRedis:
         if client is None or self._pid != os.getpid():
             client = self._client = self._spec.sync_client()
             self._pid = os.getpid()
+        return client
+
+    @property
+    def blocking_client(self) -> redis.Redis:
+        """A second client for blocking commands (BLMOVE), whose socket timeout outlasts
+        the longest block (MAX_BLOCK); the main client keeps its short timeout."""
+        client = self._blocking
+        if client is None or self._blocking_pid != os.getpid():
+            client = self._blocking = self._spec.sync_client(blocking=True)
+            self._blocking_pid = os.getpid()
         return client
 
     def run(self, op: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
@@ -244,7 +265,9 @@ class SyncRedis:
     def close(self) -> None:
         if self._client is not None and self._spec.user_client is not self._client:
             self._client.close()
-        self._client = None
+        if self._blocking is not None:
+            self._blocking.close()
+        self._client = self._blocking = None
 
 
 class AsyncRedis:
@@ -256,6 +279,18 @@ class AsyncRedis:
         self._clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
+        self._blocking: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+
+    @property
+    def blocking_client(self) -> redis.asyncio.Redis:
+        """This loop's client for blocking commands (see SyncRedis.blocking_client)."""
+        loop = asyncio.get_running_loop()
+        client = self._blocking.get(loop)
+        if client is None:
+            client = self._blocking[loop] = self._spec.async_client(blocking=True)
+        return client
 
     @property
     def client(self) -> redis.asyncio.Redis:
@@ -292,9 +327,10 @@ class AsyncRedis:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose()
+        for clients in (self._clients, self._blocking):
+            client = clients.pop(loop, None)
+            if client is not None:
+                await client.aclose()
 
 
 class LuaScript:

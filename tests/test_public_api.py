@@ -12,8 +12,17 @@ import pytest
 import rcache
 from rcache._decorated import AsyncCached, SyncCached
 
-# Public sync methods that are factories or decorators, not I/O operations: no twin.
-NO_TWIN = {"cached", "locked", "lock", "rwlock", "semaphore", "script"}
+# Public sync methods that are factories, decorators or pure helpers (no I/O): no twin.
+NO_TWIN = {
+    "cached",
+    "cached_batch",
+    "lock",
+    "locked",
+    "rwlock",
+    "script",
+    "semaphore",
+    "tag_key",
+}
 
 
 def test_all_is_sorted_and_complete() -> None:
