@@ -56,8 +56,10 @@ class BatchSpec:
         """(ids, bound arguments, one key per id)."""
         bound = self.keys.bind(args, kwargs)
         ids = list(bound[self.ids_param])
-        keys = [self.keys._key_prefix + self.keys.encode_args({**bound, self.ids_param: i})
-                for i in ids]
+        keys = [
+            self.keys._key_prefix + self.keys.encode_args({**bound, self.ids_param: i})
+            for i in ids
+        ]
         return ids, bound, keys
 
     def split(
@@ -71,8 +73,16 @@ class BatchSpec:
         missing: list[Any] = []
         now = time.time()
         for i, raw in zip(ids, values, strict=True):
-            env = None if raw is None or stamp is None else self.cache._envelope(self.name, raw)
-            if env is None or env.stamp != stamp_blob([stamp]) or now >= env.fresh_until:
+            env = (
+                None
+                if raw is None or stamp is None
+                else self.cache._envelope(self.name, raw)
+            )
+            if (
+                env is None
+                or env.stamp != stamp_blob([stamp])
+                or now >= env.fresh_until
+            ):
                 missing.append(i)
                 self.cache.metrics.cache_get(self.name, "miss")
             else:
@@ -81,7 +91,11 @@ class BatchSpec:
         return found, missing, stamp
 
     def store_args(
-        self, ids: list[Any], keys: list[str], computed: Mapping[Any, Any], stamp: bytes,
+        self,
+        ids: list[Any],
+        keys: list[str],
+        computed: Mapping[Any, Any],
+        stamp: bytes,
         elapsed: float,
     ) -> tuple[list[str], list[Any]]:
         by_id = dict(zip(ids, keys, strict=True))
@@ -92,8 +106,11 @@ class BatchSpec:
                 out_keys.append(by_id[i])
                 data.append(
                     encode_envelope(
-                        self.cache.serializer, value, compute_time=each,
-                        fresh_for=self.ttl, stamp=stamp_blob([stamp]),
+                        self.cache.serializer,
+                        value,
+                        compute_time=each,
+                        fresh_for=self.ttl,
+                        stamp=stamp_blob([stamp]),
                     )
                 )
         return out_keys, data
@@ -129,8 +146,13 @@ class SyncCachedBatch(_BatchBase):
         if not missing:
             return found
         if rows is not BYPASS and stamp is None:
-            got = cache._claim(spec.fn_stamp, [spec.fn_stamp], secrets.token_hex(8),
-                               _StampOnly(spec), take_lease=False)
+            got = cache._claim(
+                spec.fn_stamp,
+                [spec.fn_stamp],
+                secrets.token_hex(8),
+                _StampOnly(spec),
+                take_lease=False,
+            )
             stamp = None if got is BYPASS else got[2][0]
         start = time.perf_counter()
         computed = spec.check_result(spec.fn(**{**bound, spec.ids_param: missing}))
@@ -176,11 +198,18 @@ class AsyncCachedBatch(_BatchBase):
         if not missing:
             return found
         if rows is not BYPASS and stamp is None:
-            got = await cache._aclaim(spec.fn_stamp, [spec.fn_stamp], secrets.token_hex(8),
-                                      _StampOnly(spec), take_lease=False)
+            got = await cache._aclaim(
+                spec.fn_stamp,
+                [spec.fn_stamp],
+                secrets.token_hex(8),
+                _StampOnly(spec),
+                take_lease=False,
+            )
             stamp = None if got is BYPASS else got[2][0]
         start = time.perf_counter()
-        computed = spec.check_result(await spec.fn(**{**bound, spec.ids_param: missing}))
+        computed = spec.check_result(
+            await spec.fn(**{**bound, spec.ids_param: missing})
+        )
         elapsed = time.perf_counter() - start
         cache.metrics.cache_load(spec.name, "success", elapsed)
         if stamp is not None and computed:
@@ -221,15 +250,25 @@ class _StampOnly:
 
 
 def make_batch(
-    cache: Cache, fn: Callable[..., Any], *, ttl: float, ids: str | None, name: str | None,
-    ignore: Iterable[str], policy: BackendErrorPolicy,
+    cache: Cache,
+    fn: Callable[..., Any],
+    *,
+    ttl: float,
+    ids: str | None,
+    name: str | None,
+    ignore: Iterable[str],
+    policy: BackendErrorPolicy,
 ) -> Any:
     if not callable(fn):
-        raise ConfigurationError(f"cache.cached_batch() decorates functions, got {type(fn).__name__}")
+        raise ConfigurationError(
+            f"cache.cached_batch() decorates functions, got {type(fn).__name__}"
+        )
     keys = KeyBuilder(fn, prefix=cache.prefix, ignore=ignore, name=name)
     params = list(keys.signature.parameters)
     if not params:
-        raise ConfigurationError("cached_batch: the function must take the ids as a parameter")
+        raise ConfigurationError(
+            "cached_batch: the function must take the ids as a parameter"
+        )
     spec = BatchSpec(cache, fn, keys, ids or params[0], name or keys.name, ttl, policy)
     cache.metrics.register_cache(spec.name)
     if inspect.iscoroutinefunction(fn):

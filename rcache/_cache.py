@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import secrets
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 import redis
 import redis.asyncio
@@ -29,7 +28,6 @@ from rcache._config import (
 )
 from rcache._exceptions import (
     BackendUnavailableError,
-    SerializationError,
     ConfigurationError,
     RCacheError,
 )
@@ -328,7 +326,9 @@ class Cache(LockMixin, TransactionMixin):
         self.breaker.success()
         return rows
 
-    async def _amget_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
+    async def _amget_raw(
+        self, keys: list[str], name: str, policy: BackendErrorPolicy
+    ) -> Any:
         if not self.breaker.allow():
             return self._skipped(name, "get", policy)
         try:
@@ -358,7 +358,12 @@ class Cache(LockMixin, TransactionMixin):
         return token, reply[0] == 1, list(reply[2:]), int(reply[1])
 
     def _claim(
-        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool = True
+        self,
+        key: str,
+        stamp_keys: list[str],
+        token: str,
+        spec: Any,
+        take_lease: bool = True,
     ) -> Any:
         """(token, claimed, stamps, lease_pttl_ms), or BYPASS."""
         if not self.breaker.allow():
@@ -372,20 +377,32 @@ class Cache(LockMixin, TransactionMixin):
         return self._claimed(token, reply)
 
     async def _aclaim(
-        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool = True
+        self,
+        key: str,
+        stamp_keys: list[str],
+        token: str,
+        spec: Any,
+        take_lease: bool = True,
     ) -> Any:
         if not self.breaker.allow():
             return self._skipped(spec.name, "get", spec.policy)
         keys, args = self._claim_args(key, stamp_keys, token, spec, take_lease)
         try:
-            reply = await self._async.run(lambda c: self._claim_script.acall(c, keys, args))
+            reply = await self._async.run(
+                lambda c: self._claim_script.acall(c, keys, args)
+            )
         except RCacheError as exc:
             return self._failed(spec.name, "get", exc, spec.policy)
         self.breaker.success()
         return self._claimed(token, reply)
 
     def _store_args(
-        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        self,
+        key: str,
+        stamp_keys: list[str],
+        token: str,
+        data: bytes,
+        stamps: list[bytes],
         spec: Any,
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
@@ -400,7 +417,12 @@ class Cache(LockMixin, TransactionMixin):
             self.metrics.cache_error(spec.name, "set", "InvalidatedDuringLoad")
 
     def _store(
-        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        self,
+        key: str,
+        stamp_keys: list[str],
+        token: str,
+        data: bytes,
+        stamps: list[bytes],
         spec: Any,
     ) -> Any:
         """Store ``data`` (b"" = only release) unless a stamp changed; wake waiters."""
@@ -416,14 +438,21 @@ class Cache(LockMixin, TransactionMixin):
         return result
 
     async def _astore(
-        self, key: str, stamp_keys: list[str], token: str, data: bytes, stamps: list[bytes],
+        self,
+        key: str,
+        stamp_keys: list[str],
+        token: str,
+        data: bytes,
+        stamps: list[bytes],
         spec: Any,
     ) -> Any:
         if not self.breaker.allow():
             return self._skipped(spec.name, "set", spec.policy)
         keys, args = self._store_args(key, stamp_keys, token, data, stamps, spec)
         try:
-            result = await self._async.run(lambda c: self._store_script.acall(c, keys, args))
+            result = await self._async.run(
+                lambda c: self._store_script.acall(c, keys, args)
+            )
         except RCacheError as exc:
             return self._failed(spec.name, "set", exc, spec.policy)
         self.breaker.success()
@@ -431,7 +460,9 @@ class Cache(LockMixin, TransactionMixin):
         return result
 
     def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        reply = self._sync.run(lambda c: self._renew_script(c, [lease_key], [token, px]))
+        reply = self._sync.run(
+            lambda c: self._renew_script(c, [lease_key], [token, px])
+        )
         return bool(reply == 1)
 
     def _wait_ready(self, key: str, timeout: float) -> None:
@@ -442,7 +473,8 @@ class Cache(LockMixin, TransactionMixin):
             return
         ready = key + ":ready"
         try:
-            self._sync.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")
+            # Redis >= 6 accepts a fractional timeout; redis-py's stub says int
+            self._sync.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
         except Exception:
             time.sleep(min(timeout, 0.05))  # the next claim reports the error
 
@@ -453,7 +485,13 @@ class Cache(LockMixin, TransactionMixin):
             return
         ready = key + ":ready"
         try:
-            await self._async.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")
+            await self._async.blocking_client.blmove(
+                ready,
+                ready,
+                timeout,  # type: ignore[arg-type]
+                "LEFT",
+                "RIGHT",
+            )
         except Exception:
             await asyncio.sleep(min(timeout, 0.05))
 
@@ -585,7 +623,9 @@ class Cache(LockMixin, TransactionMixin):
         keys = list(keys)
         if not keys:
             return {}
-        rows = self._mget_raw([self._key(k) for k in keys], self.name, self.on_backend_error)
+        rows = self._mget_raw(
+            [self._key(k) for k in keys], self.name, self.on_backend_error
+        )
         return self._many_result(keys, rows)
 
     async def aget_many(self, keys: Iterable[str]) -> dict[str, Any]:
@@ -602,9 +642,9 @@ class Cache(LockMixin, TransactionMixin):
         self, mapping: Mapping[str, Any], ttl: Duration | None
     ) -> tuple[list[tuple[str, bytes]], int]:
         seconds = self._ttl(ttl)
-        return [(self._key(k), self._encode(v, seconds)) for k, v in mapping.items()], ttl_ms(
-            seconds
-        )
+        return [
+            (self._key(k), self._encode(v, seconds)) for k, v in mapping.items()
+        ], ttl_ms(seconds)
 
     def _pipe_set(self, client: Any, items: list[tuple[str, bytes]], px: int) -> Any:
         pipe = client.pipeline(transaction=False)
@@ -630,7 +670,9 @@ class Cache(LockMixin, TransactionMixin):
             self.metrics.cache_put(self.name)
         return True
 
-    async def aset_many(self, mapping: Mapping[str, Any], ttl: Duration | None = None) -> bool:
+    async def aset_many(
+        self, mapping: Mapping[str, Any], ttl: Duration | None = None
+    ) -> bool:
         """Async twin of :meth:`set_many`."""
         items, px = self._set_many_data(mapping, ttl)
         if not items:
@@ -861,7 +903,9 @@ class Cache(LockMixin, TransactionMixin):
                 raise ConfigurationError(
                     f"cache.cached() decorates functions, got {type(func).__name__}"
                 )
-            keys = KeyBuilder(func, prefix=self.prefix, key=key, ignore=ignore, name=name)
+            keys = KeyBuilder(
+                func, prefix=self.prefix, key=key, ignore=ignore, name=name
+            )
             for tag in tag_list:
                 keys.check_template(tag, what="tag")
             spec = CachedSpec(
@@ -885,7 +929,6 @@ class Cache(LockMixin, TransactionMixin):
             return SyncCached(spec)
 
         return decorate if fn is None else decorate(fn)
-
 
     def cached_batch(
         self,
@@ -913,7 +956,13 @@ class Cache(LockMixin, TransactionMixin):
 
         def decorate(fn: F) -> F:
             return make_batch(  # type: ignore[no-any-return]
-                self, fn, ttl=seconds, ids=ids, name=name, ignore=ignore, policy=policy
+                self,
+                cast("Callable[..., Any]", fn),
+                ttl=seconds,
+                ids=ids,
+                name=name,
+                ignore=ignore,
+                policy=policy,
             )
 
         return decorate

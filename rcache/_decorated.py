@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rcache._cache import _MISSING, BYPASS, Cache
+from rcache._cache import BYPASS, Cache
 from rcache._config import BackendErrorPolicy
 from rcache._exceptions import LockNotAcquiredError, SerializationError
-from rcache._freshness import EARLY, EXPIRED, FRESH, MISS, STALE, Freshness, stamp_blob
+from rcache._freshness import EARLY, EXPIRED, FRESH, STALE, Freshness, stamp_blob
 from rcache._keys import KeyBuilder
 from rcache._serializers import Envelope, encode_envelope
 
@@ -40,6 +40,17 @@ __all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
 
 _UNBOUND: Any = object()
 RefreshRunner = Callable[[Callable[[], Any]], Any]
+
+
+class _Flight:
+    """One in-process computation that concurrent callers of the same key share."""
+
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event: threading.Event | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -58,12 +69,12 @@ class CachedSpec:
     stampede: bool = True
     refresh_runner: RefreshRunner | None = None
     # state shared by all bindings of this function in this process
-    flights: dict[str, Any] = field(default_factory=dict)
+    flights: dict[str, _Flight] = field(default_factory=dict)
     flights_lock: threading.Lock = field(default_factory=threading.Lock)
     refreshing: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    aflights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = field(
-        default_factory=weakref.WeakKeyDictionary
+    aflights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+        field(default_factory=weakref.WeakKeyDictionary)
     )
 
     def __post_init__(self) -> None:
@@ -79,7 +90,9 @@ class CachedSpec:
         if not self._tag_has_fields:
             return self._static_stamps
         bound = self.keys.bind(args, kwargs)
-        return [self._fn_stamp] + [self.cache.tag_key(t.format_map(bound)) for t in self.tags]
+        return [self._fn_stamp] + [
+            self.cache.tag_key(t.format_map(bound)) for t in self.tags
+        ]
 
     def entry(self, rows: Sequence[bytes | None]) -> Envelope | None:
         """The envelope in ``rows`` (value, stamps...) if it is valid under the stamps."""
@@ -91,10 +104,14 @@ class CachedSpec:
             return None
         stamps = rows[1:]
         if any(s is None for s in stamps) or env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
-            return None  # invalidated (a stamp was deleted) or computed under old stamps
+            return (
+                None  # invalidated (a stamp was deleted) or computed under old stamps
+            )
         return env
 
-    def encode(self, value: Any, compute_time: float, stamps: Sequence[bytes]) -> bytes | None:
+    def encode(
+        self, value: Any, compute_time: float, stamps: Sequence[bytes]
+    ) -> bytes | None:
         """Envelope bytes to store, or None when this result is not to be cached."""
         if value is None and not self.cache_none:
             return None
@@ -110,7 +127,9 @@ class CachedSpec:
             )
         except SerializationError as exc:
             if self.on_unserializable == "skip":
-                self.cache.metrics.cache_error(self.name, "serialize", "SerializationError")
+                self.cache.metrics.cache_error(
+                    self.name, "serialize", "SerializationError"
+                )
                 return None
             raise SerializationError(
                 f"{self.name} returned a {type(value).__qualname__} that the "
@@ -124,17 +143,6 @@ class CachedSpec:
                 f"{self.name}: another process is computing this entry and it did not "
                 f"arrive within wait={self.freshness.wait:g}s"
             )
-
-
-class _Flight:
-    """One in-process computation that concurrent callers of the same key share."""
-
-    __slots__ = ("error", "event", "value")
-
-    def __init__(self) -> None:
-        self.event: threading.Event | None = None
-        self.value: Any = None
-        self.error: BaseException | None = None
 
 
 class _Base:
@@ -176,7 +184,11 @@ class SyncCached(_Base):
         return self._fetch(key, stamp_keys, args, kwargs)
 
     def _fetch(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         """Read; on a miss compute (under the cross-process lease if stampede=True)."""
         spec = self._spec
@@ -205,13 +217,17 @@ class SyncCached(_Base):
 
     # -- computing --------------------------------------------------------------------
 
-    def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
+    def _compute(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, float]:
         spec = self._spec
         start = time.perf_counter()
         try:
             value = spec.fn(*args, **kwargs)
         except BaseException:
-            spec.cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
+            spec.cache.metrics.cache_load(
+                spec.name, "failure", time.perf_counter() - start
+            )
             raise
         elapsed = time.perf_counter() - start
         spec.cache.metrics.cache_load(spec.name, "success", elapsed)
@@ -231,12 +247,16 @@ class SyncCached(_Base):
         cache = spec.cache
         leased = claim is not None
         if claim is None:
-            got = cache._claim(key, stamp_keys, secrets.token_hex(8), spec, take_lease=False)
+            got = cache._claim(
+                key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
+            )
             if got is BYPASS:
                 return self._compute(args, kwargs)[0]
             claim = (got[0], got[2])
         token, stamps = claim
-        lease = cache._leases.add(key + ":lease", token, spec.freshness.lease_ttl, leased)
+        lease = cache._leases.add(
+            key + ":lease", token, spec.freshness.lease_ttl, leased
+        )
         try:
             value, elapsed = self._compute(args, kwargs)
         except Exception:
@@ -256,7 +276,11 @@ class SyncCached(_Base):
         return value
 
     def _single_flight(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         """Concurrent callers of one key in this process share one read and compute.
 
@@ -265,13 +289,15 @@ class SyncCached(_Base):
         """
         spec = self._spec
         with spec.flights_lock:
-            flight = spec.flights.get(key)
-            leader = flight is None
-            if leader:
+            found = spec.flights.get(key)
+            leader = found is None
+            if found is None:
                 flight = spec.flights[key] = _Flight()
-            elif flight.event is None:
-                flight.event = threading.Event()
-        if not leader:
+            else:
+                flight = found
+                if flight.event is None:
+                    flight.event = threading.Event()
+        if flight.event is not None and not leader:
             if not flight.event.wait(spec.freshness.wait):
                 spec.wait_timed_out()
                 return self._compute(args, kwargs)[0]
@@ -309,11 +335,15 @@ class SyncCached(_Base):
                 return self._compute(args, kwargs)[0]
             claimed, pttl, stamps = got[1], got[3], got[2]
             if claimed:
-                return self._load(key, stamp_keys, args, kwargs, (token, stamps), fallback)
+                return self._load(
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 spec.wait_timed_out()
-                return self._load(key, stamp_keys, args, kwargs, (token, stamps), fallback)
+                return self._load(
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback
+                )
             cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005))
             rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
             if rows is BYPASS:
@@ -339,7 +369,11 @@ class SyncCached(_Base):
         return self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
 
     def _refresh_in_background(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         spec = self._spec
         with spec.flights_lock:
@@ -417,7 +451,11 @@ class AsyncCached(_Base):
         return await self._fetch(key, stamp_keys, args, kwargs)
 
     async def _fetch(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -451,7 +489,9 @@ class AsyncCached(_Base):
         try:
             value = await spec.fn(*args, **kwargs)
         except BaseException:
-            spec.cache.metrics.cache_load(spec.name, "failure", time.perf_counter() - start)
+            spec.cache.metrics.cache_load(
+                spec.name, "failure", time.perf_counter() - start
+            )
             raise
         elapsed = time.perf_counter() - start
         spec.cache.metrics.cache_load(spec.name, "success", elapsed)
@@ -477,7 +517,9 @@ class AsyncCached(_Base):
                 return (await self._compute(args, kwargs))[0]
             claim = (got[0], got[2])
         token, stamps = claim
-        lease = cache._leases.add(key + ":lease", token, spec.freshness.lease_ttl, leased)
+        lease = cache._leases.add(
+            key + ":lease", token, spec.freshness.lease_ttl, leased
+        )
         try:
             value, elapsed = await self._compute(args, kwargs)
         except Exception:
@@ -491,7 +533,9 @@ class AsyncCached(_Base):
             # cancelled: give up the lease without awaiting in a cancelled task; the
             # lease TTL bounds it if this last write cannot run
             cache._leases.remove(lease)
-            await asyncio.shield(cache._astore(key, stamp_keys, token, b"", stamps, spec))
+            await asyncio.shield(
+                cache._astore(key, stamp_keys, token, b"", stamps, spec)
+            )
             raise
         cache._leases.remove(lease)
         data = spec.encode(value, elapsed, stamps)
@@ -499,7 +543,11 @@ class AsyncCached(_Base):
         return value
 
     async def _single_flight(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         spec = self._spec
         loop = asyncio.get_running_loop()
@@ -580,7 +628,11 @@ class AsyncCached(_Base):
         return await self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
 
     def _refresh_in_background(
-        self, key: str, stamp_keys: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        stamp_keys: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         spec = self._spec
         if key in spec.refreshing:
@@ -592,7 +644,9 @@ class AsyncCached(_Base):
                 token = secrets.token_hex(8)
                 got = await spec.cache._aclaim(key, stamp_keys, token, spec)
                 if got is not BYPASS and got[1]:
-                    await self._load(key, stamp_keys, args, kwargs, (token, got[2]), None)
+                    await self._load(
+                        key, stamp_keys, args, kwargs, (token, got[2]), None
+                    )
             except Exception as exc:
                 spec.cache._log.warning(
                     "refresh:" + spec.name,
@@ -615,7 +669,9 @@ class AsyncCached(_Base):
         args = self._args(args)
         spec = self._spec
         key = spec.keys.build(args, kwargs)
-        return await self._load(key, spec.stamp_keys(args, kwargs), args, kwargs, None, None)
+        return await self._load(
+            key, spec.stamp_keys(args, kwargs), args, kwargs, None, None
+        )
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there."""

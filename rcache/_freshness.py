@@ -24,14 +24,18 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from rcache._config import ttl_ms
 from rcache._serializers import Envelope
 
-__all__ = ["FRESH", "EARLY", "EXPIRED", "MISS", "STALE", "Freshness", "stamp_blob"]
+__all__ = ["EARLY", "EXPIRED", "FRESH", "MISS", "STALE", "Freshness", "stamp_blob"]
 
-FRESH, EARLY, STALE, EXPIRED, MISS = "fresh", "early", "stale", "expired", "miss"
+FRESH: Final = "fresh"
+EARLY: Final = "early"
+STALE: Final = "stale"
+EXPIRED: Final = "expired"
+MISS: Final = "miss"
 State = Literal["fresh", "early", "stale", "expired", "miss"]
 
 

@@ -52,7 +52,11 @@ class LeaseKeeper:
         with self._cond:
             self._leases.add(lease)
             # a thread started before fork() does not exist in the child
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            if (
+                self._thread is None
+                or self._pid != os.getpid()
+                or not self._thread.is_alive()
+            ):
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
                     target=self._run, name="rcache-lease-keeper", daemon=True
@@ -85,7 +89,9 @@ class LeaseKeeper:
                 try:
                     ok = self._renew(lease.key, lease.token, ttl_ms(lease.ttl))
                 except RCacheError as exc:
-                    cache_log.warning("rcache: lease renewal failed: %s", type(exc).__name__)
+                    cache_log.warning(
+                        "rcache: lease renewal failed: %s", type(exc).__name__
+                    )
                     ok = True  # try again at the next period; the lease may still be ours
                 with self._cond:
                     if not ok:

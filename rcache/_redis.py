@@ -64,7 +64,6 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 1.0,
     "socket_connect_timeout": 1.0,
     "socket_keepalive": True,
-    "health_check_interval": 30,
 }
 
 

@@ -37,7 +37,9 @@ def _stampede_worker(url: str, callers: int, barrier: Any, out: Any) -> None:
 
     results: list[Any] = []
     barrier.wait()
-    threads = [threading.Thread(target=lambda: results.append(slow(1))) for _ in range(callers)]
+    threads = [
+        threading.Thread(target=lambda: results.append(slow(1))) for _ in range(callers)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -68,9 +70,13 @@ def test_cold_key_runs_once_across_processes_without_polling(
     assert all(r == [{"x": 1}] * callers for r in results)
     # the whole stampede: per process one MGET + one claim, the winner one store, each
     # loser one BLMOVE + one MGET; nothing that polls
-    client_commands = stats.get("mget", 0) + stats.get("evalsha", 0) + stats.get("blmove", 0)
+    client_commands = (
+        stats.get("mget", 0) + stats.get("evalsha", 0) + stats.get("blmove", 0)
+    )
     assert stats.get("mget", 0) <= 2 * procs
-    assert stats.get("evalsha", 0) <= procs + 1 + 2  # claims + store (+ NOSCRIPT reloads)
+    assert (
+        stats.get("evalsha", 0) <= procs + 1 + 2
+    )  # claims + store (+ NOSCRIPT reloads)
     assert stats.get("blmove", 0) <= procs - 1 + 2
     assert client_commands <= 20, stats
     client.close()
@@ -96,7 +102,9 @@ def test_holder_killed_mid_compute_waiter_takes_over_within_lease(
     client = server.client()
     holder = CTX.Process(target=_holder, args=(server.url,))
     holder.start()
-    wait_until(lambda: client.get("holder-started"), timeout=20, message="holder to start")
+    wait_until(
+        lambda: client.get("holder-started"), timeout=20, message="holder to start"
+    )
 
     cache = rcache.Cache(server.url, prefix="kill")
 
@@ -143,7 +151,9 @@ def test_failed_computation_gives_up_the_lease_promptly(
     client = server.client()
     holder = CTX.Process(target=_failing_holder, args=(server.url,))
     holder.start()
-    wait_until(lambda: client.get("holder-started"), timeout=20, message="holder to start")
+    wait_until(
+        lambda: client.get("holder-started"), timeout=20, message="holder to start"
+    )
     cache = rcache.Cache(server.url, prefix="fail")
 
     @cache.cached(ttl=60, lease_ttl=30.0, name="g")
@@ -164,7 +174,9 @@ def test_failed_computation_gives_up_the_lease_promptly(
     client.close()
 
 
-def test_wait_budget_then_compute_or_raise(redis_url: str, redis_client: redis.Redis) -> None:
+def test_wait_budget_then_compute_or_raise(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
     cache = rcache.Cache(redis_url, prefix="wb")
     redis_client.set("wb:c:f:[]:lease", "someone-else", px=20_000)
 

@@ -24,6 +24,7 @@ assert_type(get_user(1, verbose=True), dict[str, int])
 assert_type(get_user.invalidate(1), bool)
 assert_type(get_user.refresh(1), dict[str, int])
 assert_type(get_user.key_for(1), str)
+assert_type(get_user.invalidate_all(), bool)
 
 
 async def use() -> None:
@@ -31,6 +32,7 @@ async def use() -> None:
     assert_type(await load_user.invalidate(1), bool)
     assert_type(await load_user.refresh(1), list[str])
     assert_type(load_user.key_for(1), str)
+    assert_type(await load_user.invalidate_all(), bool)
 
 
 class Repo:
