@@ -6,30 +6,14 @@ a free port, else falls back to the embedded memory:// backend.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
+import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _redis import redis_url
 
 import rcache
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    if shutil.which("redis-server"):
-        from rcache.testing import RedisServer
-
-        with RedisServer() as server:
-            print(f"(started a throwaway redis-server at {server.url})")
-            yield server.url
-        return
-    print("(no redis-server found: using the embedded memory:// backend)")
-    yield "memory://"
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,23 @@ def run(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+# Every runnable example script; each must exit 0 against the test server.
+SCRIPTS = sorted(
+    p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_")
+)
+
+
+def test_every_example_is_listed() -> None:
+    assert {"demo.py", "cache_decorator.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_runs(script: str, redis_url: str) -> None:
+    out = run(script, {"REDIS_URL": redis_url})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "finished" in out.stdout
 
 
 def test_demo_with_redis(redis_url: str) -> None:
