@@ -171,7 +171,7 @@ class Cache(LockMixin, TransactionMixin):
     # -- failure policy (shared by both drivers) --------------------------------------
 
     def _breaker_changed(self, state: int) -> None:
-        self.metrics.breaker_state(state)
+        self.metrics.breaker_state(state, self.name)
         if state == 1:
             cache_log.warning(
                 "rcache: Redis at %s is unavailable; cache bypassed until it answers again",

@@ -155,6 +155,14 @@ class PrometheusMetrics:
 
     Not for: per-key or per-user statistics (unbounded labels), or a process without
     ``prometheus_client`` (the default ``InMemoryMetrics`` needs nothing).
+
+    Example::
+
+        metrics = PrometheusMetrics()  # or registry=CollectorRegistry() in tests
+        cache = rcache.Cache("redis://127.0.0.1:6379/0", prefix="shop", metrics=metrics)
+
+        @cache.cached(ttl="10m")  # label cache="<module>.get_user"
+        def get_user(user_id: int) -> dict: ...
     """
 
     def __init__(
@@ -178,6 +186,8 @@ class PrometheusMetrics:
         self._own: dict[str, Counter | Gauge | Histogram] = {}
         self._lock = threading.Lock()
         self._breaker_cache: str | None = None
+        # Names already registered: cache.lock(name) registers on every call.
+        self._registered: set[tuple[str, str]] = set()
         # fmt: off
         c, h, g = self.counter, self.histogram, self.gauge
         self._gets = _Family(
@@ -366,6 +376,9 @@ class PrometheusMetrics:
     def register_cache(self, cache: str) -> None:
         """Create the series of ``cache`` at zero (called when a cache or a cached
         function is created)."""
+        if ("cache", cache) in self._registered:
+            return
+        self._registered.add(("cache", cache))
         if self._breaker_cache is None:
             # Cache.__init__ registers its own name before any function: the breaker
             # belongs to that name (see breaker_state).
@@ -410,6 +423,9 @@ class PrometheusMetrics:
 
     def register_lock(self, lock: str) -> None:
         """Create the series of lock name ``lock`` at zero."""
+        if ("lock", lock) in self._registered:
+            return
+        self._registered.add(("lock", lock))
         for result in ACQUIRE_RESULTS:
             self._acquires.child(lock, result)
         for result in RELEASE_RESULTS:
@@ -583,7 +599,10 @@ def start_http_server(
 
     httpd = make_server(addr, port, app, Server, handler_class=_QuietHandler)
     thread = threading.Thread(
-        target=httpd.serve_forever, name="rcache-metrics-http", daemon=True
+        # poll_interval bounds how long close() waits for the loop to notice.
+        target=lambda: httpd.serve_forever(poll_interval=0.1),
+        name="rcache-metrics-http",
+        daemon=True,
     )
     thread.start()
     return MetricsServer(httpd, thread)

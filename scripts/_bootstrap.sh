@@ -39,4 +39,20 @@ if ! command -v redis-server >/dev/null 2>&1 && [ -z "${RCACHE_NO_APT:-}" ]; the
     fi
 fi
 
+# promtool (and the prometheus server used by scripts/render_dashboard.py), from the Debian
+# package "prometheus", unpacked into .tools/ rather than installed: no service is started.
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$ROOT/.tools/prometheus/usr/bin/promtool" ] \
+        && [ -z "${RCACHE_NO_APT:-}" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "rcache: fetching promtool (Debian package prometheus) into .tools/ ..." >&2
+    _tmp="$(mktemp -d)"
+    if (cd "$_tmp" && apt-get download prometheus >/dev/null 2>&1) \
+        || { [ "$(id -u)" = 0 ] && apt-get update -qq && (cd "$_tmp" && apt-get download prometheus >/dev/null); }; then
+        dpkg-deb -x "$_tmp"/prometheus_*.deb "$ROOT/.tools/prometheus"
+    else
+        echo "rcache: could not fetch promtool; apt-get install prometheus" >&2
+    fi
+    rm -rf "$_tmp"
+fi
+export PATH="$ROOT/.tools/prometheus/usr/bin:$PATH"
+
 "$UV" sync --all-packages --frozen --inexact --quiet

@@ -11,9 +11,12 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -22,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import rcache
-from rcache import BreakerPolicy, ConfigurationError, RetryPolicy
+from rcache import BreakerPolicy, ConfigurationError, LockNotOwnedError, RetryPolicy
 from rcache.metrics import (
     LOAD_BUCKETS,
     MetricsServer,
@@ -31,7 +34,7 @@ from rcache.metrics import (
     make_wsgi_app,
     start_http_server,
 )
-from rcache.testing import RedisServer
+from rcache.testing import RedisServer, wait_until
 
 
 class Scrape:
@@ -47,7 +50,9 @@ class Scrape:
     def value(self, name: str, **labels: str) -> float:
         key = (name, frozenset(labels.items()))
         if key not in self.samples:
-            raise AssertionError(f"no sample {name}{labels} in the scrape:\n{self.text}")
+            raise AssertionError(
+                f"no sample {name}{labels} in the scrape:\n{self.text}"
+            )
         return self.samples[key]
 
     def has(self, name: str, **labels: str) -> bool:
@@ -101,7 +106,9 @@ def test_series_exist_at_zero_from_decoration(
         for result in ("success", "failure"):
             assert (
                 s.value(
-                    "rcache_cache_load_duration_seconds_count", cache=cache, result=result
+                    "rcache_cache_load_duration_seconds_count",
+                    cache=cache,
+                    result=result,
                 )
                 == 0
             )
@@ -204,7 +211,11 @@ async def test_async_cached_and_explicit_traffic_exact(
         assert v("rcache_cache_puts_total", cache="aitems") == 2
         assert v("rcache_cache_removals_total", cache="aitems") == 1
         assert (
-            v("rcache_cache_load_duration_seconds_count", cache="aitems", result="success")
+            v(
+                "rcache_cache_load_duration_seconds_count",
+                cache="aitems",
+                result="success",
+            )
             == 2
         )
         assert v("rcache_cache_gets_total", cache="ashop", result="hit") == 1
@@ -250,14 +261,18 @@ def test_backend_errors_and_breaker_state(
             for d in s.series("rcache_cache_errors_total")
         }
         assert errors == {("get", "ConnectionError"): 2, ("get", "CircuitOpen"): 1}
-        assert all(d["cache"] == "flaky.fn" for d in s.series("rcache_cache_errors_total"))
+        assert all(
+            d["cache"] == "flaky.fn" for d in s.series("rcache_cache_errors_total")
+        )
         assert s.value("rcache_cache_breaker_state", cache="flaky") == 1
         assert s.value("rcache_cache_gets_total", cache="flaky.fn", result="miss") == 4
         assert s.value("rcache_cache_gets_total", cache="flaky.fn", result="hit") == 1
         # Bypassed calls still count their loads, but store nothing.
         assert (
             s.value(
-                "rcache_cache_load_duration_seconds_count", cache="flaky.fn", result="success"
+                "rcache_cache_load_duration_seconds_count",
+                cache="flaky.fn",
+                result="success",
             )
             == 4
         )
@@ -316,25 +331,90 @@ def test_lock_metrics_exact_through_the_sink(
     assert v("rcache_lock_wait_seconds_count", lock="idle") == 0
 
 
-def test_cache_lock_reports_metrics(
-    pcache: rcache.Cache, metrics: PrometheusMetrics, endpoint: MetricsServer
+def test_cache_lock_traffic_exact(
+    pcache: rcache.Cache, endpoint: MetricsServer, redis_client: Any
 ) -> None:
-    """Through ``cache.lock`` once the locks land (rcache/_lock.py)."""
-    lock_factory = getattr(pcache, "lock", None)
-    if lock_factory is None:
-        pytest.fail(
-            "Cache.lock does not exist yet; the lock metrics are covered through the sink "
-            "in test_lock_metrics_exact_through_the_sink",
-            pytrace=False,
-        )
-    with lock_factory("jobs", ttl=10):
+    lock = pcache.lock("jobs", ttl=10)
+    other = pcache.lock("jobs", ttl=10)
+    s0 = scrape(endpoint.url)  # registered when created: zero before any traffic
+    assert s0.value("rcache_lock_acquires_total", lock="jobs", result="acquired") == 0
+    with lock:
         mid = scrape(endpoint.url)
         assert mid.value("rcache_locks_held", lock="jobs") == 1
+        assert other.acquire(timeout=0) is False  # busy: one try
+        assert other.acquire(timeout=0.05) is False  # timeout: waited and gave up
+    assert other.acquire(timeout=5) is True
+    other.release()
+
+    # A lease that runs out while held (no renewal): the release finds it gone.
+    short = pcache.lock("jobs.short", ttl=0.2, auto_renew=False)
+    assert short.acquire(timeout=0) is True
+    wait_until(
+        lambda: not redis_client.exists("mtest:l:{jobs.short}"),
+        timeout=10,
+        message="the short lease to expire in Redis",
+    )
+    with pytest.raises(LockNotOwnedError):
+        short.release()
+
     s = scrape(endpoint.url)
-    assert s.value("rcache_lock_acquires_total", lock="jobs", result="acquired") == 1
-    assert s.value("rcache_lock_releases_total", lock="jobs", result="released") == 1
-    assert s.value("rcache_locks_held", lock="jobs") == 0
-    assert s.value("rcache_lock_held_seconds_count", lock="jobs") == 1
+    v = s.value
+    acquires = {
+        r: v("rcache_lock_acquires_total", lock="jobs", result=r)
+        for r in ("acquired", "busy", "timeout", "error")
+    }
+    assert acquires == {"acquired": 2, "busy": 1, "timeout": 1, "error": 0}
+    assert v("rcache_lock_releases_total", lock="jobs", result="released") == 2
+    assert v("rcache_lock_releases_total", lock="jobs", result="not_owned") == 0
+    assert v("rcache_lock_renewals_total", lock="jobs", result="lost") == 0
+    assert v("rcache_locks_held", lock="jobs") == 0
+    assert v("rcache_lock_held_seconds_count", lock="jobs") == 2
+    assert v("rcache_lock_wait_seconds_count", lock="jobs") == 2
+    assert v("rcache_lock_acquires_total", lock="jobs.short", result="acquired") == 1
+    assert v("rcache_lock_releases_total", lock="jobs.short", result="not_owned") == 1
+    assert v("rcache_lock_releases_total", lock="jobs.short", result="released") == 0
+    # Counted once, whether the renewer's deadline watch or the release noticed first.
+    assert v("rcache_lock_renewals_total", lock="jobs.short", result="lost") == 1
+    assert v("rcache_locks_held", lock="jobs.short") == 0
+
+
+def test_lock_renewals_counted(pcache: rcache.Cache, endpoint: MetricsServer) -> None:
+    def renewed() -> float:
+        return scrape(endpoint.url).value(
+            "rcache_lock_renewals_total", lock="renewing", result="renewed"
+        )
+
+    with pcache.lock("renewing", ttl=0.3):  # auto-renewed every ttl/3 inside `with`
+        wait_until(lambda: renewed() >= 2, timeout=10, message="two renewals")
+    s = scrape(endpoint.url)
+    count = s.value("rcache_lock_renewals_total", lock="renewing", result="renewed")
+    assert count >= 2
+    assert s.value("rcache_lock_renewals_total", lock="renewing", result="lost") == 0
+    assert (
+        s.value("rcache_lock_releases_total", lock="renewing", result="released") == 1
+    )
+    assert renewed() == count  # the renewer stopped with the release
+
+
+async def test_async_lock_traffic_exact(
+    redis_url: str, metrics: PrometheusMetrics, endpoint: MetricsServer
+) -> None:
+    c = rcache.Cache(redis_url, prefix="mtest", name="alocks", metrics=metrics)
+    try:
+        async with c.lock("ajobs", ttl=10):
+            assert await c.lock("ajobs", ttl=10).aacquire(timeout=0) is False
+        for _ in range(2):
+            async with c.lock("ajobs", ttl=10):
+                pass
+        s = await asyncio.to_thread(scrape, endpoint.url)
+        v = s.value
+        assert v("rcache_lock_acquires_total", lock="ajobs", result="acquired") == 3
+        assert v("rcache_lock_acquires_total", lock="ajobs", result="busy") == 1
+        assert v("rcache_lock_releases_total", lock="ajobs", result="released") == 3
+        assert v("rcache_locks_held", lock="ajobs") == 0
+    finally:
+        await c.aclose()
+        c.close()
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -436,12 +516,16 @@ def test_integration_collectors_share_the_registry(
     metrics: PrometheusMetrics, endpoint: MetricsServer
 ) -> None:
     dedup = metrics.counter("celery_dedup", "Dedup decisions.", ("task", "result"))
-    assert metrics.counter("celery_dedup", "Dedup decisions.", ("task", "result")) is dedup
+    assert (
+        metrics.counter("celery_dedup", "Dedup decisions.", ("task", "result")) is dedup
+    )
     dedup.labels("send_report", "duplicate").inc(3)
     ts = metrics.gauge(
-        "warm_last_success_timestamp_seconds", "Last warm.", ("cache",),
+        "warm_last_success_timestamp_seconds",
+        "Last warm.",
+        ("cache",),
         multiprocess_mode="max",
-    )  # fmt: skip
+    )
     ts.labels("users").set(1700000000)
     h = metrics.histogram("warm_duration_seconds", "Warm time.", ("cache",))
     h.labels("users").observe(0.2)
@@ -449,7 +533,8 @@ def test_integration_collectors_share_the_registry(
         metrics.gauge("celery_dedup", "x", ("task", "result"), multiprocess_mode="max")
     s = scrape(endpoint.url)
     assert (
-        s.value("rcache_celery_dedup_total", task="send_report", result="duplicate") == 3
+        s.value("rcache_celery_dedup_total", task="send_report", result="duplicate")
+        == 3
     )
     assert s.value("rcache_warm_last_success_timestamp_seconds", cache="users") == 1.7e9
     assert s.value("rcache_warm_duration_seconds_count", cache="users") == 1
@@ -476,3 +561,41 @@ def test_default_registry_is_the_global_one() -> None:
     finally:
         for collector in list(m._own.values()):
             REGISTRY.unregister(collector)
+
+
+def test_import_rcache_works_without_prometheus_client() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "prometheus_client":
+                    raise ImportError("blocked by the test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import rcache
+
+        rcache.Cache("redis://127.0.0.1:1/0", prefix="x")
+        assert "prometheus_client" not in sys.modules
+        assert "rcache.metrics" not in sys.modules
+        try:
+            import rcache.metrics
+        except ImportError as exc:
+            print("ImportError:", exc)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'rcache[prometheus]'" in result.stdout
+
+
+def test_exporter_refuses_a_missing_multiproc_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        make_wsgi_app()
