@@ -32,6 +32,7 @@ from rcache._serializers import (
     PickleSerializer,
     Serializer,
 )
+from rcache._transaction import Script, TransactionStats
 from rcache._types import AsyncCachedFunction, CachedFunction
 from rcache._version import __version__
 
@@ -54,10 +55,12 @@ __all__ = [
     "PickleSerializer",
     "RCacheError",
     "RetryPolicy",
+    "Script",
     "SerializationError",
     "Serializer",
     "TransactionConflictError",
     "TransactionError",
+    "TransactionStats",
     "__version__",
     "parse_duration",
 ]

@@ -47,6 +47,15 @@ T = TypeVar("T")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _SCHEMES = ("redis", "rediss", "unix", "memory")
 
+# Re-exported so that the rest of rcache never imports redis-py itself.
+WatchError = rex.WatchError
+RedisError = rex.RedisError
+NoScriptError = rex.NoScriptError
+REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+)
+
 #: Errors worth a retry: the command may not have reached Redis, or its reply was lost.
 TRANSIENT: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
@@ -121,6 +130,17 @@ class ClientSpec:
         self.options = {**DEFAULT_OPTIONS, **(options or {})}
         self.options["retry"] = Retry(NoBackoff(), 0)
         self.options["decode_responses"] = False
+        # redis-py 8.1: with maintenance notifications on "auto" the asyncio pool skips
+        # its stale-connection check (ConnectionPool.ensure_connection), so the first
+        # async command after a Redis restart fails with "Connection closed by server".
+        try:
+            from redis.maint_notifications import MaintNotificationsConfig
+        except ImportError:  # older redis-py: no maintenance notifications
+            pass
+        else:
+            self.options.setdefault(
+                "maint_notifications_config", MaintNotificationsConfig(enabled=False)
+            )
         self.user_client = client
         self.async_factory = async_client
         if client is not None and url is not None:
