@@ -27,13 +27,18 @@ class DuplicateTaskError(RCacheError):
 
 
 class TaskLockedError(LockNotAcquiredError):
-    """A locked task found its lock held (``on_locked="fail"``, or ``"wait"`` timed out)."""
+    """A locked task found its lock held (``on_locked="fail"``, or ``"wait"`` timed out).
 
-    def __init__(self, task_name: str, lock: str, holder: str) -> None:
-        super().__init__(task_name, lock, holder)
-        self.task_name = task_name
+    Exactly two constructor arguments: ``LockNotAcquiredError`` is a ``TimeoutError``,
+    i.e. an ``OSError``, whose ``args`` keep only the first two of three or more
+    (errno, strerror), so Celery could not rebuild a three-argument error from the
+    result backend.
+    """
+
+    def __init__(self, lock: str, holder: str) -> None:
+        super().__init__(lock, holder)
         self.lock = lock
         self.holder = holder
 
     def __str__(self) -> str:
-        return f"{self.task_name}: lock {self.lock!r} is held by task {self.holder}"
+        return f"lock {self.lock!r} is held by task {self.holder}"

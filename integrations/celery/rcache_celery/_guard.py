@@ -27,7 +27,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,9 @@ log = logging.getLogger("rcache.celery")
 
 
 def _script(name: str) -> LuaScript:
-    source = resources.files("rcache_celery").joinpath(f"_scripts/{name}.lua").read_text()
+    source = (
+        resources.files("rcache_celery").joinpath(f"_scripts/{name}.lua").read_text()
+    )
     return LuaScript(name, source=source)
 
 
@@ -152,7 +153,7 @@ class _Lease:
     guard: Guard
     lease: float
     due: float
-    on_lost: Callable[[], None] | None
+    label: str
     lost: bool = False
 
 
@@ -176,11 +177,15 @@ class Renewer:
     _thread: threading.Thread | None = None
     _next: int = 0
 
-    def add(self, guard: Guard, lease: float, on_lost: Callable[[], None] | None = None) -> int:
+    def add(self, guard: Guard, lease: float, label: str) -> int:
+        """Renew ``guard`` every ``lease / 3``; ``label`` (the task name) names it in
+        ``cache.metrics.lock_renewal`` (``rcache_lock_renewals_total``)."""
         with self._cond:
             self._next += 1
             handle = self._next
-            self._leases[handle] = _Lease(guard, lease, time.monotonic() + lease / 3, on_lost)
+            self._leases[handle] = _Lease(
+                guard, lease, time.monotonic() + lease / 3, label
+            )
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="rcache-celery-renewer", daemon=True
@@ -199,9 +204,16 @@ class Renewer:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [(h, e) for h, e in self._leases.items() if e.due <= now and not e.lost]
+                due = [
+                    (h, e)
+                    for h, e in self._leases.items()
+                    if e.due <= now and not e.lost
+                ]
                 if not due:
-                    wait = min((e.due for e in self._leases.values() if not e.lost), default=None)
+                    wait = min(
+                        (e.due for e in self._leases.values() if not e.lost),
+                        default=None,
+                    )
                     self._cond.wait(None if wait is None else max(wait - now, 0.001))
                     continue
                 for _, entry in due:
@@ -210,20 +222,24 @@ class Renewer:
                 try:
                     ok = renew_once(entry.guard, entry.lease)
                 except Exception as exc:  # a Redis outage: try again at the next tick
-                    log.warning("rcache-celery: renewing %s failed: %r", entry.guard.key, exc)
-                    continue
-                if not ok:
-                    with self._cond:
-                        if handle not in self._leases:
-                            continue  # finished meanwhile: not a loss
-                        entry.lost = True
                     log.warning(
-                        "rcache-celery: task %s lost its lease on %s (expired or taken)",
-                        entry.guard.task_id,
-                        entry.guard.key,
+                        "rcache-celery: renewing %s failed: %r", entry.guard.key, exc
                     )
-                    if entry.on_lost is not None:
-                        entry.on_lost()
+                    continue
+                metrics = entry.guard.cache.metrics
+                if ok:
+                    metrics.lock_renewal(entry.label, "renewed")
+                    continue
+                with self._cond:
+                    if handle not in self._leases:
+                        continue  # finished meanwhile: not a loss
+                    entry.lost = True
+                metrics.lock_renewal(entry.label, "lost")
+                log.warning(
+                    "rcache-celery: task %s lost its lease on %s (expired or taken)",
+                    entry.guard.task_id,
+                    entry.guard.key,
+                )
 
 
 _renewer: Renewer | None = None

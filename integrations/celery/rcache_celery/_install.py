@@ -17,8 +17,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import signals  # type: ignore[import-untyped]
+from celery.exceptions import (  # type: ignore[import-untyped]
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 
 from rcache._exceptions import ConfigurationError
 from rcache_celery._metrics import NullCeleryMetrics, metrics_for
@@ -81,7 +84,9 @@ def install(app: Celery, cache: Cache, *, metrics: Any = None) -> None:
             "call rcache_celery.uninstall(app) first"
         )
     uid = f"rcache_celery:{id(app)}"
-    state = State(app, cache, metrics_for(metrics if metrics is not None else cache.metrics), uid)
+    state = State(
+        app, cache, metrics_for(metrics if metrics is not None else cache.metrics), uid
+    )
     setattr(app, _ATTR, state)
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid=uid + ":failure")
     signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=uid + ":revoked")
@@ -129,7 +134,9 @@ def _on_revoked(
     _recover(sender, request.id, request.args, request.kwargs, reason)
 
 
-def _recover(task: Any, task_id: str | None, args: Any, kwargs: Any, reason: str) -> None:
+def _recover(
+    task: Any, task_id: str | None, args: Any, kwargs: Any, reason: str
+) -> None:
     from rcache_celery._tasks import GuardedTask
 
     if not isinstance(task, GuardedTask) or task_id is None:
@@ -141,7 +148,11 @@ def _recover(task: Any, task_id: str | None, args: Any, kwargs: Any, reason: str
         owned = task._release_from_main(task_id, tuple(args or ()), dict(kwargs or {}))
     except Exception as exc:  # a hook must never break the worker; the lease expires
         log.warning(
-            "rcache-celery: could not release %s[%s] after %s: %r", task.name, task_id, reason, exc
+            "rcache-celery: could not release %s[%s] after %s: %r",
+            task.name,
+            task_id,
+            reason,
+            exc,
         )
         return
     if owned:

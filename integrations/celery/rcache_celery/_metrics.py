@@ -33,7 +33,9 @@ class NullCeleryMetrics:
     def locked(self, task: str, action: str) -> None:
         pass
 
-    def warm_run(self, cache: str, result: str, keys: int, seconds: float) -> None:
+    def warm_run(
+        self, cache: str, result: str, done: int, failed: int, seconds: float
+    ) -> None:
         pass
 
 
@@ -104,18 +106,24 @@ class CeleryMetrics(NullCeleryMetrics):
     def locked(self, task: str, action: str) -> None:
         self.locked_total.labels(task, action).inc()
 
-    def warm_run(self, cache: str, result: str, keys: int, seconds: float) -> None:
+    def warm_run(
+        self, cache: str, result: str, done: int, failed: int, seconds: float
+    ) -> None:
         import time
 
         self.warm_runs_total.labels(cache, result).inc()
-        if keys:
-            self.warm_keys_total.labels(cache, result).inc(keys)
+        if done:
+            self.warm_keys_total.labels(cache, "success").inc(done)
+        if failed:
+            self.warm_keys_total.labels(cache, "failure").inc(failed)
         self.warm_duration_seconds.labels(cache, result).observe(seconds)
         if result == "success":
             self.warm_last_success.labels(cache).set(time.time())
 
 
-_by_registry: weakref.WeakKeyDictionary[Any, CeleryMetrics] = weakref.WeakKeyDictionary()
+_by_registry: weakref.WeakKeyDictionary[Any, CeleryMetrics] = (
+    weakref.WeakKeyDictionary()
+)
 _lock = threading.Lock()
 
 
