@@ -25,6 +25,7 @@ from rcache._exceptions import (
     TransactionConflictError,
     TransactionError,
 )
+from rcache._lock import FairLock, Lease, Lock, ReadLock, RWLock, Semaphore, WriteLock
 from rcache._metrics import InMemoryMetrics, MetricsSink
 from rcache._serializers import (
     JsonSerializer,
@@ -44,8 +45,11 @@ __all__ = [
     "Cache",
     "CachedFunction",
     "ConfigurationError",
+    "FairLock",
     "InMemoryMetrics",
     "JsonSerializer",
+    "Lease",
+    "Lock",
     "LockError",
     "LockLostError",
     "LockNotAcquiredError",
@@ -54,13 +58,17 @@ __all__ = [
     "MsgpackSerializer",
     "PickleSerializer",
     "RCacheError",
+    "RWLock",
+    "ReadLock",
     "RetryPolicy",
     "Script",
+    "Semaphore",
     "SerializationError",
     "Serializer",
     "TransactionConflictError",
     "TransactionError",
     "TransactionStats",
+    "WriteLock",
     "__version__",
     "parse_duration",
 ]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -194,6 +195,10 @@ class ClientSpec:
             kwargs = dict(self.user_client.connection_pool.connection_kwargs)
             kwargs["decode_responses"] = False
             kwargs.pop("retry", None)
+            # redis-py 8 sync pools carry arguments the asyncio client rejects
+            # (himport_registry, maint_notifications_pool_handler, orig_host_address, ...)
+            accepted = inspect.signature(redis.asyncio.Redis.__init__).parameters
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
             return redis.asyncio.Redis(
                 **kwargs, retry=redis.asyncio.retry.Retry(NoBackoff(), 0)
             )

@@ -26,6 +26,8 @@ marked lost, and its ``on_lost`` callback runs (in the renewer thread), when
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import random
 import threading
@@ -42,6 +44,8 @@ __all__ = ["Renewer", "get_renewer"]
 
 #: The renewer thread exits after this long without leases (a new one starts on demand).
 _IDLE_EXIT = 10.0
+#: Leases renewed per pipeline.
+_BATCH = 100
 
 
 class Renewer:
@@ -52,6 +56,10 @@ class Renewer:
         self._cond = threading.Condition()
         self._leases: set[Lease] = set()
         self._thread: threading.Thread | None = None
+        #: When the thread will next look at its leases on its own; ``add`` wakes it
+        #: only for a lease due earlier (a notify per acquisition would cost a GIL
+        #: hand-off on every lock call).
+        self._wake_at = 0.0
 
     def add(self, lease: Lease) -> None:
         with self._cond:
@@ -61,7 +69,8 @@ class Renewer:
                     target=self._run, name="rcache-lock-renewer", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif min(lease.next_renew, lease.deadline) < self._wake_at:
+                self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
         with self._cond:
@@ -81,6 +90,7 @@ class Renewer:
                     elif now - idle_since >= _IDLE_EXIT:
                         self._thread = None
                         return
+                    self._wake_at = now + _IDLE_EXIT
                     self._cond.wait(_IDLE_EXIT)
                     continue
                 idle_since = None
@@ -93,43 +103,108 @@ class Renewer:
                     wake = min(
                         min(lease.next_renew, lease.deadline) for lease in self._leases
                     )
+                    self._wake_at = wake
                     self._cond.wait(max(0.0, wake - now))
                     continue
-            for lease in due:  # IO outside the condition: add/remove never wait on Redis
-                self._service(lease)
+                self._wake_at = 0.0  # busy: add() need not wake it
+            # IO outside the condition: add/remove never wait on Redis. Sync leases
+            # of one client are renewed together, one pipeline per _BATCH leases
+            # (Redisson renewal/LockTask): O(clients), not O(locks), round trips.
+            batches: dict[int, list[Lease]] = {}
+            for lease in due:
+                if self._service(lease):
+                    batches.setdefault(id(lease.owner._cache._sync), []).append(lease)
+            for leases in batches.values():
+                for i in range(0, len(leases), _BATCH):
+                    self._renew_sync(leases[i : i + _BATCH])
 
-    def _service(self, lease: Lease) -> None:
+    def _service(self, lease: Lease) -> bool:
+        """Handle what needs no sync IO; True if the lease needs a sync renewal now."""
         now = time.monotonic()
         if lease.lost or lease.released:
             self.remove(lease)
-            return
+            return False
         if now >= lease.deadline:
             self._lost(lease, "its lease ran out without a successful renewal")
-            return
+            return False
         if lease.renew_until is not None and now >= lease.renew_until:
             lease.next_renew = float("inf")  # max_hold reached: let the lease run out
-            return
-        sent = time.monotonic()
+            return False
+        if lease.loop is not None:
+            self._schedule_async(lease, time.monotonic())
+            return False
+        return True
+
+    def _renew_one(self, lease: Lease, sent: float) -> None:
         try:
             ok = lease.owner._renew_io(lease)
         except RCacheError as exc:
-            # Transient trouble: try again soon (jittered), well before the deadline.
-            lock_log.debug("rcache: renewing lock %s failed: %s", lease.name, exc)
-            lease.next_renew = time.monotonic() + min(lease.ttl / 10, 1.0) * (
-                0.5 + random.random()
-            )
+            self._failed(lease, exc)
             return
+        self._done(lease, ok, sent)
+
+    def _renew_sync(self, leases: list[Lease]) -> None:
+        sent = time.monotonic()
+        if len(leases) == 1:
+            self._renew_one(leases[0], sent)
+            return
+        try:
+            results = leases[0].owner._renew_many(leases)
+        except RCacheError as exc:
+            for lease in leases:
+                self._failed(lease, exc)
+            return
+        for lease, result in zip(leases, results, strict=True):
+            if isinstance(result, BaseException):  # e.g. NOSCRIPT after a restart
+                self._renew_one(lease, sent)
+            else:
+                self._done(lease, int(result) == 1, sent)
+
+    def _schedule_async(self, lease: Lease, sent: float) -> None:
+        """Renew an async lease on its own loop; the result comes back by callback."""
+        loop = lease.loop
+        assert loop is not None
+        lease.next_renew = float("inf")  # in flight: not due again until it answers
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                lease.owner._arenew_io(lease), loop
+            )
+        except RuntimeError:  # the loop is closed: nobody can hold this lease any more
+            self._lost(lease, "its event loop is closed")
+            return
+
+        def done(fut: concurrent.futures.Future[bool]) -> None:
+            exc = fut.exception() if not fut.cancelled() else RCacheError("cancelled")
+            if exc is None:
+                self._done(lease, fut.result(), sent)
+            elif isinstance(exc, RCacheError):
+                self._failed(lease, exc)
+            else:
+                self._lost(lease, f"renewal failed: {exc!r}")
+            with self._cond:
+                self._cond.notify()  # the lease's next renewal time changed
+
+        future.add_done_callback(done)
+
+    def _failed(self, lease: Lease, exc: RCacheError) -> None:
+        # Transient trouble: try again soon (jittered), well before the deadline.
+        lock_log.debug("rcache: renewing lock %s failed: %s", lease.name, exc)
+        lease.next_renew = time.monotonic() + min(lease.ttl / 10, 1.0) * (
+            0.5 + random.random()
+        )
+
+    def _done(self, lease: Lease, ok: bool, sent: float) -> None:
         if lease.released:
             return
         if ok:
-            lease.renewed(sent)
+            lease._renewed(sent)
             lease.owner._metrics.lock_renewal(lease.metrics_name, "renewed")
         else:
             self._lost(lease, "Redis no longer holds its token (expired or taken over)")
 
     def _lost(self, lease: Lease, reason: str) -> None:
         self.remove(lease)
-        lease.mark_lost(reason)
+        lease._mark_lost(reason)
 
 
 _RENEWER: Renewer | None = None

@@ -1,0 +1,326 @@
+"""rcache's lock beside redis-py's Lock, python-redis-lock and pottery, in one run.
+
+Not a test. Starts its own redis-server (rcache.testing.RedisServer) on a free port and
+prints, for every implementation:
+
+1. uncontended acquire + release: median latency and its ratio to two raw GETs
+   (target for rcache: within 15 %: acquire and release are one round trip each);
+2. hand-off latency with one waiter: a holder process releases, a waiter process that
+   is already blocked acquires; p50/p99 of (acquired - released) on the system-wide
+   monotonic clock (target p50 <= 3 ms);
+3. per-process spread with 6 contender processes, each looping acquire / hold 5 ms /
+   release: total acquisitions and max/min per process (target max/min <= 3);
+4. Redis load per acquisition during (3): commands the server executed (INFO
+   commandstats delta; commands run inside Lua scripts included) and client round trips
+   (redis-py ``send_packed_command`` calls counted in each worker).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_locks.py
+    .venv/bin/python benchmarks/bench_locks.py --iterations 3000 --rounds 100 --seconds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.connection
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import commandstats, table
+
+import rcache
+from rcache.testing import RedisServer
+
+IMPLS = [
+    "rcache (with: renewal on)",
+    "rcache (acquire/release)",
+    "rcache (fair=True)",
+    "redis-py Lock (sleep=0.1)",
+    "redis-py Lock (sleep=0.001)",
+    "python-redis-lock",
+    "pottery Redlock",
+]
+TTL = 10
+
+_round_trips = 0
+
+
+def _count_round_trips() -> None:
+    """Count client writes (one per command or pipeline) in this process."""
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        global _round_trips
+        _round_trips += 1
+        original(self, command, check_health)
+
+    redis.connection.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+
+
+def make(impl: str, url: str, name: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(acquire, release) of one lock object of ``impl`` for ``name`` (blocking)."""
+    if impl.startswith("rcache"):
+        cache = rcache.Cache(url, prefix="bench")
+        lock = cache.lock(name, ttl=TTL, fair="fair" in impl)
+        if "with" in impl:
+            return lock.__enter__, lambda: lock.__exit__(None, None, None)
+        return lock.acquire, lock.release
+    client = redis.Redis.from_url(url)
+    if impl.startswith("redis-py"):
+        sleep = 0.1 if "0.1" in impl else 0.001
+        rlock = client.lock(name, timeout=TTL, sleep=sleep)
+        return rlock.acquire, rlock.release
+    if impl == "python-redis-lock":
+        import redis_lock
+
+        plock = redis_lock.Lock(client, name, expire=TTL)
+        return plock.acquire, plock.release
+    if impl == "pottery Redlock":
+        import logging
+
+        from pottery import Redlock
+
+        logging.getLogger("pottery").setLevel(logging.ERROR)
+        pl = Redlock(key=name, masters={client}, auto_release_time=TTL)
+        return pl.acquire, pl.release
+    raise ValueError(impl)
+
+
+# -- 1. uncontended ---------------------------------------------------------------------
+
+
+def uncontended(url: str, iterations: int, reps: int) -> dict[str, float]:
+    """Median seconds per acquire+release (and per two GETs, key 'raw 2x GET')."""
+    samples: dict[str, list[float]] = {impl: [] for impl in [*IMPLS, "raw 2x GET"]}
+    client = redis.Redis.from_url(url)
+    client.set("bench:raw", b"x")
+    ops: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        impl: make(impl, url, f"u:{i}") for i, impl in enumerate(IMPLS)
+    }
+    ops["raw 2x GET"] = (
+        lambda: client.get("bench:raw"),
+        lambda: client.get("bench:raw"),
+    )
+    for rep in range(reps):
+        order = list(ops) if rep % 2 == 0 else list(reversed(ops))
+        for impl in order:
+            acquire, release = ops[impl]
+            for _ in range(50):  # warm up: connections, script cache
+                acquire()
+                release()
+            times = []
+            for _ in range(iterations):
+                t0 = time.perf_counter()
+                acquire()
+                release()
+                times.append(time.perf_counter() - t0)
+            samples[impl].append(statistics.median(times))
+    return {impl: statistics.median(v) for impl, v in samples.items()}
+
+
+# -- 2. hand-off --------------------------------------------------------------------------
+
+
+def _handoff_holder(impl: str, url: str, rounds: int, conn: Any) -> None:
+    acquire, release = make(impl, url, "handoff")
+    for _ in range(rounds):
+        acquire()
+        conn.send("held")
+        conn.recv()  # the waiter is about to block
+        time.sleep(0.02)  # let it block (poll, BLPOP, ...)
+        t0 = time.monotonic()
+        release()
+        conn.send(t0)
+        conn.recv()
+
+
+def _handoff_waiter(impl: str, url: str, rounds: int, conn: Any, out: Any) -> None:
+    acquire, release = make(impl, url, "handoff")
+    latencies = []
+    for _ in range(rounds):
+        conn.recv()
+        conn.send("waiting")
+        acquire()
+        t1 = time.monotonic()
+        t0 = conn.recv()
+        release()
+        latencies.append(t1 - t0)
+        conn.send("done")
+    out.put(latencies)
+
+
+def handoff(url: str, impl: str, rounds: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    out = ctx.Queue()
+    holder = ctx.Process(target=_handoff_holder, args=(impl, url, rounds, a))
+    waiter = ctx.Process(target=_handoff_waiter, args=(impl, url, rounds, b, out))
+    holder.start()
+    waiter.start()
+    latencies: list[float] = out.get(timeout=600)
+    holder.join()
+    waiter.join()
+    return latencies
+
+
+# -- 3./4. spread and load ------------------------------------------------------------
+
+
+def _spread_worker(
+    impl: str, url: str, seconds: float, hold: float, ready: Any, go: Any, out: Any
+) -> None:
+    _count_round_trips()
+    acquire, release = make(impl, url, "spread")
+    acquire()
+    release()
+    ready.put(os.getpid())
+    go.wait()
+    start_trips = _round_trips
+    count = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        acquire()
+        if hold:
+            time.sleep(hold)
+        release()
+        count += 1
+    out.put((count, _round_trips - start_trips))
+
+
+def spread(
+    url: str, impl: str, procs: int, seconds: float, hold: float
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_spread_worker, args=(impl, url, seconds, hold, ready, go, out)
+        )
+        for _ in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.get(timeout=120)
+    client = redis.Redis.from_url(url)
+    before = commandstats(client)
+    go.set()
+    results = [out.get(timeout=seconds + 120) for _ in workers]
+    after = commandstats(client)
+    for w in workers:
+        w.join()
+    counts = [c for c, _ in results]
+    total = sum(counts)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in delta.items() if v > 0}
+    commands = sum(delta.values())
+    top = sorted(delta.items(), key=lambda kv: -kv[1])[:4]
+    return {
+        "total": total,
+        "min": min(counts),
+        "max": max(counts),
+        "commands": commands / max(total, 1),
+        "trips": sum(t for _, t in results) / max(total, 1),
+        "top": ", ".join(f"{k} {v / max(total, 1):.1f}" for k, v in top),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--procs", type=int, default=6)
+    parser.add_argument("--hold", type=float, default=0.005)
+    parser.add_argument(
+        "--only", default="", help="comma-separated implementation prefixes"
+    )
+    args = parser.parse_args()
+    global IMPLS
+    if args.only:
+        IMPLS = [i for i in IMPLS if any(i.startswith(p) for p in args.only.split(","))]
+
+    import importlib.metadata as md
+
+    versions = ", ".join(
+        f"{d} {md.version(d)}" for d in ("redis", "python-redis-lock", "pottery")
+    )
+    with RedisServer() as server:
+        info = server.client().info("server")
+        print(
+            f"redis-server {info['redis_version']} on loopback; Python "
+            f"{sys.version.split()[0]}; {versions}; {os.cpu_count()} CPUs\n"
+        )
+        lat = uncontended(server.url, args.iterations, args.reps)
+        raw = lat["raw 2x GET"]
+        rows = [
+            [impl, f"{lat[impl] * 1e6:.0f}", f"{lat[impl] / raw:.2f}"]
+            for impl in [*IMPLS, "raw 2x GET"]
+        ]
+        print(
+            f"1. Uncontended acquire + release (median of {args.reps} medians of "
+            f"{args.iterations})"
+        )
+        print(table(rows, ["implementation", "median µs", "ratio to 2 GETs"]))
+        print()
+
+        rows = []
+        for impl in IMPLS:
+            server.client().flushall()
+            values = sorted(handoff(server.url, impl, args.rounds))
+            p50 = statistics.median(values) * 1000
+            p99 = values[min(len(values) - 1, int(len(values) * 0.99))] * 1000
+            rows.append([impl, f"{p50:.2f}", f"{p99:.2f}", f"{values[-1] * 1000:.2f}"])
+        print(f"2. Hand-off latency, one blocked waiter ({args.rounds} rounds, ms)")
+        print(table(rows, ["implementation", "p50", "p99", "max"]))
+        print()
+
+        rows = []
+        for impl in IMPLS:
+            server.client().flushall()
+            r = spread(server.url, impl, args.procs, args.seconds, args.hold)
+            rows.append(
+                [
+                    impl,
+                    str(r["total"]),
+                    f"{r['min']}-{r['max']}",
+                    f"{r['max'] / max(r['min'], 1):.2f}",
+                    f"{r['commands']:.1f}",
+                    f"{r['trips']:.1f}",
+                    r["top"],
+                ]
+            )
+        print(
+            f"3/4. {args.procs} processes, hold {args.hold * 1000:g} ms, "
+            f"{args.seconds:g} s: acquisitions, spread, Redis load per acquisition"
+        )
+        print(
+            table(
+                rows,
+                [
+                    "implementation",
+                    "total",
+                    "min-max",
+                    "max/min",
+                    "server cmds",
+                    "round trips",
+                    "top commands",
+                ],
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
