@@ -41,13 +41,29 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     store.seed(stock=3)
     log = (tmp_path_factory.mktemp("worker") / "worker.log").open("w")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.shop.tasks", "worker",
-         "--pool=solo", "--loglevel=info", "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "examples.shop.tasks",
+            "worker",
+            "--pool=solo",
+            "--loglevel=info",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     tasks = importlib.import_module("examples.shop.tasks")
-    wait_until(lambda: tasks.app.control.ping(timeout=0.5), timeout=60,
-               message="the Celery worker to answer ping")
+    wait_until(
+        lambda: tasks.app.control.ping(timeout=0.5),
+        timeout=60,
+        message="the Celery worker to answer ping",
+    )
     yield app_module.app.test_client(), store, tasks
     worker.terminate()
     worker.wait(30)
@@ -87,12 +103,17 @@ def test_sync_user_five_clicks_run_once(shop: Any) -> None:
 
 
 def test_rebuild_report_never_overlaps(shop: Any) -> None:
-    client, store, tasks = shop
+    client, store, _ = shop
     store.db.delete("shop:report-runs")
-    ids = [client.post("/report/rebuild?day=2024-11-01").get_json()["task_id"]
-           for _ in range(2)]
-    wait_until(lambda: store.db.llen("shop:report-runs") >= 4 or None, timeout=60,
-               message="both report runs to finish")
+    ids = [
+        client.post("/report/rebuild?day=2024-11-01").get_json()["task_id"]
+        for _ in range(2)
+    ]
+    wait_until(
+        lambda: store.db.llen("shop:report-runs") >= 4 or None,
+        timeout=60,
+        message="both report runs to finish",
+    )
     runs = store.db.lrange("shop:report-runs", 0, -1)
     events = [(float(e.split()[1]), e.split()[0]) for e in runs]
     depth = 0
@@ -125,5 +146,9 @@ def test_metrics_show_what_just_happened(shop: Any) -> None:
 
     assert value('rcache_cache_gets_total{cache="shop.product",result="hit"}') >= 2
     assert value('rcache_cache_gets_total{cache="shop.product",result="miss"}') >= 3
-    assert value('rcache_lock_acquires_total{lock="product-edit",result="acquired"}') >= 1
-    assert value('rcache_lock_releases_total{lock="product-edit",result="released"}') >= 1
+    assert (
+        value('rcache_lock_acquires_total{lock="product-edit",result="acquired"}') >= 1
+    )
+    assert (
+        value('rcache_lock_releases_total{lock="product-edit",result="released"}') >= 1
+    )
