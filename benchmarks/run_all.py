@@ -24,6 +24,7 @@ DOCS = ROOT / "docs"
 # (title, script, extra arguments) in the order they appear in the document
 SECTIONS = [
     ("Cache", "bench_cache.py", ["--json", str(DOCS / "benchmarks-cache.json")]),
+    ("Where a warm hit's microseconds go", "profile_hit.py", []),
     ("Cold-key stampede", "bench_stampede.py", []),
     ("Locks", "bench_locks.py", []),
     ("Transactions", "bench_transactions.py", []),
