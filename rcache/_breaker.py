@@ -38,6 +38,10 @@ class CircuitBreaker:
     def state(self) -> int:
         return self._state
 
+    def blocked(self) -> bool:
+        """True while open and not yet due for a probe (does not change state)."""
+        return self._state == OPEN and self._clock() < self._open_until
+
     def allow(self) -> bool:
         """May a call go to Redis now? Cheap when closed (the hot path)."""
         if self._state == CLOSED:

@@ -137,6 +137,11 @@ class CachedSpec:
                 "plain data, choose another serializer, or pass on_unserializable='skip'"
             ) from None
 
+    def skipped(self) -> None:
+        """Count a call made while the breaker is open (raises under "raise")."""
+        self.cache._skipped(self.name, "get", self.policy)
+        self.cache.metrics.cache_get(self.name, "miss")
+
     def wait_timed_out(self) -> None:
         if self.freshness.on_wait_timeout == "raise":
             raise LockNotAcquiredError(
@@ -177,6 +182,9 @@ class SyncCached(_Base):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = self._args(args)
         spec = self._spec
+        if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
+            spec.skipped()
+            return self._compute(args, kwargs)[0]
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs)
         if spec.stampede:
@@ -444,6 +452,9 @@ class AsyncCached(_Base):
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = self._args(args)
         spec = self._spec
+        if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
+            spec.skipped()
+            return (await self._compute(args, kwargs))[0]
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs)
         if spec.stampede:
