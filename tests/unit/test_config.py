@@ -99,3 +99,15 @@ def test_breaker_success_resets_the_failure_count() -> None:
     b.success()
     b.failure()
     assert b.state == CLOSED
+
+
+def test_blocked_is_a_read_only_check() -> None:
+    clock = Clock()
+    b = CircuitBreaker(BreakerPolicy(failures=1, reset_after=1.0), clock)
+    assert not b.blocked()
+    b.failure()
+    assert b.blocked() and b.state == OPEN
+    clock.now += 1.0
+    assert not b.blocked()
+    assert b.state == OPEN  # unchanged: the probe is still granted by allow()
+    assert b.allow() and b.state == HALF_OPEN
