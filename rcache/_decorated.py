@@ -45,10 +45,11 @@ RefreshRunner = Callable[[Callable[[], Any]], Any]
 class _Flight:
     """One in-process computation that concurrent callers of the same key share."""
 
-    __slots__ = ("error", "event", "value")
+    __slots__ = ("error", "event", "followers", "value")
 
     def __init__(self) -> None:
         self.event: threading.Event | None = None
+        self.followers = 0  # callers waiting on this flight (observability, tests)
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -303,6 +304,7 @@ class SyncCached(_Base):
                 flight = spec.flights[key] = _Flight()
             else:
                 flight = found
+                flight.followers += 1
                 if flight.event is None:
                     flight.event = threading.Event()
         if flight.event is not None and not leader:

@@ -12,7 +12,7 @@ import redis
 
 import rcache
 from rcache._freshness import EARLY, EXPIRED, FRESH, MISS, STALE, Freshness
-from rcache._serializers import Envelope
+from rcache._serializers import Envelope, decode_envelope
 from rcache.testing import wait_until
 
 
@@ -66,6 +66,16 @@ def test_stale_if_error_window() -> None:
 # -- on Redis -------------------------------------------------------------------------
 
 
+def wait_past_fresh(cache: rcache.Cache, key: str) -> None:
+    """Poll (with a deadline) until the stored entry's logical expiry has passed."""
+    raw = cache._sync.client.get(key)
+    assert isinstance(raw, bytes), "no entry stored"
+    fresh_until = decode_envelope(cache.serializer, raw).fresh_until
+    wait_until(
+        lambda: time.time() > fresh_until, timeout=10, message="entry to go stale"
+    )
+
+
 def test_stale_while_revalidate_sync(cache: rcache.Cache) -> None:
     version = {"v": 1}
     refreshed = threading.Event()
@@ -77,13 +87,10 @@ def test_stale_while_revalidate_sync(cache: rcache.Cache) -> None:
         return version["v"]
 
     assert f() == 1
+    wait_past_fresh(cache, f.key_for())
     version["v"] = 2
-    wait_until(
-        lambda: f() in (1, 2) and time.sleep(0.05) is None and refreshed.is_set(),
-        timeout=10,
-        message="background refresh",
-    )
-    # stale calls answered the old value immediately, and the refresh stored the new one
+    assert f() == 1  # stale: the old value at once, while one refresh runs
+    assert refreshed.wait(10), "the background refresh did not run"
     wait_until(lambda: f() == 2, timeout=5, message="refreshed value")
     m = cache.metrics
     assert isinstance(m, rcache.InMemoryMetrics)
@@ -98,13 +105,13 @@ async def test_stale_while_revalidate_async(cache: rcache.Cache) -> None:
         return version["v"]
 
     assert await f() == 1
-    await asyncio.sleep(0.35)
+    wait_past_fresh(cache, f.key_for())
     version["v"] = 2
     assert await f() == 1  # stale, served at once; the refresh runs as a task
     deadline = time.monotonic() + 5
     while await f() != 2:
         assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # poll interval; yields to the refresh task
 
 
 def test_refresh_runner_is_pluggable(cache: rcache.Cache) -> None:
@@ -115,7 +122,7 @@ def test_refresh_runner_is_pluggable(cache: rcache.Cache) -> None:
         return time.time()
 
     first = f()
-    time.sleep(0.25)
+    wait_past_fresh(cache, f.key_for())
     assert f() == first
     assert len(jobs) == 1
     jobs[0]()  # e.g. a Celery task would run this
@@ -133,7 +140,7 @@ def test_stale_if_error_sync(cache: rcache.Cache) -> None:
 
     assert f() == "good"
     fail["on"] = True
-    time.sleep(0.25)
+    wait_past_fresh(cache, f.key_for())
     assert f() == "good"  # served from the last value, error swallowed
 
     @cache.cached(ttl=0.2)
@@ -145,7 +152,7 @@ def test_stale_if_error_sync(cache: rcache.Cache) -> None:
     fail["on"] = False
     g()
     fail["on"] = True
-    time.sleep(0.25)
+    wait_until(lambda: cache._sync.client.get(g.key_for()) is None, timeout=10)
     with pytest.raises(ConnectionError):
         g()
 
@@ -161,7 +168,7 @@ async def test_stale_if_error_async(cache: rcache.Cache) -> None:
 
     assert await f() == "good"
     fail["on"] = True
-    await asyncio.sleep(0.25)
+    wait_past_fresh(cache, f.key_for())
     assert await f() == "good"
 
 
@@ -293,7 +300,12 @@ def test_in_process_threads_share_one_computation(cache: rcache.Cache) -> None:
     threads = [threading.Thread(target=lambda: out.append(f())) for _ in range(20)]
     for t in threads:
         t.start()
-    wait_until(lambda: calls, timeout=5)
+    flights = f._spec.flights  # type: ignore[attr-defined]
+    wait_until(
+        lambda: sum(fl.followers for fl in list(flights.values())) == 19,
+        timeout=10,
+        message="the other 19 callers to join the computation",
+    )
     gate.set()
     for t in threads:
         t.join(10)
@@ -316,8 +328,11 @@ async def test_in_process_tasks_share_one_computation(cache: rcache.Cache) -> No
 def test_shared_computation_shares_the_error(cache: rcache.Cache) -> None:
     gate = threading.Event()
 
+    calls: list[int] = []
+
     @cache.cached(ttl=60)
     def f() -> int:
+        calls.append(1)
         gate.wait(10)
         raise KeyError("nope")
 
@@ -332,11 +347,17 @@ def test_shared_computation_shares_the_error(cache: rcache.Cache) -> None:
     threads = [threading.Thread(target=call) for _ in range(5)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    flights = f._spec.flights  # type: ignore[attr-defined]
+    wait_until(
+        lambda: sum(fl.followers for fl in list(flights.values())) == 4,
+        timeout=10,
+        message="the other 4 callers to join the computation",
+    )
     gate.set()
     for t in threads:
         t.join(10)
     assert len(errors) == 5
+    assert calls == [1]  # one computation, its error shared by all five callers
 
 
 def test_batches_explicit(cache: rcache.Cache, redis_client: redis.Redis) -> None:
@@ -404,4 +425,4 @@ def test_bad_freshness_options(cache: rcache.Cache) -> None:
         {"on_wait_timeout": "wait"},
     ):
         with pytest.raises(rcache.ConfigurationError):
-            cache.cached(ttl=5, **kwargs)(f)  # type: ignore[call-overload]
+            cache.cached(ttl=5, **kwargs)(f)
