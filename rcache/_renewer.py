@@ -94,10 +94,13 @@ class Renewer:
                     self._cond.wait(_IDLE_EXIT)
                     continue
                 idle_since = None
+                # A lease due within a twelfth of its TTL is renewed with the ones due
+                # now (renewal replaces the TTL, so early is harmless): leases taken
+                # moments apart share one pipeline instead of drifting into many.
                 due = [
                     lease
                     for lease in self._leases
-                    if lease.next_renew <= now or lease.deadline <= now
+                    if lease.next_renew <= now + lease.ttl / 12 or lease.deadline <= now
                 ]
                 if not due:
                     wake = min(
