@@ -39,6 +39,8 @@ from rcache._serializers import Envelope, encode_envelope
 __all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
 
 _UNBOUND: Any = object()
+#: what a cancelled leader hands its followers: "not an answer, fetch yourself"
+_LEADER_CANCELLED: Any = object()
 RefreshRunner = Callable[[Callable[[], Any]], Any]
 
 
@@ -570,15 +572,23 @@ class AsyncCached(_Base):
         future = flights.get(key)
         if future is not None:
             try:
-                return await asyncio.wait_for(
+                value = await asyncio.wait_for(
                     asyncio.shield(future), timeout=spec.freshness.wait
                 )
             except asyncio.TimeoutError:
                 spec.wait_timed_out()
                 return (await self._compute(args, kwargs))[0]
+            if value is _LEADER_CANCELLED:
+                # the leader's task was cancelled, not ours: fetch for ourselves
+                return await self._single_flight(key, stamp_keys, args, kwargs)
+            return value
         future = flights[key] = loop.create_future()
         try:
             value = await self._fetch(key, stamp_keys, args, kwargs)
+        except asyncio.CancelledError:
+            if not future.done():
+                future.set_result(_LEADER_CANCELLED)
+            raise
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)

@@ -426,3 +426,30 @@ def test_bad_freshness_options(cache: rcache.Cache) -> None:
     ):
         with pytest.raises(rcache.ConfigurationError):
             cache.cached(ttl=5, **kwargs)(f)
+
+
+async def test_cancelled_leader_does_not_cancel_its_followers(
+    cache: rcache.Cache,
+) -> None:
+    started = asyncio.Event()
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    async def f() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            await asyncio.sleep(30)  # the leader: cancelled while computing
+        return 7
+
+    leader = asyncio.ensure_future(f())
+    await asyncio.wait_for(started.wait(), 10)
+    follower = asyncio.ensure_future(f())
+    await asyncio.sleep(0)  # one tick: the follower reaches its wait on the leader
+    flights = f._spec.aflights[asyncio.get_running_loop()]  # type: ignore[attr-defined]
+    assert len(flights) == 1  # one computation in flight, the follower waiting on it
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.wait_for(follower, 10) == 7  # fetched for itself
+    assert len(calls) == 2
