@@ -44,3 +44,28 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+class RoundTrips:
+    """Counts client round trips of sync redis-py clients (every send of a command or a
+    pipeline is one), by wrapping ``send_packed_command`` while the block runs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> RoundTrips:
+        import redis.connection
+
+        cls = redis.connection.AbstractConnection
+        self._cls, self._orig = cls, cls.send_packed_command
+        counter = self
+
+        def send(conn: object, command: object, check_health: bool = True) -> None:
+            counter.count += 1
+            counter._orig(conn, command, check_health)  # type: ignore[arg-type]
+
+        cls.send_packed_command = send  # type: ignore[method-assign, assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cls.send_packed_command = self._orig  # type: ignore[method-assign]

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import commandstats, table
+from _common import RoundTrips, commandstats, table
 
 import rcache
 from rcache.testing import RedisServer
@@ -222,7 +222,7 @@ def bench_hits(url: str, reps: int, calls: int, client: redis.Redis) -> list[lis
         rows.append(
             [
                 name,
-                f"{p50:.0f}",
+                f"{p50:.0f} ({min(r[0] for r in runs):.0f}-{max(r[0] for r in runs):.0f})",
                 f"{statistics.median(r[1] for r in runs):.0f}",
                 f"{cpu:.0f}",
                 f"{cpu - floor_cpu:+.0f}",
@@ -251,7 +251,7 @@ def bench_ahits(
             rows.append(
                 [
                     name,
-                    f"{p50:.0f}",
+                    f"{p50:.0f} ({min(r[0] for r in runs):.0f}-{max(r[0] for r in runs):.0f})",
                     f"{statistics.median(r[1] for r in runs):.0f}",
                     f"{cpu:.0f}",
                     f"{cpu - floor_cpu:+.0f}",
@@ -299,14 +299,17 @@ def bench_miss(url: str, reps: int, client: redis.Redis) -> list[list[str]]:
     for name, fn in subjects.items():
         runs = [time_sync(fn, 500) for _ in range(reps)]
         client.config_resetstat()
-        for _ in range(100):
-            fn()
+        with RoundTrips() as trips:
+            for _ in range(100):
+                fn()
         cmds = sum(commandstats(client).values()) / 100
+        rtts = trips.count / 100
         rows.append(
             [
                 name,
                 f"{statistics.median(r[0] for r in runs):.0f}",
                 f"{statistics.median(r[2] for r in runs):.0f}",
+                f"{rtts:.2f}",
                 f"{cmds:.2f}",
             ]
         )
@@ -487,7 +490,7 @@ def main() -> None:
         client = server.client()
         hdr = [
             "subject",
-            "p50 us",
+            "p50 us (min-max of reps)",
             "p99 us",
             "client CPU us",
             "CPU vs floor",
@@ -505,7 +508,16 @@ def main() -> None:
         results["miss"] = bench_miss(server.url, opts.reps, client)
         print("\n### Miss (500 misses x reps, function is a no-op)\n")
         print(
-            table(results["miss"], ["subject", "p50 us", "client CPU us", "cmds/miss"])
+            table(
+                results["miss"],
+                [
+                    "subject",
+                    "p50 us",
+                    "client CPU us",
+                    "round trips",
+                    "server cmds/miss",
+                ],
+            )
         )
         results["outage"] = bench_outage(opts.reps)
         print("\n### Redis down (connection refused), per call\n")

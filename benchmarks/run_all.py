@@ -60,7 +60,7 @@ def chart(path: Path) -> bool:
     ):
         rows = data[key]
         names = [r[0] for r in rows][::-1]
-        p50 = [float(r[1]) for r in rows][::-1]
+        p50 = [float(str(r[1]).split()[0]) for r in rows][::-1]
         colors = ["#d62728" if n.startswith("rcache") else "#7f7f7f" for n in names]
         ax.barh(names, p50, color=colors)
         ax.set_xlabel("median latency per hit, microseconds (lower is better)")
