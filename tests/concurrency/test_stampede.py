@@ -25,6 +25,14 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
 
 
+def blocked_on_blmove(client: redis.Redis) -> bool:
+    """Is some client blocked in BLMOVE right now (CLIENT LIST flag "b")?"""
+    return any(
+        c.get("cmd") == "blmove" and "b" in c.get("flags", "")
+        for c in client.client_list()
+    )
+
+
 def _stampede_worker(url: str, callers: int, barrier: Any, out: Any) -> None:
     cache = rcache.Cache(url, prefix="st")
     counter = redis.Redis.from_url(url)
@@ -122,7 +130,10 @@ def test_holder_killed_mid_compute_waiter_takes_over_within_lease(
     t.start()
     # the waiter is blocked on the holder's lease
     wait_until(lambda: client.exists("kill:c:f:[]:lease"), timeout=5, message="lease")
-    time.sleep(0.1)
+    # the waiter blocks on the signal list (a BLMOVE), it does not poll
+    wait_until(
+        lambda: blocked_on_blmove(client), timeout=10, message="a blocked waiter"
+    )
     assert not result
     os.kill(holder.pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -169,6 +180,9 @@ def test_failed_computation_gives_up_the_lease_promptly(
     t = threading.Thread(target=lambda: result.append((g(), time.monotonic())))
     t.start()
     wait_until(lambda: client.exists("fail:c:g:[]:lease"), timeout=5, message="lease")
+    wait_until(
+        lambda: blocked_on_blmove(client), timeout=10, message="a blocked waiter"
+    )
     client.set("go", 1)
     released = time.monotonic()
     t.join(20)
