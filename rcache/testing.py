@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,13 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def _kill_quietly(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
 
 
 class RedisServer:
@@ -136,6 +144,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # a test that dies before close() must not leave a server behind
+        weakref.finalize(self, _kill_quietly, self.process)
         deadline = time.monotonic() + self.start_timeout
         client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
         try:

@@ -24,57 +24,62 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    server = RedisServer().start()
     env = {
-        "REDIS_URL": server.url,
         "SHOP_SLOW_QUERY": "0.3",
         "SHOP_REPORT_SECONDS": "0.5",
         "SHOP_WARM_EVERY": "45",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for name in [m for m in sys.modules if m.startswith("examples.shop")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(ROOT))
-    app_module = importlib.import_module("examples.shop.app")
-    store = importlib.import_module("examples.shop.store")
-    store.seed(stock=3)
+    old = {k: os.environ.get(k) for k in [*env, "REDIS_URL"]}
     log = (tmp_path_factory.mktemp("worker") / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "examples.shop.tasks",
-            "worker",
-            "--pool=solo",
-            "--loglevel=info",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    tasks = importlib.import_module("examples.shop.tasks")
-    wait_until(
-        lambda: tasks.app.control.ping(timeout=0.5),
-        timeout=60,
-        message="the Celery worker to answer ping",
-    )
-    yield app_module.app.test_client(), store, tasks
-    worker.terminate()
-    worker.wait(30)
-    log.close()
-    server.close()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    sys.path.remove(str(ROOT))
+    worker: subprocess.Popen[bytes] | None = None
+    # everything started here is stopped in the finally, also when set-up fails
+    with RedisServer() as server:
+        try:
+            env["REDIS_URL"] = server.url
+            os.environ.update(env)
+            for name in [m for m in sys.modules if m.startswith("examples.shop")]:
+                del sys.modules[name]
+            sys.path.insert(0, str(ROOT))
+            app_module = importlib.import_module("examples.shop.app")
+            store = importlib.import_module("examples.shop.store")
+            store.seed(stock=3)
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "examples.shop.tasks",
+                    "worker",
+                    "--pool=solo",
+                    "--loglevel=info",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            tasks = importlib.import_module("examples.shop.tasks")
+            wait_until(
+                lambda: tasks.app.control.ping(timeout=0.5),
+                timeout=60,
+                message="the Celery worker to answer ping",
+            )
+            yield app_module.app.test_client(), store, tasks
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
+            log.close()
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            if str(ROOT) in sys.path:
+                sys.path.remove(str(ROOT))
 
 
 def test_product_page_slow_once_then_fast(shop: Any) -> None:
