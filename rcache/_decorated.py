@@ -270,16 +270,14 @@ class SyncCached(_Base):
         )
         try:
             value, elapsed = self._compute(args, kwargs)
-        except Exception:
+        except BaseException as exc:
             cache._leases.remove(lease)
             cache._store(key, stamp_keys, token, b"", stamps, spec)  # give up the lease
-            if spec.freshness.usable_on_error(fallback, time.time()):
+            if isinstance(exc, Exception) and spec.freshness.usable_on_error(
+                fallback, time.time()
+            ):
                 cache.metrics.cache_get(spec.name, "stale")
                 return fallback.value  # type: ignore[union-attr]
-            raise
-        except BaseException:
-            cache._leases.remove(lease)
-            cache._store(key, stamp_keys, token, b"", stamps, spec)
             raise
         cache._leases.remove(lease)
         data = spec.encode(value, elapsed, stamps)
@@ -537,20 +535,18 @@ class AsyncCached(_Base):
         )
         try:
             value, elapsed = await self._compute(args, kwargs)
-        except Exception:
+        except BaseException as exc:
             cache._leases.remove(lease)
-            await cache._astore(key, stamp_keys, token, b"", stamps, spec)
-            if spec.freshness.usable_on_error(fallback, time.time()):
-                cache.metrics.cache_get(spec.name, "stale")
-                return fallback.value  # type: ignore[union-attr]
-            raise
-        except BaseException:
-            # cancelled: give up the lease without awaiting in a cancelled task; the
-            # lease TTL bounds it if this last write cannot run
-            cache._leases.remove(lease)
+            # give up the lease; shielded so that a cancellation cannot stop the release
+            # half-way (the lease TTL bounds it if Redis cannot be reached)
             await asyncio.shield(
                 cache._astore(key, stamp_keys, token, b"", stamps, spec)
             )
+            if isinstance(exc, Exception) and spec.freshness.usable_on_error(
+                fallback, time.time()
+            ):
+                cache.metrics.cache_get(spec.name, "stale")
+                return fallback.value  # type: ignore[union-attr]
             raise
         cache._leases.remove(lease)
         data = spec.encode(value, elapsed, stamps)

@@ -214,6 +214,3 @@ class KeyBuilder:
         if len(text) <= _MAX_PLAIN and _SAFE.issuperset(text):
             return text
         return "h:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-    def explicit(self, key: str) -> str:
-        return self._explicit_prefix + key

@@ -110,7 +110,7 @@ def _tuple(v: Any) -> Any:
 
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
-    "dict": lambda v: {_freeze(k): val for k, val in v},
+    "dict": lambda v: dict(v),
     "tuple": _tuple,
     "dt": dt.datetime.fromisoformat,
     "date": dt.date.fromisoformat,
@@ -119,15 +119,9 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "uuid": uuid.UUID,
     "dec": Decimal,
     "b": base64.b64decode,
-    "set": lambda v: {_freeze(x) for x in v},
-    "fset": lambda v: frozenset(_freeze(x) for x in v),
+    "set": set,
+    "fset": frozenset,
 }
-
-
-def _freeze(v: Any) -> Any:
-    # Decoded dict keys and set members arrive already decoded by the object hook, but a
-    # tuple key is decoded from a list only through its tag, so nothing else is needed.
-    return v
 
 
 def _object_hook(d: dict[str, Any]) -> Any:
