@@ -209,16 +209,17 @@ def async_subjects(url: str) -> dict[str, Callable[[], Awaitable[Any]]]:
 # -- sections ---------------------------------------------------------------------------
 
 
-def bench_hits(url: str, reps: int, calls: int, client: redis.Redis) -> list[list[str]]:
-    subjects = sync_subjects(url)
+def _hit_rows(
+    timed: list[tuple[str, list[tuple[float, float, float]], float]],
+) -> list[list[str]]:
+    """Table rows for (name, runs of (p50, p99, cpu), commands per hit); the first
+    subject is the floor the others are compared with."""
     rows = []
-    floor_cpu = None
-    for name, fn in subjects.items():
-        runs = [time_sync(fn, calls) for _ in range(reps)]
+    floor_p50 = statistics.median(r[0] for r in timed[0][1])
+    floor_cpu = statistics.median(r[2] for r in timed[0][1])
+    for name, runs, cmds in timed:
         p50 = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[2] for r in runs)
-        if floor_cpu is None:
-            floor_cpu, floor_p50 = cpu, p50
         rows.append(
             [
                 name,
@@ -227,10 +228,24 @@ def bench_hits(url: str, reps: int, calls: int, client: redis.Redis) -> list[lis
                 f"{cpu:.0f}",
                 f"{cpu - floor_cpu:+.0f}",
                 f"{p50 / floor_p50:.2f}x",
-                f"{cmds_per_call(client, fn):.2f}",
+                f"{cmds:.2f}",
             ]
         )
     return rows
+
+
+def bench_hits(url: str, reps: int, calls: int, client: redis.Redis) -> list[list[str]]:
+    subjects = sync_subjects(url)
+    return _hit_rows(
+        [
+            (
+                name,
+                [time_sync(fn, calls) for _ in range(reps)],
+                cmds_per_call(client, fn),
+            )
+            for name, fn in subjects.items()
+        ]
+    )
 
 
 def bench_ahits(
@@ -240,26 +255,11 @@ def bench_ahits(
         subjects = async_subjects(url)
         for fn in subjects.values():
             await fn()
-        rows = []
-        floor_cpu = floor_p50 = None
+        timed = []
         for name, fn in subjects.items():
             runs = [await time_async(fn, calls) for _ in range(reps)]
-            p50 = statistics.median(r[0] for r in runs)
-            cpu = statistics.median(r[2] for r in runs)
-            if floor_cpu is None:
-                floor_cpu, floor_p50 = cpu, p50
-            rows.append(
-                [
-                    name,
-                    f"{p50:.0f} ({min(r[0] for r in runs):.0f}-{max(r[0] for r in runs):.0f})",
-                    f"{statistics.median(r[1] for r in runs):.0f}",
-                    f"{cpu:.0f}",
-                    f"{cpu - floor_cpu:+.0f}",
-                    f"{p50 / floor_p50:.2f}x",
-                    f"{await acmds_per_call(client, fn):.2f}",
-                ]
-            )
-        return rows
+            timed.append((name, runs, await acmds_per_call(client, fn)))
+        return _hit_rows(timed)
 
     return asyncio.run(main())
 
