@@ -16,6 +16,7 @@ from rcache._decorated import AsyncCached, SyncCached
 NO_TWIN = {
     "cached",
     "cached_batch",
+    "configure",
     "lock",
     "locked",
     "rwlock",
