@@ -95,7 +95,7 @@ async def test_configure_async_decorated_before(
 def test_configure_after_first_use_is_an_error_unless_forced(redis_url: str) -> None:
     cache = rcache.Cache(redis_url, prefix="used")
     assert cache.set("a", 1, ttl=5)
-    with pytest.raises(ConfigurationError, match="already in use.*force=True"):
+    with pytest.raises(ConfigurationError, match=r"already in use.*force=True"):
         cache.configure(prefix="other")
     assert cache.prefix == "used"
     cache.configure(prefix="other", force=True)
