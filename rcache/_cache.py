@@ -49,6 +49,7 @@ from rcache._serializers import (
     resolve_serializer,
 )
 from rcache._transaction import TransactionMixin
+from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 
 __all__ = ["Cache"]
@@ -371,9 +372,11 @@ class Cache(LockMixin, TransactionMixin):
         env = self._envelope(name, raw)
         return _MISSING if env is None else env.value
 
-    def _envelope(self, name: str, raw: bytes) -> Envelope | None:
+    def _envelope(
+        self, name: str, raw: bytes, serializer: Serializer | None = None
+    ) -> Envelope | None:
         try:
-            return decode_envelope(self.serializer, raw)
+            return decode_envelope(serializer or self.serializer, raw)
         except UndecodableError as exc:
             self._undecodable(name, exc)
             return None
@@ -1040,6 +1043,8 @@ class Cache(LockMixin, TransactionMixin):
         if refresh_runner is not None and not callable(refresh_runner):
             raise ConfigurationError("refresh_runner= takes a callable: runner(job)")
 
+        localns = caller_namespace()  # where classes named in annotations may live
+
         def decorate(func: Any) -> Any:
             from rcache._decorated import AsyncCached, CachedSpec, SyncCached
 
@@ -1056,6 +1061,7 @@ class Cache(LockMixin, TransactionMixin):
             )
             for tag in tag_list:
                 keys.check_template(tag, what="tag")
+            typed = typed_values(func, name or keys.name, self.serializer, localns)
             spec = CachedSpec(
                 cache=self,
                 fn=func,
@@ -1070,6 +1076,7 @@ class Cache(LockMixin, TransactionMixin):
                 tags=tag_list,
                 stampede=stampede,
                 refresh_runner=refresh_runner,
+                typed=typed,
             )
             self.metrics.register_cache(spec.name)
             self._track(
