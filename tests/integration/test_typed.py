@@ -315,7 +315,7 @@ def test_undecodable_annotation_fails_at_decoration(cache: rcache.Cache) -> None
     def unresolved() -> Missing:  # type: ignore[name-defined]  # noqa: F821
         return None
 
-    with pytest.raises(ConfigurationError, match="Missing.*TYPE_CHECKING"):
+    with pytest.raises(ConfigurationError, match=r"Missing.*TYPE_CHECKING"):
         unresolved()  # a name that may be defined later is resolved at first call
 
 
