@@ -188,42 +188,48 @@ class Cache(LockMixin, TransactionMixin):
         :param force: allow reconfiguring a cache that has already connected (for
             tests): its clients are dropped and made again from the new settings.
         :raises ConfigurationError: the cache was already used and ``force`` is
-            false, or a setting is invalid (nothing is changed then).
+            false and a setting changes, or a setting is invalid (nothing is
+            changed then). Configuring the same settings again is a no-op.
         :returns: the cache, so that ``cache = Cache().configure(...)`` reads well.
         """
+        settings = self._merged_settings(
+            url=url,
+            prefix=prefix,
+            ttl=ttl,
+            client=client,
+            async_client=async_client,
+            serializer=serializer,
+            on_backend_error=on_backend_error,
+            retry=retry,
+            breaker=breaker,
+            metrics=metrics,
+            redis_options=redis_options,
+            name=name,
+        )
+        if settings == self._settings:
+            return self  # nothing changes: a second init_app with the same config
         if self._spec.used and not force:
             raise ConfigurationError(
                 f"cache {self.name!r} is already in use (connected to "
                 f"{self._spec.describe()}); configure it before its first operation "
                 "(in the app factory or at start-up), or pass force=True in tests"
             )
-        given = {
-            k: v
-            for k, v in {
-                "url": url,
-                "prefix": prefix,
-                "ttl": ttl,
-                "client": client,
-                "async_client": async_client,
-                "serializer": serializer,
-                "on_backend_error": on_backend_error,
-                "retry": retry,
-                "breaker": breaker,
-                "metrics": metrics,
-                "redis_options": redis_options,
-                "name": name,
-            }.items()
-            if v is not None
-        }
-        settings = {**self._settings, **given}
-        if url is not None:  # a URL replaces a client given before, and vice versa
-            settings["client"] = None
-        elif client is not None:
-            settings["url"] = None
         if self._spec.used:
             self._sync.close()
         self._apply(**settings)
         return self
+
+    def _merged_settings(self, **given: Any) -> dict[str, Any]:
+        """The current settings with the non-None ones of ``given`` put over them."""
+        settings = {
+            **self._settings,
+            **{k: v for k, v in given.items() if v is not None},
+        }
+        if given["url"] is not None:  # a URL replaces a client given before, and back
+            settings["client"] = None
+        elif given["client"] is not None:
+            settings["url"] = None
+        return settings
 
     def _apply(
         self,
