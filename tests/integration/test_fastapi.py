@@ -264,8 +264,16 @@ def test_example_app_under_uvicorn(redis_url: str, redis_client: redis.Redis) ->
     env = {**os.environ, "REDIS_URL": redis_url, "EXAMPLE_SLOW_QUERY": "0.3"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app"]
-        + ["--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "examples.fastapi_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
