@@ -132,3 +132,16 @@ def test_exceptions_form_one_tree_and_pickle() -> None:
     assert isinstance(rcache.LockNotAcquiredError("x"), TimeoutError)
     assert isinstance(rcache.ConfigurationError("x"), ValueError)
     assert issubclass(rcache.BackendUnavailableError, rcache.BackendError)
+
+
+def test_import_rcache_imports_no_framework() -> None:
+    """Integrations are modules behind extras (rcache.flask, rcache.fastapi) or
+    distributions (rcache-celery): the core imports none of them, nor the typed-value
+    libraries, nor prometheus_client."""
+    code = (
+        "import sys, rcache\n"
+        "heavy = {'flask', 'fastapi', 'starlette', 'django', 'celery', 'pydantic',"
+        " 'msgspec', 'prometheus_client', 'werkzeug'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
