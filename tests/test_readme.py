@@ -1,4 +1,4 @@
-"""Every ```python block of the READMEs runs as pasted.
+"""Every ```python block of the READMEs (and docs/index.md) runs as pasted.
 
 Blocks are found by pytest-examples (``find_examples``: file, lines, fence settings) and
 each one is run the way a reader runs a pasted snippet: saved to a file and executed by
@@ -34,7 +34,7 @@ from rcache.testing import RedisServer, free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Markdown files whose Python blocks are run.
-DOCS = ("README.md", "integrations/celery/README.md")
+DOCS = ("README.md", "integrations/celery/README.md", "docs/index.md")
 
 #: Ports that README blocks serve on (metrics exporters, web apps); each is replaced by a
 #: free port, the same one everywhere within a block.
