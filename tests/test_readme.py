@@ -4,7 +4,12 @@ Blocks are found by pytest-examples (``find_examples``: file, lines, fence setti
 each one is run the way a reader runs a pasted snippet: saved to a file and executed by
 a fresh ``python`` process (so every block gets a fresh namespace, fresh module state
 such as prometheus_client's default registry and Celery's current app, and its threads,
-servers and sockets end with it). Before each block the test server is flushed.
+servers and sockets end with it). Before each block the test server is flushed. The
+interpreter runs with ``-W error``, so a block that leaves a connection unclosed (an
+async client after ``asyncio.run``: end ``main()`` with ``await cache.aclose()``) or
+uses a deprecated API fails. A block that needs a web server or a worker is written to
+run to completion without one (the Celery blocks enqueue on the real broker and check
+the deduplication, which ``delay()`` decides; tasks run in the Celery tests).
 
 The blocks are written against ``redis://127.0.0.1:6379/0``; :func:`localize` points
 that address (any database number) at the session's throwaway ``redis-server``, and the
