@@ -7,9 +7,12 @@ such as prometheus_client's default registry and Celery's current app, and its t
 servers and sockets end with it). Before each block the test server is flushed. The
 interpreter runs with ``-W error``, so a block that leaves a connection unclosed (an
 async client after ``asyncio.run``: end ``main()`` with ``await cache.aclose()``) or
-uses a deprecated API fails. A block that needs a web server or a worker is written to
-run to completion without one (the Celery blocks enqueue on the real broker and check
-the deduplication, which ``delay()`` decides; tasks run in the Celery tests).
+uses a deprecated API fails.
+
+A block that queues Celery tasks carries ``worker="<module>"`` in its fence line: it is
+saved as ``<module>.py`` and run, then a real ``celery -A <module> worker`` runs what it
+queued, and every task must succeed (:func:`run_queued_tasks`). A block that would need
+a web server is written to run to completion without one.
 
 The blocks are written against ``redis://127.0.0.1:6379/0``; :func:`localize` points
 that address (any database number) at the session's throwaway ``redis-server``, and the
@@ -25,6 +28,7 @@ checks that no ``python`` block, nor an untagged one, escapes collection.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,7 +38,7 @@ from pathlib import Path
 import pytest
 from pytest_examples import CodeExample, EvalExample, find_examples
 
-from rcache.testing import RedisServer, free_port
+from rcache.testing import RedisServer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +142,8 @@ def test_block_runs_as_pasted(
     client = redis_server.client()
     client.flushall()
     client.close()
-    script = tmp_path / "block.py"
+    worker_app = settings.get("worker")  # the module name the text tells readers to use
+    script = tmp_path / f"{worker_app or 'block'}.py"
     script.write_text(localize(example.source, redis_server.port))
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTIPROC")
@@ -160,6 +165,70 @@ def test_block_runs_as_pasted(
     )
     # An exception in a thread or a __del__ does not change the exit status.
     assert "Traceback" not in out.stderr, out.stderr
+    if worker_app:
+        run_queued_tasks(worker_app, redis_server, tmp_path, env)
+
+
+def _queued_task_ids(server: RedisServer) -> list[str]:
+    """Ids of the task messages waiting in the default ``celery`` queue of any db."""
+    ids = []
+    for db in range(16):
+        client = server.client(db=db)
+        for raw in client.lrange("celery", 0, -1):
+            ids.append(json.loads(raw)["headers"]["id"])
+        client.close()
+    return ids
+
+
+def _task_states(server: RedisServer, ids: list[str]) -> dict[str, str]:
+    """Celery's Redis result backend: ``celery-task-meta-<id>`` in any db."""
+    states: dict[str, str] = {}
+    for db in range(16):
+        client = server.client(db=db)
+        for task_id in ids:
+            raw = client.get(f"celery-task-meta-{task_id}")
+            if raw is not None:
+                states[task_id] = json.loads(raw)["status"]
+        client.close()
+    return states
+
+
+def run_queued_tasks(
+    app: str, server: RedisServer, cwd: Path, env: dict[str, str]
+) -> None:
+    """Run what the block queued in a real ``celery -A <app> worker``, as the text says,
+    and require every task to succeed. The worker starts only after the block ended, so
+    the block's own checks (one task for two ``delay()`` calls) are not racing it."""
+    ids = _queued_task_ids(server)
+    assert ids, f"worker={app!r} but the block queued no task"
+    log = cwd / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "worker", "--pool=solo",
+             "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "--loglevel=INFO"],
+            cwd=cwd,
+            env={**env, "PYTHONPATH": str(cwd)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        states = wait_until(
+            lambda: (s := _task_states(server, ids)).keys() == set(ids) and s,
+            timeout=BLOCK_TIMEOUT,
+            interval=0.1,
+            message=f"the worker to run {ids}",
+        )
+    except TimeoutError:
+        pytest.fail(f"celery -A {app} worker did not run {ids}:\n{log.read_text()}")
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert set(states.values()) == {"SUCCESS"}, f"{states}\n{log.read_text()}"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=_id)
