@@ -117,8 +117,9 @@ def get_cache(request: Request) -> Cache:
     return cache
 
 
-#: ``cache: rcache.fastapi.CacheDep`` in an endpoint's parameters
 CacheDep = Annotated[Cache, Depends(get_cache)]
+"""The cache as an endpoint parameter: ``async def f(cache: rcache.fastapi.CacheDep)``
+(the :func:`get_cache` dependency)."""
 
 
 class _Call:

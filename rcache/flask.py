@@ -62,7 +62,6 @@ __all__ = ["CONFIG_KEYS", "FlaskCache", "serve_metrics"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: ``app.config`` key -> ``Cache.configure`` parameter
 CONFIG_KEYS = {
     "RCACHE_URL": "url",
     "RCACHE_PREFIX": "prefix",
@@ -72,6 +71,8 @@ CONFIG_KEYS = {
     "RCACHE_REDIS_OPTIONS": "redis_options",
     "RCACHE_NAME": "name",
 }
+"""The ``app.config`` keys ``init_app`` reads, and the ``Cache.configure`` parameter
+each one sets."""
 
 
 class _Call:

@@ -17,7 +17,14 @@ import rcache
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Modules whose ``__all__`` is the public API.
-PUBLIC_MODULES = ("rcache", "rcache.metrics", "rcache.testing", "rcache_celery")
+PUBLIC_MODULES = (
+    "rcache",
+    "rcache.metrics",
+    "rcache.testing",
+    "rcache.flask",
+    "rcache.fastapi",
+    "rcache_celery",
+)
 
 
 def _public_names() -> list[tuple[str, str]]:
