@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from rcache._exceptions import ConfigurationError
 
 __all__ = [
     "CACHEABLE_METHODS",
+    "Lazy",
     "check_vary",
     "request_signature",
     "response_cacheable",
@@ -108,3 +110,26 @@ def request_signature(
 
 def stored_headers(headers: Iterable[tuple[str, str]]) -> list[list[str]]:
     return [[k, v] for k, v in headers if k.lower() not in _HOP_BY_HOP]
+
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A value built at once when ``eager``, else on first use: a view decorated at
+    import time, before ``init_app`` or the lifespan gave the cache its default ttl,
+    gets its cached function at its first request."""
+
+    def __init__(self, build: Callable[[], T], *, eager: bool) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._value: T | None = build() if eager else None
+
+    def get(self) -> T:
+        value = self._value
+        if value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._build()
+                value = self._value
+        return value

@@ -117,7 +117,7 @@ def _scan(tp: Any, found: dict[str, Any]) -> None:
     type nothing here can decode (the first such, for the error message)."""
     if isinstance(tp, typing.TypeVar) or tp is Ellipsis:
         return
-    if tp in _PLAIN if _hashable(tp) else False:
+    if _hashable(tp) and tp in _PLAIN:
         return
     origin = typing.get_origin(tp)
     if origin is not None:

@@ -53,10 +53,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rcache._cache import Cache
-from rcache._config import BackendErrorPolicy, Duration
+from rcache._config import BackendErrorPolicy, Duration, parse_duration
 from rcache._exceptions import ConfigurationError
 from rcache._http import (
     CACHEABLE_METHODS,
+    Lazy,
     check_vary,
     request_signature,
     response_cacheable,
@@ -163,9 +164,13 @@ def cached_response(
     The decorated endpoint gets ``invalidate_all()`` (a coroutine).
 
     :raises ConfigurationError: at decoration time, for a sync endpoint, a return
-        annotation that cannot be decoded, a bad ttl, vary or tag.
+        annotation that cannot be decoded, a bad ttl, vary or tag; at the first
+        request, when neither ``ttl=`` nor the cache (configured by the lifespan)
+        gives a ttl.
     """
     vary_names = check_vary(vary)
+    if ttl is not None:
+        parse_duration(ttl)  # a bad ttl fails here, not at the first request
     tag_list = [tags] if isinstance(tags, str) else list(tags)
     for tag in tag_list:
         if "{" in tag or "}" in tag:
@@ -225,15 +230,20 @@ def cached_response(
             ).encode()
             return b"r" + _HEADER.pack(len(head)) + head + bytes(result.body)
 
-        cached_render = cache.cached(
-            ttl=ttl,
-            name=label,
-            ignore=("call",),
-            cache_none=False,
-            tags=tag_list,
-            on_backend_error=on_backend_error,
-            stampede=stampede,
-        )(render)
+        def build() -> Any:
+            return cache.cached(
+                ttl=ttl,
+                name=label,
+                ignore=("call",),
+                cache_none=False,
+                tags=tag_list,
+                on_backend_error=on_backend_error,
+                stampede=stampede,
+            )(render)
+
+        cached_render = Lazy(
+            build, eager=ttl is not None or cache.default_ttl is not None
+        )
 
         def decode(data: bytes) -> Any:
             kind, body = data[:1], data[1:]
@@ -253,9 +263,16 @@ def cached_response(
         @functools.wraps(endpoint)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             if request_name is None:
-                request: Request = kwargs.pop(_REQUEST_PARAM)
+                request = kwargs.pop(_REQUEST_PARAM, None)
             else:
-                request = kwargs[request_name]
+                request = kwargs.get(request_name)
+            if request is None:  # Starlette passes the request positionally
+                request = next((a for a in args if isinstance(a, Request)), None)
+            if request is None:
+                raise ConfigurationError(
+                    f"{label}: cached_response found no Request among the endpoint's "
+                    "arguments: use it on FastAPI/Starlette endpoints"
+                )
             if request.method not in CACHEABLE_METHODS or wants_no_store(
                 request.headers.get("cache-control")
             ):
@@ -268,7 +285,7 @@ def cached_response(
                 vary_names,
             )
             call = _Call(args, kwargs)
-            data = await cached_render(key, call)
+            data = await cached_render.get()(key, call)
             if data is None:
                 # not stored; a task that shared another's computation has no answer
                 # of its own yet
@@ -283,7 +300,12 @@ def cached_response(
                 )
             )
         wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.invalidate_all = cached_render.invalidate_all  # type: ignore[attr-defined]
+
+        async def invalidate_all() -> bool:
+            """Drop every cached answer of this endpoint (O(1))."""
+            return bool(await cached_render.get().invalidate_all())
+
+        wrapper.invalidate_all = invalidate_all  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate

@@ -46,10 +46,11 @@ from typing import Any, TypeVar
 import flask
 
 from rcache._cache import Cache
-from rcache._config import BackendErrorPolicy, Duration
+from rcache._config import BackendErrorPolicy, Duration, parse_duration
 from rcache._exceptions import ConfigurationError
 from rcache._http import (
     CACHEABLE_METHODS,
+    Lazy,
     check_vary,
     request_signature,
     response_cacheable,
@@ -79,9 +80,10 @@ class _Call:
     """One request's view arguments, and its response when that is not to be cached
     (ignored by the key: see ``FlaskCache.cached_view``)."""
 
-    __slots__ = ("kwargs", "response")
+    __slots__ = ("args", "kwargs", "response")
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args = args
         self.kwargs = kwargs
         self.response: flask.Response | None = None
 
@@ -145,9 +147,12 @@ class FlaskCache:
         The decorated view gets ``invalidate_all()`` (drop all its responses).
 
         :raises ConfigurationError: at decoration time, for an ``async def`` view, a
-            bad ttl, vary or tag.
+            bad ttl, vary or tag; at the first request, when neither ``ttl=`` nor the
+            cache (``RCACHE_TTL``) gives a ttl.
         """
         vary_names = check_vary(vary)
+        if ttl is not None:
+            parse_duration(ttl)  # a bad ttl fails here, not at the first request
         tag_list = [tags] if isinstance(tags, str) else list(tags)
         for tag in tag_list:
             if "{" in tag or "}" in tag:
@@ -165,7 +170,7 @@ class FlaskCache:
             label = name or f"view:{qualified_name(view)}"
 
             def render(signature: str, call: _Call) -> dict[str, Any] | None:
-                response = flask.make_response(view(**call.kwargs))
+                response = flask.make_response(view(*call.args, **call.kwargs))
                 headers = list(response.headers.items())
                 if response.is_streamed or not response_cacheable(
                     response.status_code, headers
@@ -178,23 +183,28 @@ class FlaskCache:
                     "b": response.get_data(),
                 }
 
-            cached_render = self.cache.cached(
-                ttl=ttl,
-                name=label,
-                ignore=("call",),
-                cache_none=False,
-                tags=tag_list,
-                on_backend_error=on_backend_error,
-                stampede=stampede,
-            )(render)
+            def build() -> Any:
+                return self.cache.cached(
+                    ttl=ttl,
+                    name=label,
+                    ignore=("call",),
+                    cache_none=False,
+                    tags=tag_list,
+                    on_backend_error=on_backend_error,
+                    stampede=stampede,
+                )(render)
+
+            cached_render = Lazy(
+                build, eager=ttl is not None or self.cache.default_ttl is not None
+            )
 
             @functools.wraps(view)
-            def wrapper(**kwargs: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
                 request = flask.request
                 if request.method not in CACHEABLE_METHODS or wants_no_store(
                     request.headers.get("Cache-Control")
                 ):
-                    return view(**kwargs)
+                    return view(*args, **kwargs)
                 signature = request_signature(
                     request.method,
                     request.path,
@@ -202,19 +212,23 @@ class FlaskCache:
                     request.headers.get,
                     vary_names,
                 )
-                call = _Call(kwargs)
-                payload = cached_render(signature, call)
+                call = _Call(args, kwargs)
+                payload = cached_render.get()(signature, call)
                 if payload is None:
                     # not cacheable; a caller that shared another's computation of it
                     # has no response of its own yet
-                    return (
-                        call.response if call.response is not None else view(**kwargs)
-                    )
+                    if call.response is not None:
+                        return call.response
+                    return view(*args, **kwargs)
                 return flask.Response(
                     payload["b"], status=payload["s"], headers=payload["h"]
                 )
 
-            wrapper.invalidate_all = cached_render.invalidate_all  # type: ignore[attr-defined]
+            def invalidate_all() -> bool:
+                """Drop every cached response of this view (O(1))."""
+                return bool(cached_render.get().invalidate_all())
+
+            wrapper.invalidate_all = invalidate_all  # type: ignore[attr-defined]
             return wrapper  # type: ignore[return-value]
 
         return decorate

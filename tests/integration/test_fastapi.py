@@ -215,6 +215,34 @@ def test_decoration_errors() -> None:
         rcache.fastapi.cached_response(cache, ttl=5, tags=["item:{id}"])
 
 
+def test_starlette_endpoint_and_ttl_from_the_lifespan(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    cache = rcache.Cache()
+    calls: list[str] = []
+
+    @rcache.fastapi.cached_response(cache)  # no ttl yet: the lifespan brings it
+    async def homepage(request):  # type: ignore[no-untyped-def]  # a plain Starlette one
+        calls.append(request.query_params.get("q", ""))
+        return PlainTextResponse(f"hi {request.query_params.get('q')}")
+
+    app = Starlette(
+        routes=[Route("/", homepage)],
+        lifespan=rcache.fastapi.lifespan(cache, url=redis_url, prefix="st", ttl=90),
+    )
+    with TestClient(app) as client:
+        assert client.get("/?q=a").text == client.get("/?q=a").text == "hi a"
+        assert client.get("/?q=b").text == "hi b"
+    assert calls == ["a", "b"]
+    [key, *_] = [
+        k for k in redis_client.scan_iter("st:c:view:*") if not k.endswith(b":ready")
+    ]
+    assert 60 < redis_client.ttl(key) <= 90
+
+
 def test_get_cache_without_lifespan_says_what_to_write() -> None:
     app = FastAPI()
 

@@ -222,7 +222,32 @@ def test_decoration_errors() -> None:
     with pytest.raises(ConfigurationError, match="fixed names"):
         ext.cached_view(ttl=5, tags=["product:{id}"])
     with pytest.raises(ConfigurationError, match="ttl"):
-        ext.cached_view()(lambda: "")  # no ttl here and none on the cache
+        ext.cached_view(ttl="soon")
+
+
+def test_ttl_from_init_app_reaches_views_decorated_before(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    ext = FlaskCache(rcache.Cache(redis_url, prefix="flttl"))
+    app = Flask("ttl")
+    app.testing = True  # exceptions reach the test instead of becoming a 500
+
+    @app.get("/a")
+    @ext.cached_view()  # no ttl yet: RCACHE_TTL comes with init_app
+    def a() -> str:
+        return "a"
+
+    client = app.test_client()
+    with pytest.raises(ConfigurationError, match="no ttl"):
+        client.get("/a")  # used before any ttl is known: says what to write
+    app.config["RCACHE_TTL"] = "2m"
+    ext.init_app(app)
+    assert client.get("/a").get_data(True) == "a"
+    [key] = [
+        k for k in redis_client.scan_iter("flttl:c:view:*") if not k.endswith(b":ready")
+    ]
+    assert 100 < redis_client.ttl(key) <= 120
+    ext.cache.close()
 
 
 def test_metrics_in_one_line(redis_url: str) -> None:
