@@ -163,3 +163,20 @@ def test_malformed_url_fails_at_configure() -> None:
     with pytest.raises(ConfigurationError, match="redis://host"):
         cache.configure(url="http://example.com")
     assert cache.is_memory
+
+
+def test_configure_moves_batch_functions_decorated_before(
+    no_env: pytest.MonkeyPatch, redis_url: str, redis_client: redis.Redis
+) -> None:
+    cache = rcache.Cache()
+
+    @cache.cached_batch(ttl=60)
+    def names(ids: list[int]) -> dict[int, str]:
+        return {i: f"n{i}" for i in ids}
+
+    cache.configure(url=redis_url, prefix="batch")
+    assert names([1, 2]) == {1: "n1", 2: "n2"}
+    keys = names.keys_for([1, 2])  # type: ignore[attr-defined]
+    assert all(k.startswith("batch:c:") for k in keys)
+    assert redis_client.exists(*keys) == 2
+    cache.close()
