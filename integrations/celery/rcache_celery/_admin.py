@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rcache._admin import escape_glob
+from rcache._admin import _scan, escape_glob
 
 if TYPE_CHECKING:
     from rcache import Cache
@@ -131,9 +131,7 @@ def task_guards(cache: Cache) -> list[TaskGuard]:
     found: list[bytes] = []
     cursor = 0
     while True:
-        cursor, keys = cache._sync.run(
-            lambda c, cur=cursor: c.scan(cur, match=match, count=_BATCH)
-        )
+        cursor, keys = cache._sync.run(_scan(cursor, match, _BATCH))
         found += keys
         if int(cursor) == 0:
             break
@@ -151,9 +149,7 @@ async def atask_guards(cache: Cache) -> list[TaskGuard]:
     found: list[bytes] = []
     cursor = 0
     while True:
-        cursor, keys = await cache._async.run(
-            lambda c, cur=cursor: c.scan(cur, match=match, count=_BATCH)
-        )
+        cursor, keys = await cache._async.run(_scan(cursor, match, _BATCH))
         found += keys
         if int(cursor) == 0:
             break
