@@ -163,8 +163,9 @@ class LockInfo:
 
     ``fence`` is the current fence counter (the holder's fence for a lock and an RW
     writer). ``waiters`` is the number of waiters Redis records (fair locks, waiting RW
-    writers); None for kinds that keep no count, where ``waiting`` still tells whether
-    a waiter announced itself (plain locks).
+    writers); None for kinds that keep no count. For plain locks ``waiting`` tells
+    that a waiter announced itself lately: the marker outlives each wait by up to the
+    waiter's longest single block (~20 s), so it can outlast the waiter.
     """
 
     name: str
@@ -371,8 +372,11 @@ class _Census:
                     self.reservoir[j] = raw
             rest = _text(raw[self._head :])
             if rest.startswith("c:"):
-                if rest.endswith((":lease", ":ready")):
+                if rest.endswith(":lease"):
                     self.computations += 1
+                    continue
+                if rest.endswith(":ready"):  # a finished computation's wake-up signal
+                    self.other += 1
                     continue
                 m = _ENTRY.match(rest)
                 fn = m.group("fn") if m else "?"

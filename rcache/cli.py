@@ -228,7 +228,7 @@ def stats(url: str | None, prefix: str, as_json: bool, sample: int) -> None:
                 ("computations in flight", s.computations),
                 ("locks held", f"{s.locks_held} ({s.lock_keys} lock keys)"),
                 ("celery keys", s.celery_keys),
-                ("other keys", s.other_keys),
+                ("stamps, signals, other", s.other_keys),
                 (
                     "memory (estimated)",
                     f"{_size(s.memory_bytes)} from {s.memory_sampled} sampled keys",
@@ -252,7 +252,9 @@ def _lock_rows(locks: list[LockInfo]) -> list[tuple[Any, ...]]:
         waiters = (
             str(info.waiters)
             if info.waiters is not None
-            else ("yes" if info.waiting else "-")
+            # plain locks keep no count, only a marker that outlives each wait by
+            # up to ~20 s: "recent" means a waiter announced itself lately
+            else ("recent" if info.waiting else "-")
         )
         fence = "-" if info.fence is None else info.fence
         if not info.holders:
@@ -418,17 +420,21 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._old)
 
 
+def _where(prefix: str) -> str:
+    return f"under '{prefix}:'" if prefix else "in the whole database"
+
+
 def _clear_summary(r: ClearResult) -> str:
     if r.dry_run:
         return (
-            f"dry run: {r.matched - r.kept} keys under {r.prefix or '(all)'}: would be "
-            f"deleted, {r.kept} lock/Celery keys kept ({r.seconds:.2f}s)"
+            f"dry run: would delete {r.matched - r.kept} keys {_where(r.prefix)} and "
+            f"keep {r.kept} lock/Celery keys ({r.seconds:.3f}s)"
         )
     head = "interrupted" if r.interrupted else "done"
     text = (
-        f"{head}: deleted {r.deleted} keys under {r.prefix or '(all)'}: in {r.batches} "
-        f"batches, {r.kept} lock/Celery keys kept, longest batch "
-        f"{r.longest_batch_ms:.2f} ms, {r.seconds:.2f}s"
+        f"{head}: deleted {r.deleted} keys {_where(r.prefix)} in {r.batches} batches "
+        f"(longest {r.longest_batch_ms:.2f} ms) in {r.seconds:.3f}s; kept {r.kept} "
+        "lock/Celery keys"
     )
     if r.interrupted:
         text += "; the rest is untouched: run the command again to finish"
@@ -487,9 +493,8 @@ def clear(
             )
             return
         if not yes:
-            where = f"under {prefix!r}:" if prefix else "in the WHOLE database"
             click.confirm(
-                f"Delete {total} keys {where} at {cache._spec.describe()}?",
+                f"Delete {total} keys {_where(prefix)} at {cache._spec.describe()}?",
                 abort=True,
                 err=True,
             )
@@ -546,8 +551,7 @@ def invalidate_tag(
     with _errors(cache):
         if not yes:
             click.confirm(
-                f"Invalidate {len(tags)} tag(s) {', '.join(map(repr, tags))} under "
-                f"{prefix!r}:?",
+                f"Invalidate tag(s) {', '.join(map(repr, tags))} under '{prefix}:'?",
                 abort=True,
                 err=True,
             )

@@ -260,18 +260,14 @@ def test_locks_lists_every_kind_with_holder_fence_lease_and_waiters(
     t2 = threading.Thread(target=wait_on, args=(waiter_cache.lock("queue", fair=True),))
     t1.start()
     t2.start()
-    by_name = wait_until(
-        lambda: (
-            {
-                (i.name, i.kind): i
-                for i in cache.locks()
-                if i.name != "queue" or i.waiters == 1
-            }
-            if len(cache.locks()) == 5
-            else None
-        ),
-        timeout=10,
-    )
+
+    def snapshot() -> dict[tuple[str, str], rcache.LockInfo] | None:
+        rows = {(i.name, i.kind): i for i in cache.locks()}
+        queue = rows.get(("queue", "fair lock"))
+        ready = len(rows) == 5 and queue is not None and queue.waiters == 1
+        return rows if ready and rows["orders", "lock"].waiting else None
+
+    by_name = wait_until(snapshot, timeout=10)
     try:
         orders = by_name["orders", "lock"]
         assert orders.holders[0].pid == proc.pid
