@@ -445,17 +445,19 @@ def test_force_release_of_semaphore_and_rw_sides(
 
 async def test_aforce_release(redis_url: str) -> None:
     cache = rcache.Cache(redis_url, prefix="fa")
-    lock = cache.lock("a", ttl=30)
-    await lock.aacquire()
-    fence = lock.fence
-    result = await cache.lock("a").aforce_release()
-    assert result.fence == fence + 1 and len(result.released) == 1
-    with pytest.raises(rcache.LockNotOwnedError):
-        await lock.aextend()
-    with pytest.raises(rcache.LockNotOwnedError):
-        await lock.arelease()
-    await cache.aclose()
-    cache.close()
+    try:
+        lock = cache.lock("a", ttl=30)
+        await lock.aacquire()
+        fence = lock.fence
+        result = await cache.lock("a").aforce_release()
+        assert result.fence == fence + 1 and len(result.released) == 1
+        with pytest.raises(rcache.LockNotOwnedError):
+            await lock.aextend()
+        with pytest.raises(rcache.LockNotOwnedError):
+            await lock.arelease()
+    finally:
+        await cache.aclose()
+        cache.close()
 
 
 def test_force_release_leaves_a_lost_fence_counter_to_the_acquire_script(
