@@ -15,7 +15,7 @@ import redis
 from click.testing import CliRunner, Result
 
 import rcache
-from rcache.cli import cli
+from rcache._cli import cli
 from rcache.testing import RedisServer, wait_until
 
 pytestmark = pytest.mark.timeout(120)
