@@ -178,10 +178,13 @@ def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
         detail = f"{name} {version}, mode {mode}, role {role}"
         status: Status = "ok"
         if mode == "sentinel":
-            status = "fail"
+            masters = _sentinel_masters(cache)
             detail += (
-                ": this is a Sentinel, not a data node; point rcache at the master"
+                ": this is a Sentinel, not a data node; point rcache at the primary"
+                + (f" ({masters})" if masters else "")
             )
+            # nothing else applies to a Sentinel: its other answers would only mislead
+            return [*checks, Check("server", "fail", detail)]
         elif mode == "cluster":
             status = "warn"
             detail += (
@@ -258,6 +261,24 @@ def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
     checks.append(_acl_check(cache))
     checks.append(_clock_check(cache))
     return checks
+
+
+def _sentinel_masters(cache: Cache) -> str:
+    """``name at host:port`` of the primaries a Sentinel monitors ("" if unknown)."""
+    try:
+        reply = _run(cache, "SENTINEL", "MASTERS")
+    except RCacheError:
+        return ""
+    # redis-py parses the reply into {name: {field: value}}; a raw reply is a list of
+    # flat [field, value, ...] lists
+    entries = list(reply.values()) if isinstance(reply, dict) else list(reply or [])
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            entry = dict(zip(entry[::2], entry[1::2], strict=False))
+        fields = {_s(k): _s(v) for k, v in entry.items()}
+        out.append(f"{fields.get('name')} at {fields.get('ip')}:{fields.get('port')}")
+    return ", ".join(out)
 
 
 def _acl_check(cache: Cache) -> Check:

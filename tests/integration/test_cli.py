@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -329,3 +329,62 @@ def test_ctrl_c_stops_clear_and_reports_exactly_what_was_deleted(
     # what it says it deleted is what is gone: nothing unaccounted for
     assert r.dbsize() == 40_000 - result["deleted"]
     r.close()
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[str]:
+    """A real redis-sentinel (monitoring a primary that need not exist)."""
+    from rcache.testing import free_port
+
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        "sentinel monitor shop-primary 127.0.0.1 6399 1\n"
+    )
+    proc = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(up, timeout=10, message="sentinel answers")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_doctor_on_a_sentinel_fails_and_names_the_primary(
+    run: Callable[..., Result], sentinel: str
+) -> None:
+    out = run("doctor", sentinel)
+    assert out.exit_code == 1
+    assert "mode sentinel" in out.output and "FAIL" in out.output
+    checks = json.loads(run("doctor", sentinel, "--json").stdout)
+    assert [c["name"] for c in checks] == ["reachable", "latency", "server"]
+    assert "shop-primary at 127.0.0.1:6399" in checks[-1]["detail"]
+
+
+def test_doctor_on_a_cluster_node_warns(
+    run: Callable[..., Result], tmp_path: Path
+) -> None:
+    server = RedisServer(
+        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+    ).start()
+    try:
+        checks = json.loads(run("doctor", server.url, "--json").stdout)
+    finally:
+        server.close()
+    by_name = {c["name"]: c for c in checks}
+    assert by_name["server"]["status"] == "warn"
+    assert "mode cluster" in by_name["server"]["detail"]
