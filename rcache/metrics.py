@@ -14,7 +14,9 @@ give it::
 Metric set (``namespace="rcache"``; labels are bounded: a cache or function name, a lock
 name, a result; never keys, arguments, task ids or pids)::
 
-    rcache_cache_gets_total{cache, result="hit|miss|stale"}     a cached None is a hit
+    rcache_cache_gets_total{cache, result="hit|miss|stale|coalesced"}
+                                every call of a cached function counted once;
+                                coalesced: got the value another caller computed
     rcache_cache_puts_total{cache}
     rcache_cache_removals_total{cache}
     rcache_cache_load_duration_seconds{cache, result="success|failure"}   histogram
@@ -29,9 +31,10 @@ name, a result; never keys, arguments, task ids or pids)::
 
 There is deliberately no hit-ratio gauge: a ratio of ratios cannot be aggregated across
 processes or instances. Compute it in PromQL (``contrib/prometheus/rules.yml`` records
-it as ``rcache:cache_hit_ratio:rate5m``)::
+it as ``rcache:cache_hit_ratio:rate5m``); ``coalesced`` calls count as hits there, since
+they did not run the function (the ratio is the share of calls the cache saved)::
 
-    sum by (cache) (rate(rcache_cache_gets_total{result="hit"}[5m]))
+    sum by (cache) (rate(rcache_cache_gets_total{result=~"hit|coalesced"}[5m]))
       / (sum by (cache) (rate(rcache_cache_gets_total[5m])) > 0)
 
 Multi-process servers (gunicorn, Celery prefork, uWSGI): set
@@ -104,7 +107,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
-GET_RESULTS = ("hit", "miss", "stale")
+GET_RESULTS = ("hit", "miss", "stale", "coalesced")
 LOAD_RESULTS = ("success", "failure")
 ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
 RELEASE_RESULTS = ("released", "not_owned")
@@ -193,7 +196,9 @@ class PrometheusMetrics:
         self._gets = _Family(
             c(
                 "cache_gets",
-                "Cache lookups by result; a cached None is a hit.",
+                "Calls of cached functions (and explicit gets) by result, each counted "
+                "once: hit, miss (computed), stale, coalesced (got the value another "
+                "caller computed). A cached None is a hit.",
                 ("cache", "result"),
             )
         )
