@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio
@@ -39,6 +40,7 @@ __all__ = [
     "ClientSpec",
     "LuaScript",
     "SyncRedis",
+    "check_url",
     "map_error",
     "resolve_url",
 ]
@@ -77,27 +79,118 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 
 
 def resolve_url(url: str | None) -> str:
-    """``url``, else ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default."""
+    """``url``, else ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default;
+    checked by :func:`check_url`."""
     url = (
         url
         or os.environ.get("RCACHE_URL")
         or os.environ.get("REDIS_URL")
         or DEFAULT_URL
     )
-    scheme = urlsplit(url).scheme
+    return check_url(url)
+
+
+#: "user:password@" in any URL, even one urlsplit cannot read.
+_USERINFO_PASSWORD = re.compile(r"(?<=:)[^:@/]+(?=@)")
+_URL_FORMS = (
+    "redis://host:6379/0, rediss://host:6380/0, redis://:password@host:6379/0, "
+    "unix:///path/to/redis.sock?db=0 or memory://"
+)
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` if rcache can connect with it, else raise ConfigurationError.
+
+    The one URL check (construction, ``configure()`` and URLs read from the
+    environment all go through it), so a typo fails where it is written instead of at
+    the first call with redis-py's bare ``ValueError``. Checks the scheme, the ``//``
+    after it, the host, the port (1-65535), the database number (path or ``?db=``,
+    an integer >= 0) and the values of the query options redis-py parses. Whether the
+    database exists is the server's business: see :meth:`rcache.Cache.check`.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"the Redis URL must be a string, got {type(url).__name__}: write "
+            + _URL_FORMS
+        )
+    shown = _redact(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unknown URL scheme in {_redact(url)!r}: write redis://host:6379/0, "
-            "rediss://host:6380/0, unix:///path/to/redis.sock or memory://"
+            f"unknown URL scheme in {shown!r}: write " + _URL_FORMS
         )
+    if not url.startswith(scheme):
+        raise ConfigurationError(
+            f"the scheme of Redis URL {shown!r} must be lower case: write "
+            f"{_redact(scheme + url[len(scheme) :])!r}"
+        )
+    if scheme == "memory":
+        return url
+    if not url[len(scheme) + 1 :].startswith("//"):
+        # "redis:/127.0.0.1:6379" or "redis:127.0.0.1": urlsplit finds no host at all
+        rest = url[len(scheme) + 1 :].lstrip("/")
+        example = (
+            f"unix:///{rest}"
+            if scheme == "unix"
+            else f"{scheme}://{rest or 'host:6379/0'}"
+        )
+        raise ConfigurationError(
+            f"malformed Redis URL {shown!r}: the scheme must be followed by '//'; "
+            f"write {_redact(example)!r}"
+        )
+    if scheme == "unix":
+        if parts.netloc or not parts.path:
+            raise ConfigurationError(
+                f"malformed Redis URL {shown!r}: a socket URL has three slashes and an "
+                "absolute path: write unix:///path/to/redis.sock?db=0"
+            )
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise ConfigurationError(
+                f"bad port in Redis URL {shown!r}: write a number from 1 to 65535, "
+                f"e.g. {scheme}://{parts.hostname or 'host'}:6379/0"
+            )
+        if not parts.hostname:
+            raise ConfigurationError(
+                f"no host in Redis URL {shown!r}: write {scheme}://host:6379/0 "
+                f"({scheme}://127.0.0.1:6379/0 for a local server)"
+            )
+        db = parts.path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ConfigurationError(
+                f"bad database number {db!r} in Redis URL {shown!r}: the path is the "
+                f"database index, an integer >= 0: write {scheme}://"
+                f"{parts.hostname}:{port or 6379}/0"
+            )
+    for name, values in parse_qs(parts.query).items():
+        if name == "db" and not all(v.isascii() and v.isdigit() for v in values):
+            raise ConfigurationError(
+                f"bad database number {values[-1]!r} in Redis URL {shown!r}: write "
+                "?db=0 (an integer >= 0)"
+            )
+    try:
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # a query option redis-py cannot parse
+        raise ConfigurationError(
+            f"Redis URL {shown!r} is not valid: {exc} write " + _URL_FORMS
+        ) from None
     return url
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+    """``url`` without its password, also when it is malformed ("redis:/:pw@host")."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        url = url.replace(f":{password}@", ":***@")
+    return _USERINFO_PASSWORD.sub("***", url)
 
 
 def map_error(exc: BaseException) -> RCacheError:

@@ -30,7 +30,6 @@ from rcache._config import BreakerPolicy, RetryPolicy
         ("45 sec", 45.0),
         ("250ms", 0.25),
         ("250 milliseconds", 0.25),
-        ("1h30m", 5400.0),
         ("1h 30m", 5400.0),
         ("1 hour 30 minutes", 5400.0),
         ("1 hour, 30 minutes", 5400.0),
