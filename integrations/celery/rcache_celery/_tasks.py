@@ -93,11 +93,14 @@ def _run_parameters(cls: type) -> list[str] | None:
     if klass is Task or not issubclass(klass, Task):
         return None
     run = klass.__dict__["run"]
-    if isinstance(run, staticmethod):  # @app.task without bind=True
-        return list(inspect.signature(run.__func__).parameters)
-    if not callable(run):
+    method = not isinstance(run, staticmethod)  # @app.task without bind=True: static
+    if not method:
+        run = run.__func__
+    try:
+        params = list(inspect.signature(run).parameters)
+    except (TypeError, ValueError):  # no signature to check against: checked at run
         return None
-    return list(inspect.signature(run).parameters)[1:]
+    return params[1:] if method else params
 
 
 def _task_label(cls: type) -> str:
