@@ -22,6 +22,7 @@ from rcache._cache import Cache
 from rcache._config import BreakerPolicy, RetryPolicy, parse_duration
 from rcache._exceptions import (
     BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     LockError,
@@ -48,6 +49,7 @@ from rcache._version import __version__
 __all__ = [
     "AsyncCachedFunction",
     "BackendError",
+    "BackendMisconfiguredError",
     "BackendUnavailableError",
     "BreakerPolicy",
     "Cache",
