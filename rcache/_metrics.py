@@ -30,6 +30,7 @@ class MetricsSink(Protocol):
     def lock_release(self, lock: str, result: str) -> None: ...
     def lock_renewal(self, lock: str, result: str) -> None: ...
     def locks_held_change(self, lock: str, delta: int) -> None: ...
+    def lock_eviction_risk(self, policy: str) -> None: ...
 
 
 class InMemoryMetrics:
@@ -92,3 +93,6 @@ class InMemoryMetrics:
     def locks_held_change(self, lock: str, delta: int) -> None:
         with self._lock:
             self.counts[("locks_held", lock)] += delta
+
+    def lock_eviction_risk(self, policy: str) -> None:
+        self._inc("lock_eviction_risk", policy)
