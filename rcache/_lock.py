@@ -10,7 +10,9 @@ resource must check the fencing token (``lock.fence``, strictly increasing per n
 Protocol (all keys of one name share a Redis Cluster slot through the hash tag)::
 
     {prefix}:l:{name}           token of the holder, PX lease
-    {prefix}:l:{name}:fence     INCR counter, never expires (fences only grow)
+    {prefix}:l:{name}:fence     INCR counter, never expires (fences only grow); when
+                                missing it is seeded from server TIME in µs, so a
+                                counter lost to a restart or eviction still grows
     {prefix}:l:{name}:signal    list; release LPUSHes, waiters BLPOP (one wake-up each)
     {prefix}:l:{name}:w / :h    "someone waits" marker / hand-off grace after a release
     {prefix}:l:{name}:fq*/:fs:* fair=True: FIFO queue (ZSETs) and per-waiter signals
@@ -31,9 +33,15 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   asyncio task, never ``threading.local`` (redis-py #3540, aredis #119: one task
   releasing another's lock); a forked child cannot release its parent's hold.
 * Retries are idempotent: a retried acquire that finds its own token is a success, extend
-  replaces the TTL, and a release whose first reply was lost does not raise.
+  replaces the TTL, and a release whose first reply was lost does not raise; one whose
+  every reply was lost raises :class:`LockReleaseUnconfirmedError`.
 * Redis errors fail closed: acquire raises :class:`LockNotAcquiredError` (chained to the
   backend error), release/extend raise :class:`LockError`; nothing pretends to hold.
+* Waits keep their budget: each call of a wait (script or BLPOP) waits for its reply at
+  most the rest of the budget plus ``_IO_MARGIN``, so a hung Redis cannot hold a
+  waiter on a socket timeout; clean-up after giving up runs in the background.
+* The lock server's eviction policy is read once per Cache when locks are first used:
+  an evicting policy can take a held lock, so it is logged at ERROR and counted.
 
 Metric labels: ``cache.lock(name)`` reports under ``name`` and ``@locked(template)``
 under the template, so keep lock names low-cardinality or pass ``metrics_name=``.
@@ -650,7 +658,7 @@ class _LeasedLock:
             except RCacheError as exc:
                 # The script may have run (a lost reply): undo by token, in the
                 # background so that a hung Redis does not take more of the budget.
-                get_renewer().submit(lambda: self._compensate(token), sync)
+                get_renewer().submit(_quietly(self._compensate, token), sync)
                 raise self._not_acquired(timeout, exc) from exc
             except BaseException:  # KeyboardInterrupt mid-call: the script may have run
                 self._compensate(token)
@@ -670,7 +678,12 @@ class _LeasedLock:
                 sync.run(
                     _blpop(blocking, self._signal_key(token), wait, memory), retry=False
                 )
-            except RCacheError:
+            except RCacheError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    # Redis did not answer and the budget is spent: no further call
+                    # (the clean-up of a fair/writer place runs in the background).
+                    get_renewer().submit(_quietly(self._abandon, token), sync)
+                    raise self._not_acquired(timeout, exc) from exc
                 remaining = wait if deadline is None else deadline - time.monotonic()
                 time.sleep(max(0.0, min(remaining, random.uniform(*_FALLBACK))))
             waited = True
@@ -730,7 +743,10 @@ class _LeasedLock:
                 # signal this waiter may have popped just before the cancellation.
                 self._spawn(self._aabandon(token, wake=True))
                 raise
-            except RCacheError:
+            except RCacheError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._spawn(self._aabandon(token))
+                    raise self._not_acquired(timeout, exc) from exc
                 remaining = wait if deadline is None else deadline - time.monotonic()
                 await asyncio.sleep(
                     max(0.0, min(remaining, random.uniform(*_FALLBACK)))
@@ -1078,6 +1094,19 @@ def _ablpop(
     return lambda _client: acommand_within(
         blocking, wait + _IO_MARGIN, "BLPOP", key, wait
     )
+
+
+def _quietly(fn: Callable[[str], None], token: str) -> Callable[[], None]:
+    """A best-effort background clean-up: whatever fails (Redis, or the Cache closed
+    meanwhile), the lease or intent it would undo expires by its TTL."""
+
+    def job() -> None:
+        try:
+            fn(token)
+        except Exception as exc:
+            lock_log.debug("rcache: background lock clean-up failed: %r", exc)
+
+    return job
 
 
 def _check_budget(attempts: int, deadline: float | None) -> None:
