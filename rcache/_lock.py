@@ -269,6 +269,8 @@ class Lease:
 
     @property
     def held(self) -> bool:
+        """Not lost, not released (nor released unconfirmed), and within its deadline
+        (local check, no IO)."""
         return (
             not self.lost
             and not self.released

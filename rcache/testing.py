@@ -116,6 +116,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
@@ -125,6 +126,7 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING; returns ``self``."""
         fixed = bool(self.port)
         for _ in range(5):
             if not fixed:
@@ -182,6 +184,7 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
+        """True while the server process is alive."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
@@ -220,6 +223,7 @@ class RedisServer:
         return self.start()
 
     def close(self) -> None:
+        """Stop the server and delete its working directory."""
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -290,6 +294,7 @@ class FaultProxy:
             return len(self._pairs) // 2
 
     def start(self) -> FaultProxy:
+        """Listen on 127.0.0.1 (``port``, or a free one) and start the relay thread."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
