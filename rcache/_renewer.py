@@ -23,11 +23,13 @@ marked lost, and its ``on_lost`` callback runs (in the renewer thread), when
 * ``max_hold`` is reached: renewal stops and the lease runs out (python-redis-lock #114:
   endless renewal turns a hung holder into a permanent lock).
 
-Deadlines are watched by one thread and renewal IO runs in another: a renewal call that
-hangs (Redis stopped: a 1 s socket timeout, retried once) cannot delay ``on_lost`` past
-the deadline (issue 14: it fired ~0.7 s late because deadlines were checked only between
-renewal calls). The IO thread also runs the background clean-up of lock calls that gave
-up (``submit``), so that a lock wait never spends its caller's budget on it.
+Deadlines are watched by one thread and renewal IO runs in others (one per Redis client,
+started on demand, gone when idle): a renewal call that hangs (Redis stopped: a 1 s
+socket timeout, retried once) cannot delay ``on_lost`` past the deadline (issue 14: it
+fired ~0.7 s late because deadlines were checked only between renewal calls), nor the
+renewals of leases on other servers. The IO threads also run the background clean-up of
+lock calls that gave up (``submit``), so that a lock wait never spends its caller's
+budget on it.
 """
 
 from __future__ import annotations
@@ -265,9 +267,8 @@ class Renewer:
         )
 
     def _done(self, lease: Lease, ok: bool, sent: float) -> None:
-        if (
-            lease.released or lease.lost
-        ):  # a loss is final, even if a late reply says ok
+        # A loss is final, even if a late reply to a renewal sent before says ok.
+        if lease.released or lease.lost:
             return
         if ok:
             lease._renewed(sent)

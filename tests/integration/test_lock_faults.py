@@ -27,11 +27,12 @@ from rcache.testing import FaultProxy, RedisServer, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-#: How far past its budget a wait may return while Redis hangs (before the fix: 7.4 s
+#: How far past its budget a wait may return while Redis hangs (before the fix: 7 s
 #: past a 2 s budget). Covers the per-call margin, one retry's backoff and a loaded box.
 OVERRUN = 0.8
-#: How late on_lost may fire after the lease's client-side deadline (before: ~0.7 s).
-LATENESS = 0.15
+#: How late on_lost may fire after the lease's client-side deadline (before: 1.35 s
+#: here, ~0.7 s in the issue; after: about 1 ms), with slack for a loaded 2-core box.
+LATENESS = 0.25
 
 
 async def _apoll(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
