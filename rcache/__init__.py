@@ -10,16 +10,26 @@ metric exists until you create a :class:`Cache` and use it.
 
 from __future__ import annotations
 
+from rcache._admin import (
+    CacheStats,
+    ClearResult,
+    ForceReleaseResult,
+    FunctionStats,
+    Holder,
+    LockInfo,
+)
 from rcache._cache import Cache
 from rcache._config import BreakerPolicy, RetryPolicy, parse_duration
 from rcache._exceptions import (
     BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     LockError,
     LockLostError,
     LockNotAcquiredError,
     LockNotOwnedError,
+    LockReleaseUnconfirmedError,
     RCacheError,
     SerializationError,
     TransactionConflictError,
@@ -40,20 +50,28 @@ from rcache._version import __version__
 __all__ = [
     "AsyncCachedFunction",
     "BackendError",
+    "BackendMisconfiguredError",
     "BackendUnavailableError",
     "BreakerPolicy",
     "Cache",
+    "CacheStats",
     "CachedFunction",
+    "ClearResult",
     "ConfigurationError",
     "FairLock",
+    "ForceReleaseResult",
+    "FunctionStats",
+    "Holder",
     "InMemoryMetrics",
     "JsonSerializer",
     "Lease",
     "Lock",
     "LockError",
+    "LockInfo",
     "LockLostError",
     "LockNotAcquiredError",
     "LockNotOwnedError",
+    "LockReleaseUnconfirmedError",
     "MetricsSink",
     "MsgpackSerializer",
     "PickleSerializer",

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, overload
 import redis
 import redis.asyncio
 
+from rcache._admin import AdminMixin
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     BackendErrorPolicy,
@@ -29,6 +30,8 @@ from rcache._config import (
     ttl_ms,
 )
 from rcache._exceptions import (
+    BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     RCacheError,
@@ -39,7 +42,15 @@ from rcache._lease import LeaseKeeper
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
-from rcache._redis import MAX_BLOCK, AsyncRedis, ClientSpec, LuaScript, SyncRedis
+from rcache._redis import (
+    MAX_BLOCK,
+    AsyncRedis,
+    ClientSpec,
+    LuaScript,
+    SyncRedis,
+    adiagnose,
+    diagnose,
+)
 from rcache._serializers import (
     Envelope,
     Serializer,
@@ -81,7 +92,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache(LockMixin, TransactionMixin):
+class Cache(LockMixin, TransactionMixin, AdminMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -103,6 +114,9 @@ class Cache(LockMixin, TransactionMixin):
     :param metrics: a metrics sink such as ``rcache.metrics.PrometheusMetrics``;
         default ``InMemoryMetrics``.
     :param redis_options: extra keyword arguments for the redis-py clients.
+    :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
+        prefix and options): a cache server with an evicting ``maxmemory-policy`` can
+        evict a held lock, a lock server should run ``noeviction``.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -130,6 +144,7 @@ class Cache(LockMixin, TransactionMixin):
         metrics: MetricsSink | None = None,
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        lock_url: str | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
         self._claim_script = LuaScript("cache_claim")
@@ -296,6 +311,7 @@ class Cache(LockMixin, TransactionMixin):
         self._explicit_prefix = f"{prefix}:k:"
         self._tag_prefix = f"{prefix}:s:t:"
         self.metrics.register_cache(self.name)
+<<<<<<< HEAD
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
 
@@ -315,6 +331,19 @@ class Cache(LockMixin, TransactionMixin):
             spec.policy = self.on_backend_error
         spec.__post_init__()  # stamp keys derive from the prefix
         self.metrics.register_cache(spec.name)
+=======
+        if lock_url is not None:
+            # Locks on their own server (issue 14: eviction on a cache server took a
+            # held lock): a lock-only Cache with the same prefix, options and metrics.
+            self._lock_cache = Cache(
+                lock_url,
+                prefix=prefix,
+                retry=self.retry,
+                metrics=self.metrics,
+                redis_options=redis_options,
+                name=self.name,
+            )
+>>>>>>> main
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
@@ -350,19 +379,32 @@ class Cache(LockMixin, TransactionMixin):
     def _failed(
         self, name: str, operation: str, exc: RCacheError, policy: BackendErrorPolicy
     ) -> Any:
+        # Only unreachability opens the breaker: a wrong password or database is not
+        # an outage, and bypassing Redis for it would hide the cause behind "open".
         if isinstance(exc, BackendUnavailableError):
             self.breaker.failure()
         original = getattr(exc, "original", None) or exc
         self.metrics.cache_error(name, operation, type(original).__name__)
         if policy == "raise":
             raise exc
-        self._log.warning(
-            operation,
-            "rcache: cache %s for %s failed (%s); carrying on without the cache",
-            operation,
-            name,
-            type(original).__name__,
-        )
+        # str(exc) is the server's error text (map_error strips echoed arguments),
+        # never a value
+        if isinstance(exc, BackendMisconfiguredError):
+            self._log.error(
+                "misconfigured:" + operation,
+                "rcache: cache %s for %s failed: %s; carrying on without the cache",
+                operation,
+                name,
+                exc,
+            )
+        else:
+            self._log.warning(
+                operation,
+                "rcache: cache %s for %s failed (%s); carrying on without the cache",
+                operation,
+                name,
+                exc,
+            )
         return BYPASS
 
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
@@ -881,7 +923,10 @@ class Cache(LockMixin, TransactionMixin):
         return n
 
     def ping(self) -> bool:
-        """True if Redis answers (never raises; does not touch the breaker)."""
+        """True if Redis answers (never raises; does not touch the breaker).
+
+        ``False`` does not say why: :meth:`check` does.
+        """
         try:
             return bool(self._sync.run(lambda c: c.ping(), retry=False))
         except RCacheError:
@@ -894,13 +939,52 @@ class Cache(LockMixin, TransactionMixin):
         except RCacheError:
             return False
 
+    def _checked(self, exc: RCacheError) -> RCacheError:
+        if isinstance(exc, BackendError):
+            return type(exc)(f"{self._spec.describe()}: {exc.message}", exc.original)
+        return exc
+
+    def check(self) -> str:
+        """Say whether rcache can work with this Redis, and if not, why.
+
+        Connects (authentication, database selection), then reads, writes and deletes
+        a probe key under this cache's prefix, runs a Lua script and blocks for 10 ms
+        in BLMOVE: everything cached calls, locks and stampede waits need. No retry,
+        and the circuit breaker is not touched. Use it at start-up or in a health
+        endpoint; :meth:`ping` only says yes or no.
+
+        :returns: a one-line summary, e.g. ``"Redis 7.2.4, db 0: connect, read,
+            write, Lua scripts and blocking commands work"``.
+        :raises BackendMisconfiguredError: a problem no retry fixes (wrong password or
+            database, missing ACL permission, unknown command...), with what to change.
+        :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
+        :raises BackendError: any other error reply.
+        """
+        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        try:
+            return self._sync.run(lambda c: diagnose(c, probe), retry=False)
+        except RCacheError as exc:
+            raise self._checked(exc) from exc.__cause__
+
+    async def acheck(self) -> str:
+        """Async twin of :meth:`check`."""
+        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        try:
+            return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
+        except RCacheError as exc:
+            raise self._checked(exc) from exc.__cause__
+
     def close(self) -> None:
         """Close the sync client (it is made again on next use)."""
         self._sync.close()
+        if isinstance(self._lock_cache, Cache):
+            self._lock_cache.close()
 
     async def aclose(self) -> None:
         """Close the current event loop's async client."""
         await self._async.aclose()
+        if isinstance(self._lock_cache, Cache):
+            await self._lock_cache.aclose()
 
     # -- decorator --------------------------------------------------------------------
 

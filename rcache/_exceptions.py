@@ -7,11 +7,13 @@ the public API raw::
     RCacheError(Exception)
     ├── ConfigurationError(RCacheError, ValueError)   bad ttl, URL, key template, ...
     ├── BackendError                                  Redis answered with an error
-    │   └── BackendUnavailableError                   refused, reset, timed out, breaker open
+    │   ├── BackendUnavailableError                   refused, reset, timed out, breaker open
+    │   └── BackendMisconfiguredError                 wrong password/db, ACL, WRONGTYPE...
     ├── SerializationError                            a value cannot be (de)serialized
     ├── LockError
     │   ├── LockNotAcquiredError(LockError, TimeoutError)
     │   ├── LockNotOwnedError                         release/extend by a non-owner
+    │   ├── LockReleaseUnconfirmedError               release sent, its replies lost
     │   └── LockLostError                             the lease is gone while "held"
     └── TransactionError
         └── TransactionConflictError                  WATCH retries exhausted
@@ -27,12 +29,14 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendError",
+    "BackendMisconfiguredError",
     "BackendUnavailableError",
     "ConfigurationError",
     "LockError",
     "LockLostError",
     "LockNotAcquiredError",
     "LockNotOwnedError",
+    "LockReleaseUnconfirmedError",
     "RCacheError",
     "SerializationError",
     "TransactionConflictError",
@@ -64,6 +68,19 @@ class BackendUnavailableError(BackendError):
     """Redis could not be reached (refused, reset, timed out) or the breaker is open."""
 
 
+class BackendMisconfiguredError(BackendError):
+    """Redis refused a command for a reason no retry can fix, only a change of
+    configuration: wrong password or user, a database index the server does not have,
+    a missing ACL permission, a key of the wrong type under rcache's prefix, a command
+    the server does not know, a script it will not load.
+
+    The message says what is wrong and what to change. Unlike
+    :class:`BackendUnavailableError`, it does not open the circuit breaker (the server is
+    reachable; treating it as an outage would hide the cause), and it is logged at
+    ERROR. ``cache.check()`` raises it with the same diagnosis.
+    """
+
+
 class SerializationError(RCacheError):
     """A value could not be serialized or deserialized."""
 
@@ -78,6 +95,15 @@ class LockNotAcquiredError(LockError, TimeoutError):
 
 class LockNotOwnedError(LockError):
     """Release or extend by a holder whose lease is gone or was never held."""
+
+
+class LockReleaseUnconfirmedError(LockError):
+    """A release was sent (and retried) but no reply came back.
+
+    Redis most likely deleted the key (the replies were lost, not the command); if it
+    did not, the lease ends by its TTL. The lease no longer counts as held, and calling
+    ``release()`` again confirms the outcome without raising.
+    """
 
 
 class LockLostError(LockError):
