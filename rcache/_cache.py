@@ -172,6 +172,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             metrics=metrics,
             redis_options=redis_options,
             name=name,
+            lock_url=lock_url,
         )
 
     def configure(
@@ -189,6 +190,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         metrics: MetricsSink | None = None,
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        lock_url: str | None = None,
         force: bool = False,
     ) -> Cache:
         """Set options after construction, before first use (e.g. in an app factory).
@@ -221,6 +223,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             metrics=metrics,
             redis_options=redis_options,
             name=name,
+            lock_url=lock_url,
         )
         if settings == self._settings:
             return self  # nothing changes: a second init_app with the same config
@@ -232,6 +235,8 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             )
         if self._spec.used:
             self._sync.close()
+            if isinstance(self._lock_cache, Cache):
+                self._lock_cache.close()
         self._apply(**settings)
         return self
 
@@ -262,6 +267,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         metrics: MetricsSink | None,
         redis_options: Mapping[str, Any] | None,
         name: str | None,
+        lock_url: str | None,
     ) -> None:
         """Validate every setting first, then switch to them (all or nothing)."""
         if (
@@ -282,6 +288,20 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         )
         sink: MetricsSink = metrics if metrics is not None else self.metrics
         circuit = CircuitBreaker(breaker or BreakerPolicy())
+        # Locks on their own server (issue 14: eviction on a cache server took a held
+        # lock): a lock-only Cache with the same prefix, options and metrics.
+        lock_cache = (
+            None
+            if lock_url is None
+            else Cache(
+                lock_url,
+                prefix=prefix,
+                retry=retry_policy,
+                metrics=sink,
+                redis_options=redis_options,
+                name=name or prefix,
+            )
+        )
         self._settings = {
             "url": url,
             "prefix": prefix,
@@ -295,7 +315,9 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             "metrics": metrics,
             "redis_options": redis_options,
             "name": name,
+            "lock_url": lock_url,
         }
+        self._lock_cache = lock_cache
         self.prefix = prefix
         self.name = name or prefix
         self.default_ttl = default_ttl
@@ -311,7 +333,6 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._explicit_prefix = f"{prefix}:k:"
         self._tag_prefix = f"{prefix}:s:t:"
         self.metrics.register_cache(self.name)
-<<<<<<< HEAD
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
 
@@ -331,19 +352,6 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             spec.policy = self.on_backend_error
         spec.__post_init__()  # stamp keys derive from the prefix
         self.metrics.register_cache(spec.name)
-=======
-        if lock_url is not None:
-            # Locks on their own server (issue 14: eviction on a cache server took a
-            # held lock): a lock-only Cache with the same prefix, options and metrics.
-            self._lock_cache = Cache(
-                lock_url,
-                prefix=prefix,
-                retry=self.retry,
-                metrics=self.metrics,
-                redis_options=redis_options,
-                name=self.name,
-            )
->>>>>>> main
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
