@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import redis
 
 import rcache
 from rcache import ConfigurationError
+from rcache.testing import RedisServer
 
 
 @pytest.fixture
@@ -179,4 +181,20 @@ def test_configure_moves_batch_functions_decorated_before(
     keys = names.keys_for([1, 2])  # type: ignore[attr-defined]
     assert all(k.startswith("batch:c:") for k in keys)
     assert redis_client.exists(*keys) == 2
+    cache.close()
+
+
+def test_configure_lock_url_puts_locks_on_their_own_server(
+    no_env: pytest.MonkeyPatch,
+    redis_url: str,
+    redis_client: redis.Redis,
+    redis_server_factory: Callable[[], RedisServer],
+) -> None:
+    locks = redis_server_factory()
+    cache = rcache.Cache().configure(url=redis_url, prefix="cfl", lock_url=locks.url)
+    lock_client = locks.client()
+    with cache.lock("job", ttl=10):
+        assert lock_client.exists("cfl:l:{job}") == 1
+        assert redis_client.exists("cfl:l:{job}") == 0
+    lock_client.close()
     cache.close()
