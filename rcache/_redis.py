@@ -51,6 +51,7 @@ _SCHEMES = ("redis", "rediss", "unix", "memory")
 # Re-exported so that the rest of rcache never imports redis-py itself.
 WatchError = rex.WatchError
 RedisError = rex.RedisError
+RedisTimeoutError = rex.TimeoutError
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
     rex.TimeoutError,
@@ -285,6 +286,32 @@ class SyncRedis:
         except (rex.RedisError, OSError) as exc:
             raise map_error(exc) from first
 
+    def run_blocking(self, limit: float, *args: Any) -> Any:
+        """Send one blocking command (BLMOVE) on the blocking client and wait at most
+        ``limit`` seconds for its reply; raise ``TimeoutError`` past that.
+
+        The blocking client's socket timeout must outlast the longest block, so with
+        Redis hung (SIGSTOP, a partition) a wait would overrun its budget by up to that
+        timeout: stampede waiters with a 6 s budget took 10.9 s (issue 14 item 4). A
+        connection whose reply did not come is dropped, so that a late reply can never
+        answer the next command.
+        """
+        client = self.blocking_client
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*args)  # type: ignore[no-untyped-call]
+            if not conn.can_read(timeout=max(limit, 0.001)):
+                raise TimeoutError(f"no reply from Redis within {limit:.3f}s")
+            return conn.read_response()
+        except rex.ResponseError:
+            raise  # Redis answered: the connection is in step
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(conn)
+
     def close(self) -> None:
         if self._client is not None and self._spec.user_client is not self._client:
             self._client.close()
@@ -344,6 +371,27 @@ class AsyncRedis:
             return await _aretrying(self._retry)(attempt)
         except (rex.RedisError, OSError) as exc:
             raise map_error(exc) from first
+
+    async def run_blocking(self, limit: float, *args: Any) -> Any:
+        """Async twin of :meth:`SyncRedis.run_blocking`."""
+        client = self.blocking_client
+        pool = client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_command(*args)
+            try:
+                # not read_response(timeout=...): it answers None on a timeout, which
+                # is also BLMOVE's "nothing arrived"
+                return await asyncio.wait_for(conn.read_response(), max(limit, 0.001))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no reply from Redis within {limit:.3f}s") from None
+        except rex.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     async def aclose(self) -> None:
         try:
