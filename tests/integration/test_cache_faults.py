@@ -61,6 +61,7 @@ def test_reader_clock_skew_does_not_keep_entries_fresh(
     calls: list[int] = []
 
     def make(cache: rcache.Cache) -> Any:
+        # stale_if_error keeps the entry in Redis for 60 s: only freshness can expire it
         @cache.cached(ttl=0.5, stale_if_error=60, name="f")
         def f() -> int:
             calls.append(1)
@@ -84,7 +85,7 @@ async def test_reader_clock_skew_async(
     cache = rcache.Cache(redis_url, prefix="askew")
     calls: list[int] = []
 
-    @cache.cached(ttl=0.5, name="f")
+    @cache.cached(ttl=0.5, stale_if_error=60, name="f")  # Redis keeps it 60 s
     async def f() -> int:
         calls.append(1)
         return len(calls)
