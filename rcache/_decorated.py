@@ -128,7 +128,9 @@ class CachedSpec:
                 if hit(k, flight.stamp_keys):
                     flight.detached = True
                     del self.flights[k]
-            # asyncio flights live on their loops; a dict item swap is atomic
+            # asyncio flights live on their loops (other threads, maybe); loops are
+            # registered under flights_lock, and an item is deleted only if it is still
+            # the flight we detach
             for aflights in list(self.aflights.values()):
                 for k, aflight in list(aflights.items()):
                     if hit(k, aflight.stamp_keys):
@@ -656,7 +658,8 @@ class AsyncCached(_Base):
         loop = asyncio.get_running_loop()
         flights = spec.aflights.get(loop)
         if flights is None:
-            flights = spec.aflights[loop] = {}
+            with spec.flights_lock:  # once per loop; detach() iterates the loops
+                flights = spec.aflights.setdefault(loop, {})
         found = flights.get(key)
         if found is not None:
             try:
