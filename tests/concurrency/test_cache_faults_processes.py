@@ -105,6 +105,7 @@ def test_writer_clock_ahead_does_not_keep_entries_fresh(
     wait_until(lambda: redis_now(client) > written + 0.6, message="ttl to pass")
     # before the fix the entry was dated an hour ahead and served fresh for that hour
     assert call() == "value" and runs == [1]
+    cache.close()
     client.close()
 
 
@@ -143,7 +144,7 @@ def holder(
 
 
 BUDGET = 1.5
-BOUND = 0.75  # what a wait may overrun its budget by, Redis hung or not
+BOUND = 1.0  # what a wait may overrun its budget by (0.25 s margin + a loaded machine)
 
 
 def test_stampede_waits_keep_their_budget_with_redis_stopped(

@@ -77,6 +77,8 @@ def test_reader_clock_skew_does_not_keep_entries_fresh(
     wait_until(lambda: redis_now(redis_client) > written + 0.6, message="ttl to pass")
     # before: with the clock stepped back, the entry was served fresh for an hour
     assert f() == 2
+    writer.close()
+    reader.close()
 
 
 async def test_reader_clock_skew_async(
@@ -124,6 +126,7 @@ def test_entry_dated_in_the_future_is_a_miss(
     )
     redis_client.set(key, forged, px=60_000)
     assert f() == "computed"
+    cache.close()
 
 
 # -- item 7: read-your-invalidations in this process --------------------------------------
@@ -512,6 +515,7 @@ def test_values_never_reach_the_logs(
 
     server.kill()
     assert h() == MARKER
+    down.close()
     assert errors(cache, "logs", "decode", "UndecodableError") == 1
     _no_marker(caplog)
 
