@@ -298,7 +298,10 @@ class SyncRedis:
         """
         client = self.blocking_client
         pool = client.connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 5.3 requires a command name (later: deprecated)
+            conn = pool.get_connection(args[0])
         try:
             conn.send_command(*args)  # type: ignore[no-untyped-call]
             if not conn.can_read(timeout=max(limit, 0.001)):
@@ -376,7 +379,10 @@ class AsyncRedis:
         """Async twin of :meth:`SyncRedis.run_blocking`."""
         client = self.blocking_client
         pool = client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except TypeError:  # redis-py < 5.3 (see SyncRedis.run_blocking)
+            conn = await pool.get_connection(args[0])  # type: ignore[no-untyped-call]
         try:
             await conn.send_command(*args)
             try:
