@@ -963,6 +963,10 @@ class Cache(LockMixin, TransactionMixin):
         :param ttl: how long entries live (seconds, ``"10m"``, timedelta).
         :param key: a template over parameter names (``"user:{user_id}"``, stored as
             ``{prefix}:k:user:42``) or a callable taking the function's arguments.
+            Fields keep their type and never run into each other: ints and
+            identifier-like strings as written, other strings JSON-quoted
+            (``user:"1"``), other values as a JSON array; a separator must follow every
+            field but the last.
         :param ignore: parameter names left out of the key (``("self", "session")``).
         :param name: the function's cache name: its key namespace and its label in
             metrics and logs (default: module.qualname). Functions given the same name
