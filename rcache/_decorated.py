@@ -55,27 +55,28 @@ RefreshRunner = Callable[[Callable[[], Any]], Any]
 class _Flight:
     """One in-process computation that concurrent callers of the same key share."""
 
-    __slots__ = ("detached", "error", "event", "followers", "stamp_keys", "value")
+    __slots__ = (
+        "detached",
+        "error",
+        "event",
+        "followers",
+        "future",
+        "result",
+        "stamp_keys",
+        "value",
+    )
 
     def __init__(self, stamp_keys: list[str]) -> None:
-        self.event: threading.Event | None = None
-        self.followers = 0  # callers waiting on this flight (observability, tests)
-        self.value: Any = None
-        self.error: BaseException | None = None
         self.stamp_keys = stamp_keys
         # set by an invalidation: new callers no longer join, the result is not stored
         self.detached = False
-
-
-class _AFlight:
-    """The asyncio counterpart of _Flight: followers await ``future``."""
-
-    __slots__ = ("detached", "future", "stamp_keys")
-
-    def __init__(self, future: asyncio.Future[Any], stamp_keys: list[str]) -> None:
-        self.future = future
-        self.stamp_keys = stamp_keys
-        self.detached = False
+        self.event: threading.Event | None = None
+        self.future: asyncio.Future[Any] | None = None
+        self.followers = 0  # callers waiting on this flight (observability, tests)
+        self.value: Any = None
+        self.error: BaseException | None = None
+        #: how the leader's call was counted ("hit", "miss", ...), None until it is
+        self.result: str | None = None
 
 
 @dataclass(eq=False)
@@ -99,7 +100,7 @@ class CachedSpec:
     refreshing: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     aflights: weakref.WeakKeyDictionary[
-        asyncio.AbstractEventLoop, dict[str, _AFlight]
+        asyncio.AbstractEventLoop, dict[str, _Flight]
     ] = field(default_factory=weakref.WeakKeyDictionary)
 
     def __post_init__(self) -> None:
@@ -192,7 +193,7 @@ class CachedSpec:
                 "plain data, choose another serializer, or pass on_unserializable='skip'"
             ) from None
 
-    def detached(self, flight: _Flight | _AFlight | None) -> bool:
+    def detached(self, flight: _Flight | None) -> bool:
         """Was this computation detached by an invalidation (then it must not store)?
         Counted as cache_store.lua counts a write that an invalidation raced."""
         if flight is None or not flight.detached:
@@ -205,8 +206,31 @@ class CachedSpec:
         self.cache._skipped(self.name, "get", self.policy)
         self.cache.metrics.cache_get(self.name, "miss")
 
-    def wait_timed_out(self) -> None:
+    def count(self, result: str, flight: _Flight | None = None) -> None:
+        """Count this call in ``cache_gets`` (exactly once per call: every path of a
+        decorated call ends in one ``count`` or one ``shared``); a single-flight leader
+        also records its result for the callers that share it."""
+        self.cache.metrics.cache_get(self.name, result)
+        if flight is not None:
+            flight.result = result
+
+    def shared(self, leader: str | None) -> None:
+        """Count a caller that got the value of a concurrent caller in this process.
+
+        Sharing a hit (or a stale value) is still a hit (or stale): the value came from
+        Redis. Sharing a computation is "coalesced": the call neither found the value
+        nor ran the function (before, such callers were counted nowhere: 8 threads on a
+        cold key showed 1 miss).
+        """
+        result = leader if leader in ("hit", "stale") else "coalesced"
+        self.cache.metrics.cache_get(self.name, result)
+
+    def wait_timed_out(self, flight: _Flight | None = None) -> None:
+        """After a wait for another caller's computation timed out: raise under
+        ``on_wait_timeout="raise"`` (the call is counted as a miss), else return and
+        let the caller compute (and count itself)."""
         if self.freshness.on_wait_timeout == "raise":
+            self.count("miss", flight)
             raise LockNotAcquiredError(
                 f"{self.name}: another process is computing this entry and it did not "
                 f"arrive within wait={self.freshness.wait:g}s"
@@ -267,25 +291,28 @@ class SyncCached(_Base):
         cache = spec.cache
         got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
         if got is BYPASS:
-            cache.metrics.cache_get(spec.name, "miss")
+            spec.count("miss", flight)
             return self._compute(args, kwargs)[0]
         now, rows = got
         env = spec.entry(rows)
         state = spec.freshness.classify(env, now)
         if state == FRESH:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
         if state == STALE:
-            cache.metrics.cache_get(spec.name, "stale")
+            spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
             return env.value  # type: ignore[union-attr]
-        cache.metrics.cache_get(spec.name, "miss")
+        # counted by _load or _distributed, once the outcome is known (computed, shared
+        # with another process, or served stale because the computation failed)
         fallback = env if state == EXPIRED else None
         if not spec.stampede:
-            return self._load(key, stamp_keys, args, kwargs, None, fallback)
+            return self._load(
+                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
+            )
         return self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
 
     # -- computing --------------------------------------------------------------------
@@ -314,9 +341,16 @@ class SyncCached(_Base):
         kwargs: dict[str, Any],
         claim: tuple[str, list[bytes]] | None,
         fallback: Envelope | None,
+        *,
+        count: bool = False,
         flight: _Flight | None = None,
     ) -> Any:
-        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken."""
+        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken.
+
+        ``count``: this call is not counted yet (a miss, or stale if the computation
+        fails and ``fallback`` is served); early and background refreshes are counted
+        by their caller already.
+        """
         spec = self._spec
         cache = spec.cache
         leased = claim is not None
@@ -325,6 +359,8 @@ class SyncCached(_Base):
                 key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
             )
             if got is BYPASS:
+                if count:
+                    spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             claim = (got[0], got[2])
         token, stamps = claim
@@ -339,10 +375,15 @@ class SyncCached(_Base):
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
                 fallback, cache._server_now()
             ):
-                cache.metrics.cache_get(spec.name, "stale")
+                if count:
+                    spec.count("stale", flight)
                 return fallback.value  # type: ignore[union-attr]
+            if count:
+                spec.count("miss", flight)
             raise
         cache._leases.remove(lease)
+        if count:
+            spec.count("miss", flight)
         data = None
         try:
             if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
@@ -379,7 +420,9 @@ class SyncCached(_Base):
         if flight.event is not None and not leader:
             if not flight.event.wait(spec.freshness.wait):
                 spec.wait_timed_out()
+                spec.count("miss")
                 return self._compute(args, kwargs)[0]
+            spec.shared(flight.result)
             if flight.error is not None:
                 raise flight.error
             return flight.value
@@ -413,26 +456,33 @@ class SyncCached(_Base):
         while True:
             got = cache._claim(key, stamp_keys, token, spec)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             claimed, pttl, stamps = got[1], got[3], got[2]
             if claimed:
                 return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback, flight
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                spec.wait_timed_out()
+                spec.wait_timed_out(flight)
                 return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback, flight
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             if not cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
                 cache._hung(spec)  # raises under on_backend_error="raise"
+                spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             env = spec.entry(got[1])
             if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
+                # another process computed it while this call waited
+                spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
 
     def _early(
@@ -450,7 +500,9 @@ class SyncCached(_Base):
         got = spec.cache._claim(key, stamp_keys, token, spec)
         if got is BYPASS or not got[1]:
             return env.value
-        return self._load(key, stamp_keys, args, kwargs, (token, got[2]), env, flight)
+        return self._load(
+            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
+        )
 
     def _refresh_in_background(
         self,
@@ -553,31 +605,34 @@ class AsyncCached(_Base):
         stamp_keys: list[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        flight: _AFlight | None = None,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
         got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
         if got is BYPASS:
-            cache.metrics.cache_get(spec.name, "miss")
+            spec.count("miss", flight)
             return (await self._compute(args, kwargs))[0]
         now, rows = got
         env = spec.entry(rows)
         state = spec.freshness.classify(env, now)
         if state == FRESH:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return await self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
         if state == STALE:
-            cache.metrics.cache_get(spec.name, "stale")
+            spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
             return env.value  # type: ignore[union-attr]
-        cache.metrics.cache_get(spec.name, "miss")
+        # counted by _load or _distributed, once the outcome is known (computed, shared
+        # with another process, or served stale because the computation failed)
         fallback = env if state == EXPIRED else None
         if not spec.stampede:
-            return await self._load(key, stamp_keys, args, kwargs, None, fallback)
+            return await self._load(
+                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
+            )
         return await self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
 
     async def _compute(
@@ -604,7 +659,9 @@ class AsyncCached(_Base):
         kwargs: dict[str, Any],
         claim: tuple[str, list[bytes]] | None,
         fallback: Envelope | None,
-        flight: _AFlight | None = None,
+        *,
+        count: bool = False,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -614,6 +671,8 @@ class AsyncCached(_Base):
                 key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
             )
             if got is BYPASS:
+                if count:
+                    spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             claim = (got[0], got[2])
         token, stamps = claim
@@ -632,10 +691,15 @@ class AsyncCached(_Base):
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
                 fallback, cache._server_now()
             ):
-                cache.metrics.cache_get(spec.name, "stale")
+                if count:
+                    spec.count("stale", flight)
                 return fallback.value  # type: ignore[union-attr]
+            if count:
+                spec.count("miss", flight)
             raise
         cache._leases.remove(lease)
+        if count:
+            spec.count("miss", flight)
         data = None
         try:
             if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
@@ -660,21 +724,31 @@ class AsyncCached(_Base):
         if flights is None:
             with spec.flights_lock:  # once per loop; detach() iterates the loops
                 flights = spec.aflights.setdefault(loop, {})
-        found = flights.get(key)
+        found: _Flight | None = flights.get(key)
         if found is not None:
+            future = found.future
+            assert future is not None
+            found.followers += 1
             try:
                 value = await asyncio.wait_for(
-                    asyncio.shield(found.future), timeout=spec.freshness.wait
+                    asyncio.shield(future), timeout=spec.freshness.wait
                 )
             except asyncio.TimeoutError:
                 spec.wait_timed_out()
+                spec.count("miss")
                 return (await self._compute(args, kwargs))[0]
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    spec.shared(found.result)  # the leader's error, shared
+                raise
             if value is _LEADER_CANCELLED:
                 # the leader's task was cancelled, not ours: fetch for ourselves
                 return await self._single_flight(key, stamp_keys, args, kwargs)
+            spec.shared(found.result)
             return value
-        future: asyncio.Future[Any] = loop.create_future()
-        flight = flights[key] = _AFlight(future, stamp_keys)
+        flight = _Flight(stamp_keys)
+        future = flight.future = loop.create_future()
+        flights[key] = flight
         try:
             value = await self._fetch(key, stamp_keys, args, kwargs, flight)
         except asyncio.CancelledError:
@@ -700,7 +774,7 @@ class AsyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         fallback: Envelope | None,
-        flight: _AFlight | None = None,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -709,26 +783,33 @@ class AsyncCached(_Base):
         while True:
             got = await cache._aclaim(key, stamp_keys, token, spec)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             claimed, pttl, stamps = got[1], got[3], got[2]
             if claimed:
                 return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback, flight
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                spec.wait_timed_out()
+                spec.wait_timed_out(flight)
                 return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback, flight
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             if not await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
                 cache._hung(spec)  # raises under on_backend_error="raise"
+                spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             env = spec.entry(got[1])
             if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
+                # another process computed it while this call waited
+                spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
 
     async def _early(
@@ -738,7 +819,7 @@ class AsyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         env: Envelope,
-        flight: _AFlight | None = None,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         token = secrets.token_hex(8)
@@ -746,7 +827,7 @@ class AsyncCached(_Base):
         if got is BYPASS or not got[1]:
             return env.value
         return await self._load(
-            key, stamp_keys, args, kwargs, (token, got[2]), env, flight
+            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
         )
 
     def _refresh_in_background(
