@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, overload
 import redis
 import redis.asyncio
 
+from rcache._admin import AdminMixin
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     BackendErrorPolicy,
@@ -48,7 +49,9 @@ from rcache._redis import (
     LuaScript,
     RedisTimeoutError,
     SyncRedis,
+    acommand_within,
     adiagnose,
+    command_within,
     diagnose,
 )
 from rcache._serializers import (
@@ -97,7 +100,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache(LockMixin, TransactionMixin):
+class Cache(LockMixin, TransactionMixin, AdminMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -117,6 +120,9 @@ class Cache(LockMixin, TransactionMixin):
     :param metrics: a metrics sink such as ``rcache.metrics.PrometheusMetrics``;
         default ``InMemoryMetrics``.
     :param redis_options: extra keyword arguments for the redis-py clients.
+    :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
+        prefix and options): a cache server with an evicting ``maxmemory-policy`` can
+        evict a held lock, a lock server should run ``noeviction``.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -144,6 +150,7 @@ class Cache(LockMixin, TransactionMixin):
         metrics: MetricsSink | None = None,
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        lock_url: str | None = None,
     ) -> None:
         if (
             not isinstance(prefix, str)
@@ -186,6 +193,17 @@ class Cache(LockMixin, TransactionMixin):
         # invalidation detaches (read-your-invalidations, item 7)
         self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
         self.metrics.register_cache(self.name)
+        if lock_url is not None:
+            # Locks on their own server (issue 14: eviction on a cache server took a
+            # held lock): a lock-only Cache with the same prefix, options and metrics.
+            self._lock_cache = Cache(
+                lock_url,
+                prefix=prefix,
+                retry=self.retry,
+                metrics=self.metrics,
+                redis_options=redis_options,
+                name=self.name,
+            )
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
@@ -601,16 +619,12 @@ class Cache(LockMixin, TransactionMixin):
             return True
         ready = key + ":ready"
         try:
-            self._sync.run_blocking(
+            command_within(
+                self._sync.blocking_client,
                 timeout + _BLOCK_MARGIN,
-                "BLMOVE",
-                ready,
-                ready,
-                "LEFT",
-                "RIGHT",
-                timeout,
+                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
             )
-        except TimeoutError:
+        except RedisTimeoutError:
             return False
         except Exception:
             time.sleep(min(timeout, 0.05))  # the next claim reports the error
@@ -623,16 +637,12 @@ class Cache(LockMixin, TransactionMixin):
             return True
         ready = key + ":ready"
         try:
-            await self._async.run_blocking(
+            await acommand_within(
+                self._async.blocking_client,
                 timeout + _BLOCK_MARGIN,
-                "BLMOVE",
-                ready,
-                ready,
-                "LEFT",
-                "RIGHT",
-                timeout,
+                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
             )
-        except TimeoutError:
+        except RedisTimeoutError:
             return False
         except Exception:
             await asyncio.sleep(min(timeout, 0.05))
@@ -946,10 +956,14 @@ class Cache(LockMixin, TransactionMixin):
     def close(self) -> None:
         """Close the sync client (it is made again on next use)."""
         self._sync.close()
+        if isinstance(self._lock_cache, Cache):
+            self._lock_cache.close()
 
     async def aclose(self) -> None:
         """Close the current event loop's async client."""
         await self._async.aclose()
+        if isinstance(self._lock_cache, Cache):
+            await self._lock_cache.aclose()
 
     # -- decorator --------------------------------------------------------------------
 
