@@ -65,6 +65,7 @@ _SCHEMES = ("redis", "rediss", "unix", "memory")
 # Re-exported so that the rest of rcache never imports redis-py itself.
 WatchError = rex.WatchError
 RedisError = rex.RedisError
+RedisTimeoutError = rex.TimeoutError
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
     rex.TimeoutError,
@@ -351,8 +352,14 @@ class ClientSpec:
                 "client= takes a synchronous redis.Redis; pass an asyncio client factory "
                 "as async_client=lambda: redis.asyncio.Redis(...)"
             )
-        if url is not None:
-            resolve_url(url)  # a malformed URL fails here, at construction
+        if client is None and (
+            url is not None
+            or os.environ.get("RCACHE_URL")
+            or os.environ.get("REDIS_URL")
+        ):
+            # a malformed URL, given or already in the environment, fails here, at
+            # construction; the environment is still read again at first use
+            resolve_url(url)
         self._url_arg = url
         self._url: str | None = None
         #: set when the first client is made: the settings are in use from then on
