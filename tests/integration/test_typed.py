@@ -323,7 +323,7 @@ def test_pickle_serializer_is_not_wrapped(redis_url: str) -> None:
     class Opaque:
         pass
 
-    cache = rcache.Cache(redis_url, serializer=rcache.PickleSerializer(secret="s" * 16))
+    cache = rcache.Cache(redis_url, serializer=rcache.PickleSerializer(secret="s" * 32))
 
     @cache.cached(ttl=60)
     def fine() -> Opaque:  # pickle stores any class: no decoration-time error
