@@ -22,8 +22,8 @@ view caching keyed on the request, and ``/metrics`` in one line.
 ``init_app`` reads these ``app.config`` keys, each optional (the ``Cache`` parameter of
 the same name): ``RCACHE_URL``, ``RCACHE_PREFIX``, ``RCACHE_TTL``,
 ``RCACHE_SERIALIZER``, ``RCACHE_ON_BACKEND_ERROR``, ``RCACHE_REDIS_OPTIONS``,
-``RCACHE_NAME``. Without ``RCACHE_URL`` the URL comes from ``$RCACHE_URL`` or
-``$REDIS_URL`` at first use.
+``RCACHE_NAME``, ``RCACHE_LOCK_URL``. Without ``RCACHE_URL`` the URL comes from
+``$RCACHE_URL`` or ``$REDIS_URL`` at first use.
 
 Which requests and responses are cached, and how a request becomes a key, is the same
 for every framework (``rcache._http``): ``GET``/``HEAD`` only, keyed on the method, the
@@ -71,6 +71,7 @@ CONFIG_KEYS = {
     "RCACHE_ON_BACKEND_ERROR": "on_backend_error",
     "RCACHE_REDIS_OPTIONS": "redis_options",
     "RCACHE_NAME": "name",
+    "RCACHE_LOCK_URL": "lock_url",
 }
 """The ``app.config`` keys ``init_app`` reads, and the ``Cache.configure`` parameter
 each one sets."""
