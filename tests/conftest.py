@@ -8,18 +8,17 @@ RCACHE_ALLOW_SKIP=1 to skip Redis tests instead.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
 
 import rcache
-from rcache.testing import RedisServer
+from rcache.testing import RedisServer, default_executable
 
 
 def _need_redis() -> None:
-    if shutil.which("redis-server") is None:
+    if default_executable() is None:
         if os.environ.get("RCACHE_ALLOW_SKIP") == "1":
             pytest.skip("redis-server not installed and RCACHE_ALLOW_SKIP=1")
         pytest.fail(
