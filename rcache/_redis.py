@@ -57,12 +57,30 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 #: Errors worth a retry: the command may not have reached Redis, or its reply was lost.
+#: CLUSTERDOWN and TRYAGAIN are a Redis Cluster mid-failover or mid-resharding: transient
+#: replies (the command was not run), not a bad command.
 TRANSIENT: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
     rex.TimeoutError,
     rex.BusyLoadingError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
     ConnectionError,
     TimeoutError,
+)
+
+#: Everything redis-py raises. RedisClusterException (its client-side cross-slot check,
+#: "cannot be connected", ...) derives from Exception, not RedisError: without it here a
+#: cluster error would escape map_error and the bypass policy.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    rex.RedisError,
+    rex.RedisClusterException,
+)
+_REDIS_OR_OS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
+
+_CROSS_SLOT_HINT = (
+    "the keys of one command must share a Redis Cluster hash slot: put the shared "
+    "part of their names in a hash tag ('{cart:7}:items', '{cart:7}:total')"
 )
 
 #: The longest a single blocking command (BLMOVE) may block, in seconds.
@@ -100,10 +118,32 @@ def _redact(url: str) -> str:
     return url
 
 
+def _map_cluster_error(exc: BaseException) -> RCacheError | None:
+    """Redis Cluster errors: cross-slot is a usage error (BackendError, never an
+    outage: it must not open the breaker); a topology in flux is an outage."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (rex.ClusterCrossSlotError, rex.CrossSlotTransactionError)) or (
+        isinstance(exc, rex.RedisClusterException) and "same key slot" in str(exc)
+    ):
+        return BackendError(f"Redis Cluster refused {text}: {_CROSS_SLOT_HINT}", exc)
+    if isinstance(exc, (rex.AskError, rex.SlotNotCoveredError)):
+        # MOVED/ASK that outlived redis-py's own redirections: slots moving (or a
+        # plain redis:// URL pointing at a cluster node: use redis+cluster://).
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    if isinstance(exc, rex.RedisClusterException) and any(
+        s in str(exc) for s in ("cannot be connected", "not covered", "agree")
+    ):
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    return None
+
+
 def map_error(exc: BaseException) -> RCacheError:
     """Translate a redis-py (or socket) exception into rcache's tree."""
     if isinstance(exc, RCacheError):
         return exc
+    cluster = _map_cluster_error(exc)
+    if cluster is not None:
+        return cluster
     if isinstance(exc, (*TRANSIENT, OSError)):
         return BackendUnavailableError(
             f"Redis unavailable: {type(exc).__name__}: {exc}", exc
@@ -278,11 +318,11 @@ class SyncRedis:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
             first = exc
-        except rex.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise map_error(exc) from exc
         try:
             return _retrying(self._retry)(op, client)
-        except (rex.RedisError, OSError) as exc:
+        except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
     def close(self) -> None:
@@ -333,7 +373,7 @@ class AsyncRedis:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
             first = exc
-        except rex.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise map_error(exc) from exc
 
         async def attempt() -> T:
@@ -342,7 +382,7 @@ class AsyncRedis:
 
         try:
             return await _aretrying(self._retry)(attempt)
-        except (rex.RedisError, OSError) as exc:
+        except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
     async def aclose(self) -> None:

@@ -55,6 +55,7 @@ from rcache._exceptions import (
 from rcache._mixin import CacheBase
 from rcache._redis import (
     REDIS_CONNECTION_ERRORS,
+    REDIS_ERRORS,
     TRANSIENT,
     LuaScript,
     RedisError,
@@ -404,7 +405,7 @@ def _attempt(
     except _REDIS_LOST as exc:
         _reset_quietly(pipe)
         raise plan.unsent(exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         _reset_quietly(pipe)
         raise map_error(exc) from exc
     except BaseException:
@@ -419,7 +420,7 @@ def _attempt(
         raise plan.conflict() from None
     except _LOST as exc:
         raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise map_error(exc) from exc
 
 
@@ -443,7 +444,7 @@ async def _aattempt(
     except _REDIS_LOST as exc:
         await _areset_quietly(pipe)
         raise plan.unsent(exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         await _areset_quietly(pipe)
         raise map_error(exc) from exc
     except BaseException:
@@ -457,7 +458,7 @@ async def _aattempt(
         raise plan.conflict() from None
     except _LOST as exc:
         raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise map_error(exc) from exc
 
 

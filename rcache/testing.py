@@ -240,6 +240,11 @@ class RedisServer:
         self.close()
 
 
+def _cmd(client: Any, *args: Any) -> Any:
+    # redis-py types execute_command as untyped; one Any-typed door for mypy --strict
+    return client.execute_command(*args)
+
+
 def _info(client: redis.Redis, section: str) -> dict[str, Any]:
     return dict(client.info(section))
 
@@ -356,8 +361,8 @@ class RedisSentinel:
         for node in self.sentinels:
             client = node.client(socket_timeout=1)
             try:
-                replicas = client.execute_command("SENTINEL REPLICAS", self.service)
-                peers = client.execute_command("SENTINEL SENTINELS", self.service)
+                replicas = _cmd(client, "SENTINEL REPLICAS", self.service)
+                peers = _cmd(client, "SENTINEL SENTINELS", self.service)
             except redis.RedisError:
                 return False
             finally:
@@ -373,8 +378,8 @@ class RedisSentinel:
         for node in self.sentinels:
             client = node.client(socket_timeout=1)
             try:
-                host_port = client.execute_command(
-                    "SENTINEL GET-MASTER-ADDR-BY-NAME", self.service
+                host_port = _cmd(
+                    client, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.service
                 )
                 return int(host_port[1])
             except redis.RedisError:
@@ -407,7 +412,7 @@ class RedisSentinel:
             server = next(s for s in self.servers if s.port == port)
             client = server.client(socket_timeout=1)
             try:
-                role = client.execute_command("ROLE")
+                role = _cmd(client, "ROLE")
             except redis.RedisError:
                 return None
             finally:
@@ -497,7 +502,11 @@ class RedisCluster:
 
         kwargs.setdefault("socket_timeout", 5)
         kwargs.setdefault("socket_connect_timeout", 2)
-        seeds = [ClusterNode("127.0.0.1", n.port) for n in self.nodes if n.running]
+        seeds = [
+            ClusterNode("127.0.0.1", n.port)  # type: ignore[no-untyped-call]
+            for n in self.nodes
+            if n.running
+        ]
         return Client(startup_nodes=seeds, **kwargs)
 
     def start(self) -> RedisCluster:
@@ -527,25 +536,24 @@ class RedisCluster:
     def _form(self) -> None:
         clients = [n.client() for n in self.nodes]
         try:
-            ids = [str(_text(c.execute_command("CLUSTER MYID"))) for c in clients]
+            ids = [str(_text(_cmd(c, "CLUSTER MYID"))) for c in clients]
             step = 16384 // self.n_primaries
             for i in range(self.n_primaries):
                 lo = i * step
                 hi = 16383 if i == self.n_primaries - 1 else (i + 1) * step - 1
-                clients[i].execute_command("CLUSTER ADDSLOTSRANGE", lo, hi)
+                _cmd(clients[i], "CLUSTER ADDSLOTSRANGE", lo, hi)
             for c in clients[1:]:
-                c.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+                _cmd(c, "CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
 
             def all_known() -> bool:
                 return all(
-                    len(c.execute_command("CLUSTER NODES")) == len(clients)
-                    for c in clients
+                    len(_cmd(c, "CLUSTER NODES")) == len(clients) for c in clients
                 )
 
             wait_until(all_known, timeout=self.start_timeout, message="CLUSTER MEET")
             for r in range(self.n_primaries * self.n_replicas):
                 replica = clients[self.n_primaries + r]
-                replica.execute_command("CLUSTER REPLICATE", ids[r % self.n_primaries])
+                _cmd(replica, "CLUSTER REPLICATE", ids[r % self.n_primaries])
 
             def healthy() -> bool:
                 if not all(_cluster_ok(c) for c in clients):
@@ -567,7 +575,7 @@ class RedisCluster:
             return None
         client = node.client(socket_timeout=1)
         try:
-            return str(_text(client.execute_command("ROLE")[0]))
+            return str(_text(_cmd(client, "ROLE")[0]))
         except redis.RedisError:
             return None
         finally:
@@ -584,7 +592,7 @@ class RedisCluster:
         """The live primary serving ``key``'s slot."""
         client = self.client()
         try:
-            slot = client.keyslot(key)
+            slot = client.keyslot(key)  # type: ignore[no-untyped-call]
             node = client.nodes_manager.get_node_from_slot(slot)
             return next(n for n in self.nodes if n.port == node.port)
         finally:
@@ -604,7 +612,7 @@ class RedisCluster:
         try:
             if not _cluster_ok(client):
                 return []
-            return list(client.execute_command("CLUSTER SLOTS"))
+            return list(_cmd(client, "CLUSTER SLOTS"))
         except redis.RedisError:
             return []
         finally:
@@ -650,7 +658,7 @@ class RedisCluster:
         """A graceful CLUSTER FAILOVER on ``replica``; waits until it is a primary."""
         client = replica.client()
         try:
-            client.execute_command("CLUSTER FAILOVER")
+            _cmd(client, "CLUSTER FAILOVER")
         finally:
             client.close()
         wait_until(
@@ -681,7 +689,7 @@ def _text(value: Any) -> Any:
 
 
 def _cluster_ok(client: redis.Redis) -> bool:
-    info = client.execute_command("CLUSTER INFO")  # parsed into a dict by redis-py
+    info = _cmd(client, "CLUSTER INFO")  # parsed into a dict by redis-py
     if isinstance(info, dict):
-        return _text(info.get("cluster_state")) == "ok"
+        return bool(_text(info.get("cluster_state")) == "ok")
     return "cluster_state:ok" in _text(info)
