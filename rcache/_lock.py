@@ -64,7 +64,7 @@ from rcache._exceptions import (
 from rcache._keys import KeyBuilder
 from rcache._logging import lock_log
 from rcache._mixin import CacheBase
-from rcache._redis import LuaScript
+from rcache._redis import LuaScript, connection_kwargs
 from rcache._renewer import get_renewer
 from rcache._types import P, R
 
@@ -446,7 +446,7 @@ class _LeasedLock:
         deadline = None if timeout is None else started + timeout
         sync = self._cache._sync
         blocking = _blocking(sync)
-        cap = self._cap = _block_cap(blocking.connection_pool.connection_kwargs)
+        cap = self._cap = _block_cap(connection_kwargs(blocking))
         waited = False
         while True:
             call = self._acquire_call(token, waited, timeout == 0)
@@ -483,7 +483,7 @@ class _LeasedLock:
         deadline = None if timeout is None else started + timeout
         arun = self._cache._async.run
         ablocking = _blocking(self._cache._async)
-        cap = self._cap = _block_cap(ablocking.connection_pool.connection_kwargs)
+        cap = self._cap = _block_cap(connection_kwargs(ablocking))
         waited = False
         while True:
             call = self._acquire_call(token, waited, timeout == 0)

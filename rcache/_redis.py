@@ -16,7 +16,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -39,6 +39,7 @@ __all__ = [
     "ClientSpec",
     "LuaScript",
     "SyncRedis",
+    "connection_kwargs",
     "map_error",
     "resolve_url",
 ]
@@ -46,7 +47,14 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-_SCHEMES = ("redis", "rediss", "unix", "memory")
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+_SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
+_URL_FORMS = (
+    "redis://host:6379/0, rediss://host:6380/0, unix:///path/to/redis.sock, "
+    "redis+sentinel://host:26379,host2:26379/service_name/0, "
+    "redis+cluster://host:7000,host2:7001 or memory://"
+)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
 WatchError = rex.WatchError
@@ -105,10 +113,73 @@ def resolve_url(url: str | None) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unknown URL scheme in {_redact(url)!r}: write redis://host:6379/0, "
-            "rediss://host:6380/0, unix:///path/to/redis.sock or memory://"
+            f"unknown URL scheme in {_redact(url)!r}: write {_URL_FORMS}"
         )
     return url
+
+
+class MultiHostURL:
+    """A parsed ``redis+sentinel://`` or ``redis+cluster://`` URL (pure).
+
+    ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db][?opts]``
+    names the sentinels (port default 26379), the monitored service and the database; the
+    user and password are the primary's (as in Celery's and Kombu's ``sentinel://``
+    URLs), not the sentinels'. ``redis+cluster://[[user]:password@]host:port[,...][?opts]``
+    names seed nodes (port default 6379); a cluster has only database 0. Query options
+    are redis-py's URL options (``socket_timeout=0.5``, ...).
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        default_port = 26379 if self.scheme == SENTINEL_SCHEME else 6379
+        self.hosts: list[tuple[str, int]] = []
+        for item in filter(None, hostlist.split(",")):
+            host, sep, port = item.rpartition(":")
+            if not sep:
+                host, port = item, str(default_port)
+            if not host or not port.isdigit():
+                raise ConfigurationError(
+                    f"bad host {item!r} in {_redact(url)!r}: write host:port"
+                )
+            self.hosts.append((host.strip("[]"), int(port)))
+        if not self.hosts:
+            raise ConfigurationError(
+                f"no host in {_redact(url)!r}: write {self.scheme}://host:port"
+            )
+        path = [p for p in parts.path.split("/") if p]
+        self.service = ""
+        db = "0"
+        if self.scheme == SENTINEL_SCHEME:
+            if not path or len(path) > 2:
+                raise ConfigurationError(
+                    f"{_redact(url)!r} names no service: write "
+                    "redis+sentinel://host:26379,host2:26379/service_name/0"
+                )
+            self.service = path[0]
+            db = path[1] if len(path) == 2 else "0"
+        elif path not in ([], ["0"]):
+            raise ConfigurationError(
+                f"a Redis Cluster has only database 0, got {_redact(url)!r}: "
+                "write redis+cluster://host:7000,host2:7001"
+            )
+        if not db.isdigit():
+            raise ConfigurationError(f"bad database {db!r} in {_redact(url)!r}")
+        # redis-py parses (and type-converts) the credentials and query options
+        auth = f"{userinfo}@" if userinfo else ""
+        query = f"?{parts.query}" if parts.query else ""
+        try:
+            options = redis.connection.parse_url(  # type: ignore[no-untyped-call]
+                f"redis://{auth}h:1/{db}{query}"
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"bad option in {_redact(url)!r}: {exc}") from None
+        options.pop("host", None)
+        options.pop("port", None)
+        if self.scheme == CLUSTER_SCHEME:
+            options.pop("db", None)
+        self.options: dict[str, Any] = options
 
 
 def _redact(url: str) -> str:
@@ -157,13 +228,17 @@ class ClientSpec:
     rcache stores binary envelopes, so its clients never decode responses. A user client
     created with ``decode_responses=True`` is not modified: rcache builds a twin with the
     same connection settings and ``decode_responses=False``.
+
+    The deployment is explicit, never guessed per call: ``redis+sentinel://`` or a client
+    from ``Sentinel.master_for`` (``sentinel``), ``redis+cluster://`` or a
+    ``redis.cluster.RedisCluster`` (``cluster``), else one server.
     """
 
     def __init__(
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Any = None,
         async_client: Callable[[], redis.asyncio.Redis] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -185,13 +260,24 @@ class ClientSpec:
         self.async_factory = async_client
         if client is not None and url is not None:
             raise ConfigurationError("pass either a URL or client=, not both")
-        if client is not None and not isinstance(client, redis.Redis):
+        self.cluster = client is not None and _is_cluster_client(client)
+        if client is not None and not (self.cluster or isinstance(client, redis.Redis)):
             raise ConfigurationError(
-                "client= takes a synchronous redis.Redis; pass an asyncio client factory "
-                "as async_client=lambda: redis.asyncio.Redis(...)"
+                "client= takes a synchronous redis.Redis (or Sentinel.master_for(...), or "
+                "a redis.cluster.RedisCluster); pass an asyncio client factory as "
+                "async_client=lambda: redis.asyncio.Redis(...)"
             )
         self.url = resolve_url(url) if client is None else None
         self.memory = self.url is not None and self.url.startswith("memory://")
+        self.multi: MultiHostURL | None = None
+        if self.url is not None and self.url.startswith(
+            (SENTINEL_SCHEME + ":", CLUSTER_SCHEME + ":")
+        ):
+            self.multi = MultiHostURL(self.url)
+            self.cluster = self.multi.scheme == CLUSTER_SCHEME
+        self.sentinel = (
+            self.multi is not None and self.multi.scheme == SENTINEL_SCHEME
+        ) or (client is not None and _sentinel_pool(client) is not None)
         self._fake_server: Any = None
         if self.memory:
             try:
@@ -211,36 +297,69 @@ class ClientSpec:
 
     def sync_client(self, *, blocking: bool = False) -> redis.Redis:
         if self.user_client is not None:
-            kwargs = self.user_client.connection_pool.connection_kwargs
-            if kwargs.get("decode_responses"):
-                return redis.Redis(
-                    connection_pool=self.user_client.connection_pool.__class__(
-                        connection_class=self.user_client.connection_pool.connection_class,
-                        **{**kwargs, "decode_responses": False},
-                    )
-                )
-            return self.user_client
+            return self._sync_from_user()
         if self.memory:
             import fakeredis
 
             return fakeredis.FakeRedis(server=self._fake_server)
         assert self.url is not None
+        if self.multi is not None:
+            return self._sync_multi(self.multi, self._opts(blocking))
         return redis.Redis.from_url(self.url, **self._opts(blocking))
+
+    def _sync_from_user(self) -> redis.Redis:
+        client = self.user_client
+        if self.cluster:
+            if client.get_connection_kwargs().get("decode_responses"):
+                raise ConfigurationError(
+                    "rcache reads bytes: create the RedisCluster with "
+                    "decode_responses=False (the default)"
+                )
+            return cast("redis.Redis", client)
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        if not kwargs.get("decode_responses"):
+            return cast("redis.Redis", client)
+        sentinel = _sentinel_pool(client)
+        if sentinel is not None:
+            return cast(
+                "redis.Redis",
+                sentinel.sentinel_manager.master_for(
+                    sentinel.service_name,
+                    redis_class=redis.Redis,
+                    decode_responses=False,
+                ),
+            )
+        return redis.Redis(
+            connection_pool=pool.__class__(
+                connection_class=pool.connection_class,
+                **{**kwargs, "decode_responses": False},
+            )
+        )
+
+    @staticmethod
+    def _sync_multi(multi: MultiHostURL, opts: dict[str, Any]) -> redis.Redis:
+        opts = {**opts, **multi.options}
+        if multi.scheme == CLUSTER_SCHEME:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            retry = opts.pop("retry")
+            nodes = [ClusterNode(h, p) for h, p in multi.hosts]  # type: ignore[no-untyped-call]
+            return cast(
+                "redis.Redis", RedisCluster(startup_nodes=nodes, retry=retry, **opts)
+            )
+        from redis.sentinel import Sentinel
+
+        sentinels: Any = Sentinel(multi.hosts, **opts)  # type: ignore[no-untyped-call]
+        return cast(
+            "redis.Redis", sentinels.master_for(multi.service, redis_class=redis.Redis)
+        )
 
     def async_client(self, *, blocking: bool = False) -> redis.asyncio.Redis:
         if self.async_factory is not None:
             return self.async_factory()
         if self.user_client is not None:
-            kwargs = dict(self.user_client.connection_pool.connection_kwargs)
-            kwargs["decode_responses"] = False
-            kwargs.pop("retry", None)
-            # redis-py 8 sync pools carry arguments the asyncio client rejects
-            # (himport_registry, maint_notifications_pool_handler, orig_host_address, ...)
-            accepted = inspect.signature(redis.asyncio.Redis.__init__).parameters
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-            return redis.asyncio.Redis(
-                **kwargs, retry=redis.asyncio.retry.Retry(NoBackoff(), 0)
-            )
+            return self._async_from_user(blocking)
         if self.memory:
             import fakeredis
 
@@ -248,12 +367,116 @@ class ClientSpec:
         assert self.url is not None
         opts = self._opts(blocking)
         opts["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 0)
+        if self.multi is not None:
+            return self._async_multi(
+                self.multi.scheme,
+                self.multi.hosts,
+                self.multi.service,
+                {**opts, **self.multi.options},
+            )
         return redis.asyncio.Redis.from_url(self.url, **opts)
+
+    def _async_from_user(self, blocking: bool) -> redis.asyncio.Redis:
+        client = self.user_client
+        retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+        if self.cluster:
+            # the sync client's seeds and connection settings, for redis.asyncio.cluster
+            from redis.asyncio.cluster import RedisCluster
+
+            seeds = [(n.host, n.port) for n in client.get_nodes()]
+            kwargs = _async_kwargs(client.get_connection_kwargs(), RedisCluster)
+            for name in ("host", "port", "startup_nodes"):
+                kwargs.pop(name, None)
+            return self._async_multi(
+                CLUSTER_SCHEME, seeds, "", {**kwargs, "retry": retry}
+            )
+        sentinel = _sentinel_pool(client)
+        if sentinel is not None:
+            # A Sentinel.master_for() client: its pool proxies the sentinel manager,
+            # which redis.asyncio.Redis(**connection_kwargs) cannot use (AttributeError
+            # on the first async call): build the asyncio twin from the same sentinels.
+            manager = sentinel.sentinel_manager
+            hosts = [
+                (
+                    s.connection_pool.connection_kwargs["host"],
+                    s.connection_pool.connection_kwargs["port"],
+                )
+                for s in manager.sentinels
+            ]
+            kwargs = _async_kwargs(manager.connection_kwargs)
+            kwargs.update(_async_kwargs(sentinel.connection_kwargs))
+            kwargs.pop("connection_pool", None)
+            return self._async_multi(
+                SENTINEL_SCHEME,
+                hosts,
+                sentinel.service_name,
+                {**kwargs, "retry": retry},
+            )
+        kwargs = _async_kwargs(client.connection_pool.connection_kwargs)
+        return redis.asyncio.Redis(**kwargs, retry=retry)
+
+    @staticmethod
+    def _async_multi(
+        scheme: str, hosts: list[tuple[str, int]], service: str, opts: dict[str, Any]
+    ) -> redis.asyncio.Redis:
+        if scheme == CLUSTER_SCHEME:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            retry = opts.pop("retry")
+            nodes = [ClusterNode(h, p) for h, p in hosts]
+            return cast(
+                "redis.asyncio.Redis",
+                RedisCluster(startup_nodes=nodes, retry=retry, **opts),
+            )
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinels: Any = Sentinel(hosts, **opts)  # type: ignore[no-untyped-call]
+        return cast(
+            "redis.asyncio.Redis",
+            sentinels.master_for(service, redis_class=redis.asyncio.Redis),
+        )
 
     def describe(self) -> str:
         if self.url is not None:
             return _redact(self.url)
         return "client"
+
+
+def connection_kwargs(client: Any) -> Mapping[str, Any]:
+    """A client's connection settings: from its pool, or a cluster client's own."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        return cast("Mapping[str, Any]", pool.connection_kwargs)
+    getter = getattr(client, "get_connection_kwargs", None)
+    return cast("Mapping[str, Any]", getter() if getter is not None else {})
+
+
+def _is_cluster_client(client: object) -> bool:
+    # redis.cluster.RedisCluster routes with a nodes_manager (as _transaction checks);
+    # duck-typed so that plain redis.Redis users never import the cluster module.
+    return hasattr(client, "nodes_manager") and hasattr(client, "get_nodes")
+
+
+def _sentinel_pool(client: Any) -> Any:
+    """The SentinelConnectionPool of a ``Sentinel.master_for()`` client, else None."""
+    pool = getattr(client, "connection_pool", None)
+    if hasattr(pool, "sentinel_manager") and hasattr(pool, "service_name"):
+        return pool
+    return None
+
+
+def _async_kwargs(
+    kwargs: Mapping[str, Any], client_class: Any = redis.asyncio.Redis
+) -> dict[str, Any]:
+    """Sync connection settings the asyncio client accepts, decoding off, no retry.
+
+    redis-py 8 sync pools carry arguments the asyncio client rejects (himport_registry,
+    maint_notifications_pool_handler, orig_host_address, redis_connect_func, ...).
+    """
+    accepted = inspect.signature(client_class.__init__).parameters
+    out = {k: v for k, v in kwargs.items() if k in accepted and k != "retry"}
+    out["decode_responses"] = False
+    return out
 
 
 def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
