@@ -465,6 +465,14 @@ def _sentinel_pool(client: Any) -> Any:
     return None
 
 
+def _close_sentinels(client: Any) -> None:
+    """Close the sentinel connections of a client that rcache built from a URL."""
+    pool = _sentinel_pool(client)
+    if pool is not None:
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
 def _async_kwargs(
     kwargs: Mapping[str, Any], client_class: Any = redis.asyncio.Redis
 ) -> dict[str, Any]:
@@ -551,8 +559,11 @@ class SyncRedis:
     def close(self) -> None:
         if self._client is not None and self._spec.user_client is not self._client:
             self._client.close()
+            _close_sentinels(self._client)
         if self._blocking is not None:
             self._blocking.close()
+            if self._spec.user_client is not self._blocking:
+                _close_sentinels(self._blocking)
         self._client = self._blocking = None
 
 
@@ -617,6 +628,11 @@ class AsyncRedis:
             client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()
+                # a redis+sentinel:// client also holds connections to the sentinels
+                pool = _sentinel_pool(client)
+                if pool is not None:
+                    for sentinel in pool.sentinel_manager.sentinels:
+                        await sentinel.aclose()
 
 
 class LuaScript:
