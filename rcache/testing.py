@@ -326,14 +326,18 @@ class RedisSentinel:
 
     @property
     def url(self) -> str:
+        """The ``redis+sentinel://`` URL of this set, database 0."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{hosts}/{self.service}/0"
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of each sentinel, as ``redis.sentinel.Sentinel`` takes them."""
         return [("127.0.0.1", s.port) for s in self.sentinels]
 
     def start(self) -> RedisSentinel:
+        """Start the primary, the replica and the sentinels; returns once every sentinel
+        sees the replica and the other sentinels (so that a failover can be voted)."""
         args = ["--repl-diskless-sync-delay", "0"]
         try:
             primary = RedisServer(executable=self.executable, extra_args=args).start()
@@ -389,6 +393,7 @@ class RedisSentinel:
         raise RuntimeError("no sentinel answers")
 
     def primary(self) -> RedisServer:
+        """The server the sentinels name as primary."""
         port = self.primary_port()
         return next(s for s in self.servers if s.port == port)
 
@@ -425,6 +430,7 @@ class RedisSentinel:
         return result
 
     def close(self) -> None:
+        """Stop every process and remove their directories."""
         for node in [*self.sentinels, *self.servers]:
             node.close()
         self.sentinels.clear()
@@ -510,6 +516,8 @@ class RedisCluster:
         return Client(startup_nodes=seeds, **kwargs)
 
     def start(self) -> RedisCluster:
+        """Start the nodes, assign the slots, join them and attach the replicas;
+        returns once every node reports cluster_state:ok and every replica is linked."""
         args = [
             "--cluster-enabled",
             "yes",
@@ -586,6 +594,7 @@ class RedisCluster:
         return [n for n in self.nodes if self._role(n) == "master"]
 
     def replicas(self) -> list[RedisServer]:
+        """The live nodes that are replicas now."""
         return [n for n in self.nodes if self._role(n) == "slave"]
 
     def node_for(self, key: str | bytes) -> RedisServer:
@@ -668,6 +677,7 @@ class RedisCluster:
         )
 
     def close(self) -> None:
+        """Stop every node and remove their directories."""
         for node in self.nodes:
             node.close()
         self.nodes.clear()
