@@ -284,13 +284,14 @@ class _SentinelNode(RedisServer):
 
 
 def _sentinel_executable(server: str) -> str:
-    # Debian ships redis-sentinel as its own package; another server binary (Redis 8,
-    # Valkey) runs as a sentinel with --sentinel.
+    # Debian ships redis-sentinel beside redis-server (package redis-sentinel); another
+    # server binary (Redis 8, Valkey) runs as a sentinel with --sentinel.
     if os.environ.get("RCACHE_REDIS_SENTINEL"):
         return os.environ["RCACHE_REDIS_SENTINEL"]
-    if os.environ.get("RCACHE_REDIS_SERVER"):
-        return server
-    return shutil.which("redis-sentinel") or server
+    beside = Path(server).resolve().parent / "redis-sentinel"
+    if Path(server).name == "redis-server" and beside.exists():
+        return str(beside)
+    return server
 
 
 class RedisSentinel:

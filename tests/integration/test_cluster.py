@@ -89,6 +89,12 @@ def test_sigkill_of_a_primary_promotes_its_replica_and_rcache_serves_again() -> 
         print(f"served again {time.monotonic() - killed:.2f}s after SIGKILL")
         assert cache.set("after", 1)
         assert cache.get("after") == 1
+        # a graceful CLUSTER FAILOVER of another shard: roles swap, no data lost
+        replica = cluster.replicas()[0]
+        cluster.failover(replica)
+        assert replica in cluster.primaries()
+        wait_until(served, timeout=10, interval=0.05, message="served after FAILOVER")
+        assert cache.get("after") == 1
         cache.close()
 
 
