@@ -862,8 +862,9 @@ def diagnose(client: redis.Redis, probe: str) -> str:
     client.get(probe)
     client.delete(probe)
     LuaScript("rcache_check", _CHECK_SOURCE)(client, [probe], [])
-    client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
-    db = client.connection_pool.connection_kwargs.get("db", 0)
+    # source = destination: one key, so one hash slot on Redis Cluster
+    client.blmove(probe, probe, 0.01)  # type: ignore[arg-type]
+    db = connection_kwargs(client).get("db", 0)
     return _check_report(info, int(db or 0))
 
 
@@ -878,8 +879,8 @@ async def adiagnose(client: redis.asyncio.Redis, probe: str) -> str:
     await client.get(probe)
     await client.delete(probe)
     await LuaScript("rcache_check", _CHECK_SOURCE).acall(client, [probe], [])
-    await client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
-    db = client.connection_pool.connection_kwargs.get("db", 0)
+    await client.blmove(probe, probe, 0.01)  # type: ignore[arg-type]
+    db = connection_kwargs(client).get("db", 0)
     return _check_report(info, int(db or 0))
 
 

@@ -307,3 +307,11 @@ def test_url_errors_are_configuration_errors() -> None:
         rcache.Cache("redis+cluster://127.0.0.1:7000/3")
     with pytest.raises(rcache.ConfigurationError, match="host:port"):
         rcache.Cache("redis+cluster://127.0.0.1:x")
+
+
+async def test_check_passes_on_a_cluster(cache: rcache.Cache) -> None:
+    # Before: BLMOVE probe -> probe:to crossed slots, and the db lookup read a
+    # connection_pool that cluster clients do not have (AttributeError).
+    assert "work" in cache.check()
+    assert "work" in await cache.acheck()
+    await cache.aclose()

@@ -183,3 +183,11 @@ async def test_primary_sigkill_service_back_within_5s_async(
     print(f"async: served again {time.monotonic() - killed:.2f}s after SIGKILL")
     assert own_sentinels.primary_port() != old.port
     await cache.aclose()
+
+
+async def test_check_passes_through_sentinel(sentinels: RedisSentinel) -> None:
+    cache = rcache.Cache(sentinels.url, prefix="s")
+    assert "db 0" in cache.check()
+    assert "db 0" in await cache.acheck()
+    await cache.aclose()
+    cache.close()
