@@ -315,3 +315,22 @@ async def test_check_passes_on_a_cluster(cache: rcache.Cache) -> None:
     assert "work" in cache.check()
     assert "work" in await cache.acheck()
     await cache.aclose()
+
+
+async def test_admin_stats_locks_and_clear_scan_every_primary(
+    redis_cluster: RedisCluster, cache: rcache.Cache
+) -> None:
+    # Before: SCAN's cursor on a cluster client is per node (a dict): TypeError.
+    keys = [f"k{i}" for i in range(20)]
+    cache.set_many({k: 1 for k in keys})
+    assert _spread([cache._key(k) for k in keys]) > 1
+    with cache.lock("job", ttl=10):
+        assert [info.name for info in cache.locks()] == ["job"]
+        assert [info.name for info in await cache.alocks()] == ["job"]
+        assert cache.stats().explicit_entries == 20
+        assert (await cache.astats()).explicit_entries == 20
+        assert cache.clear().deleted == 20  # the held lock is kept
+    assert cache.get_many(keys) == {}
+    cache.set_many({k: 1 for k in keys})
+    assert (await cache.aclear()).deleted == 20
+    await cache.aclose()
