@@ -322,7 +322,7 @@ async def test_admin_stats_locks_and_clear_scan_every_primary(
 ) -> None:
     # Before: SCAN's cursor on a cluster client is per node (a dict): TypeError.
     keys = [f"k{i}" for i in range(20)]
-    cache.set_many({k: 1 for k in keys})
+    cache.set_many(dict.fromkeys(keys, 1))
     assert _spread([cache._key(k) for k in keys]) > 1
     with cache.lock("job", ttl=10):
         assert [info.name for info in cache.locks()] == ["job"]
@@ -331,6 +331,6 @@ async def test_admin_stats_locks_and_clear_scan_every_primary(
         assert (await cache.astats()).explicit_entries == 20
         assert cache.clear().deleted == 20  # the held lock is kept
     assert cache.get_many(keys) == {}
-    cache.set_many({k: 1 for k in keys})
+    cache.set_many(dict.fromkeys(keys, 1))
     assert (await cache.aclear()).deleted == 20
     await cache.aclose()
