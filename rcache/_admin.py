@@ -260,8 +260,24 @@ _OnBatch = Callable[[ClearResult], object]
 
 
 def _scan(cursor: int, match: str, count: int) -> Callable[[Any], Any]:
-    """One SCAN page; safe to retry (the same cursor gives the same page or more)."""
-    return lambda c: c.scan(cursor, match=match, count=count)
+    """One SCAN page; safe to retry (the same cursor gives the same page or more).
+
+    On Redis Cluster there is no single cursor (each primary has its own): the page is
+    one whole pass over every primary (redis-py's scan_iter), with cursor 0."""
+
+    def page(c: Any) -> Any:
+        if hasattr(c, "nodes_manager"):  # a cluster client, sync or asyncio
+            keys = c.scan_iter(match=match, count=count)
+            if hasattr(keys, "__aiter__"):
+
+                async def collect() -> tuple[int, list[bytes]]:
+                    return 0, [k async for k in keys]
+
+                return collect()
+            return 0, list(keys)
+        return c.scan(cursor, match=match, count=count)
+
+    return page
 
 
 def _unlink(keys: list[bytes]) -> Callable[[Any], Any]:

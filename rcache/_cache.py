@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 import redis
 import redis.asyncio
+import redis.cluster
 
 from rcache._admin import AdminMixin
 from rcache._breaker import CircuitBreaker
@@ -106,15 +107,22 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
-        in-process, same semantics including Lua). Default: ``$RCACHE_URL``, else
-        ``$REDIS_URL``, read at first use (not here), else ``redis://127.0.0.1:6379/0``
-        with one WARNING saying so. Settings can also come later, before first use,
-        from :meth:`configure` (or a framework's ``init_app``).
+        in-process, same semantics including Lua);
+        ``redis+sentinel://host:26379,host2:26379/service_name/0`` (the primary that
+        the sentinels name, followed across failovers); ``redis+cluster://host:7000,
+        host2:7001`` (Redis Cluster: explicit operations, locks and one-slot
+        transactions; ``@cached`` and ``@cached_batch`` are refused there for now).
+        Default: ``$RCACHE_URL``, else ``$REDIS_URL``, read at first use (not here),
+        else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
+        come later, before first use, from :meth:`configure` (or a framework's
+        ``init_app``).
     :param prefix: first part of every Redis key this cache writes.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
-    :param client: a ``redis.Redis`` to use instead of a URL; ``async_client`` a factory
-        of ``redis.asyncio.Redis`` (called once per event loop).
+    :param client: a ``redis.Redis`` to use instead of a URL (also
+        ``Sentinel.master_for(...)`` or a ``redis.cluster.RedisCluster``; rcache builds
+        their asyncio twins itself); ``async_client`` a factory of
+        ``redis.asyncio.Redis`` (called once per event loop).
     :param serializer: ``"json"`` (default), ``"msgpack"`` or a Serializer, e.g.
         ``PickleSerializer(secret=...)``.
     :param on_backend_error: ``"bypass"`` (default): a failing Redis is skipped (the
@@ -145,7 +153,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         *,
         prefix: str = "rcache",
         ttl: Duration | None = None,
-        client: redis.Redis | None = None,
+        client: redis.Redis | redis.cluster.RedisCluster | None = None,
         async_client: Callable[[], redis.asyncio.Redis] | None = None,
         serializer: str | Serializer = "json",
         on_backend_error: BackendErrorPolicy = "bypass",
@@ -195,7 +203,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         url: str | None = None,
         prefix: str | None = None,
         ttl: Duration | None = None,
-        client: redis.Redis | None = None,
+        client: redis.Redis | redis.cluster.RedisCluster | None = None,
         async_client: Callable[[], redis.asyncio.Redis] | None = None,
         serializer: str | Serializer | None = None,
         on_backend_error: BackendErrorPolicy | None = None,
@@ -272,7 +280,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         url: str | None,
         prefix: str,
         ttl: Duration | None,
-        client: redis.Redis | None,
+        client: redis.Redis | redis.cluster.RedisCluster | None,
         async_client: Callable[[], redis.asyncio.Redis] | None,
         serializer: str | Serializer,
         on_backend_error: BackendErrorPolicy,
@@ -377,6 +385,25 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     def is_memory(self) -> bool:
         """True for the embedded ``memory://`` backend."""
         return self._spec.memory
+
+    @property
+    def is_cluster(self) -> bool:
+        """True on Redis Cluster (``redis+cluster://`` or a RedisCluster client)."""
+        return self._spec.cluster
+
+    def _refuse_on_cluster(self, what: str) -> None:
+        # Every @cached entry reads its value and its version stamps (function, tags)
+        # in one MGET and claims/stores them in one Lua script: keys in different hash
+        # slots, which Redis Cluster refuses (CROSSSLOT). Until entries carry slot
+        # groups (issue 15), refuse at decoration rather than fail on every call.
+        if self._spec.cluster:
+            raise ConfigurationError(
+                f"{what} is not supported on Redis Cluster yet: its entries span hash "
+                "slots (value, version stamps, tags, stampede lease). On a cluster use "
+                "explicit cache.get/set/delete, locks and one-slot transactions, or "
+                "point this Cache at one primary (redis://) or a Sentinel set "
+                "(redis+sentinel://)"
+            )
 
     # -- failure policy (shared by both drivers) --------------------------------------
 
@@ -559,11 +586,16 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             self.metrics.cache_removal(name)
         return bool(n)
 
+    def _mget(self, client: Any, keys: list[str]) -> Any:
+        # On a cluster, get_many's keys span slots: redis-py splits the read per slot
+        # (not atomic; a hit path needing atomicity is refused on clusters anyway).
+        return client.mget_nonatomic(keys) if self._spec.cluster else client.mget(keys)
+
     def _mget_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
         if not self.breaker.allow():
             return self._skipped(name, "get", policy)
         try:
-            rows = self._sync.run(lambda c: c.mget(keys))
+            rows = self._sync.run(lambda c: self._mget(c, keys))
         except RCacheError as exc:
             return self._failed(name, "get", exc, policy)
         self.breaker.success()
@@ -575,7 +607,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         if not self.breaker.allow():
             return self._skipped(name, "get", policy)
         try:
-            rows = await self._async.run(lambda c: c.mget(keys))
+            rows = await self._async.run(lambda c: self._mget(c, keys))
         except RCacheError as exc:
             return self._failed(name, "get", exc, policy)
         self.breaker.success()
@@ -1241,6 +1273,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             raise ConfigurationError(
                 f"cache.cached() takes a function, got {type(fn).__name__}: {hint}"
             )
+        self._refuse_on_cluster("@cache.cached")
         seconds = self._ttl(ttl)
         if on_unserializable not in _UNSERIALIZABLE:
             raise ConfigurationError(
@@ -1350,6 +1383,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         """
         from rcache._batch import make_batch
 
+        self._refuse_on_cluster("@cache.cached_batch")
         seconds = self._ttl(ttl)
         policy = self.on_backend_error if on_backend_error is None else on_backend_error
         _check_policy(policy)

@@ -81,6 +81,7 @@ from rcache._redis import (
     aeval_within,
     aeviction_policy,
     command_within,
+    connection_kwargs,
     eval_within,
     eviction_policy,
 )
@@ -650,7 +651,7 @@ class _LeasedLock:
         sync = self._cache._sync
         io_cap = _socket_timeout(sync.client)
         blocking = _blocking(sync)
-        cap = self._cap = _block_cap(blocking.connection_pool.connection_kwargs)
+        cap = self._cap = _block_cap(connection_kwargs(blocking))
         memory = self._cache._spec.memory
         waited = False
         while True:
@@ -701,7 +702,7 @@ class _LeasedLock:
         arun = self._cache._async.run
         io_cap = _socket_timeout(self._cache._async.client)
         ablocking = _blocking(self._cache._async)
-        cap = self._cap = _block_cap(ablocking.connection_pool.connection_kwargs)
+        cap = self._cap = _block_cap(connection_kwargs(ablocking))
         memory = self._cache._spec.memory
         waited = False
         while True:

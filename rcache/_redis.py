@@ -48,6 +48,7 @@ __all__ = [
     "aeviction_policy",
     "check_url",
     "command_within",
+    "connection_kwargs",
     "diagnose",
     "eval_within",
     "eviction_policy",
@@ -60,7 +61,9 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-_SCHEMES = ("redis", "rediss", "unix", "memory")
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+_SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
 WatchError = rex.WatchError
@@ -72,12 +75,30 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 #: Errors worth a retry: the command may not have reached Redis, or its reply was lost.
+#: CLUSTERDOWN and TRYAGAIN are a Redis Cluster mid-failover or mid-resharding: transient
+#: replies (the command was not run), not a bad command.
 TRANSIENT: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
     rex.TimeoutError,
     rex.BusyLoadingError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
     ConnectionError,
     TimeoutError,
+)
+
+#: Everything redis-py raises. RedisClusterException (its client-side cross-slot check,
+#: "cannot be connected", ...) derives from Exception, not RedisError: without it here a
+#: cluster error would escape map_error and the bypass policy.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    rex.RedisError,
+    rex.RedisClusterException,
+)
+_REDIS_OR_OS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
+
+_CROSS_SLOT_HINT = (
+    "the keys of one command must share a Redis Cluster hash slot: put the shared "
+    "part of their names in a hash tag ('{cart:7}:items', '{cart:7}:total')"
 )
 
 #: Never retried although redis-py derives AuthenticationError from ConnectionError: a
@@ -116,7 +137,9 @@ def resolve_url(url: str | None) -> str:
 _USERINFO_PASSWORD = re.compile(r"(?<=:)[^:@/]+(?=@)")
 _URL_FORMS = (
     "redis://host:6379/0, rediss://host:6380/0, redis://:password@host:6379/0, "
-    "unix:///path/to/redis.sock?db=0 or memory://"
+    "unix:///path/to/redis.sock?db=0, "
+    "redis+sentinel://host:26379,host2:26379/service_name/0, "
+    "redis+cluster://host:7000,host2:7001 or memory://"
 )
 
 
@@ -161,6 +184,9 @@ def check_url(url: str) -> str:
             f"malformed Redis URL {shown!r}: the scheme must be followed by '//'; "
             f"write {_redact(example)!r}"
         )
+    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        MultiHostURL(url)  # several hosts: urlsplit's port would refuse them
+        return url
     if scheme == "unix":
         if parts.netloc or not parts.path:
             raise ConfigurationError(
@@ -202,6 +228,70 @@ def check_url(url: str) -> str:
             f"Redis URL {shown!r} is not valid: {exc} write " + _URL_FORMS
         ) from None
     return url
+
+
+class MultiHostURL:
+    """A parsed ``redis+sentinel://`` or ``redis+cluster://`` URL (pure).
+
+    ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db][?opts]``
+    names the sentinels (port default 26379), the monitored service and the database; the
+    user and password are the primary's (as in Celery's and Kombu's ``sentinel://``
+    URLs), not the sentinels'. ``redis+cluster://[[user]:password@]host:port[,...][?opts]``
+    names seed nodes (port default 6379); a cluster has only database 0. Query options
+    are redis-py's URL options (``socket_timeout=0.5``, ...).
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        default_port = 26379 if self.scheme == SENTINEL_SCHEME else 6379
+        self.hosts: list[tuple[str, int]] = []
+        for item in filter(None, hostlist.split(",")):
+            host, sep, port = item.rpartition(":")
+            if not sep:
+                host, port = item, str(default_port)
+            if not host or not port.isdigit():
+                raise ConfigurationError(
+                    f"bad host {item!r} in {_redact(url)!r}: write host:port"
+                )
+            self.hosts.append((host.strip("[]"), int(port)))
+        if not self.hosts:
+            raise ConfigurationError(
+                f"no host in {_redact(url)!r}: write {self.scheme}://host:port"
+            )
+        path = [p for p in parts.path.split("/") if p]
+        self.service = ""
+        db = "0"
+        if self.scheme == SENTINEL_SCHEME:
+            if not path or len(path) > 2:
+                raise ConfigurationError(
+                    f"{_redact(url)!r} names no service: write "
+                    "redis+sentinel://host:26379,host2:26379/service_name/0"
+                )
+            self.service = path[0]
+            db = path[1] if len(path) == 2 else "0"
+        elif path not in ([], ["0"]):
+            raise ConfigurationError(
+                f"a Redis Cluster has only database 0, got {_redact(url)!r}: "
+                "write redis+cluster://host:7000,host2:7001"
+            )
+        if not db.isdigit():
+            raise ConfigurationError(f"bad database {db!r} in {_redact(url)!r}")
+        # redis-py parses (and type-converts) the credentials and query options
+        auth = f"{userinfo}@" if userinfo else ""
+        query = f"?{parts.query}" if parts.query else ""
+        try:
+            options = redis.connection.parse_url(  # type: ignore[no-untyped-call]
+                f"redis://{auth}h:1/{db}{query}"
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"bad option in {_redact(url)!r}: {exc}") from None
+        options.pop("host", None)
+        options.pop("port", None)
+        if self.scheme == CLUSTER_SCHEME:
+            options.pop("db", None)
+        self.options: dict[str, Any] = options
 
 
 def _redact(url: str) -> str:
@@ -285,6 +375,25 @@ def misconfiguration(exc: BaseException) -> str | None:
     return None
 
 
+def _map_cluster_error(exc: BaseException) -> RCacheError | None:
+    """Redis Cluster errors: cross-slot is a usage error (BackendError, never an
+    outage: it must not open the breaker); a topology in flux is an outage."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (rex.ClusterCrossSlotError, rex.CrossSlotTransactionError)) or (
+        isinstance(exc, rex.RedisClusterException) and "same key slot" in str(exc)
+    ):
+        return BackendError(f"Redis Cluster refused {text}: {_CROSS_SLOT_HINT}", exc)
+    if isinstance(exc, (rex.AskError, rex.SlotNotCoveredError)):
+        # MOVED/ASK that outlived redis-py's own redirections: slots moving (or a
+        # plain redis:// URL pointing at a cluster node: use redis+cluster://).
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    if isinstance(exc, rex.RedisClusterException) and any(
+        s in str(exc) for s in ("cannot be connected", "not covered", "agree")
+    ):
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    return None
+
+
 def map_error(exc: BaseException) -> RCacheError:
     """Translate a redis-py (or socket) exception into rcache's tree.
 
@@ -297,6 +406,9 @@ def map_error(exc: BaseException) -> RCacheError:
     """
     if isinstance(exc, RCacheError):
         return exc
+    cluster = _map_cluster_error(exc)
+    if cluster is not None:
+        return cluster
     hint = misconfiguration(exc)
     if hint is not None:
         return BackendMisconfiguredError(
@@ -319,13 +431,17 @@ class ClientSpec:
     rcache stores binary envelopes, so its clients never decode responses. A user client
     created with ``decode_responses=True`` is not modified: rcache builds a twin with the
     same connection settings and ``decode_responses=False``.
+
+    The deployment is explicit, never guessed per call: ``redis+sentinel://`` or a client
+    from ``Sentinel.master_for`` (``sentinel``), ``redis+cluster://`` or a
+    ``redis.cluster.RedisCluster`` (``cluster``), else one server.
     """
 
     def __init__(
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Any = None,
         async_client: Callable[[], redis.asyncio.Redis] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -347,10 +463,14 @@ class ClientSpec:
         self.async_factory = async_client
         if client is not None and url is not None:
             raise ConfigurationError("pass either a URL or client=, not both")
-        if client is not None and not isinstance(client, redis.Redis):
+        self._user_cluster = client is not None and _is_cluster_client(client)
+        if client is not None and not (
+            self._user_cluster or isinstance(client, redis.Redis)
+        ):
             raise ConfigurationError(
-                "client= takes a synchronous redis.Redis; pass an asyncio client factory "
-                "as async_client=lambda: redis.asyncio.Redis(...)"
+                "client= takes a synchronous redis.Redis (or Sentinel.master_for(...), or "
+                "a redis.cluster.RedisCluster); pass an asyncio client factory as "
+                "async_client=lambda: redis.asyncio.Redis(...)"
             )
         if client is None and (
             url is not None
@@ -364,6 +484,8 @@ class ClientSpec:
         self._url: str | None = None
         #: set when the first client is made: the settings are in use from then on
         self.used = False
+        self._user_sentinel = client is not None and _sentinel_pool(client) is not None
+        self._multi: tuple[str, MultiHostURL | None] | None = None
         self._fake_server: Any = None
 
     @property
@@ -377,6 +499,36 @@ class ClientSpec:
             return self._url
         # not cached before first use: the environment may still change until then
         return resolve_url(self._url_arg)
+
+    @property
+    def multi(self) -> MultiHostURL | None:
+        """The parsed ``redis+sentinel://``/``redis+cluster://`` URL, else None (parsed
+        once per URL: the URL may still change until first use)."""
+        url = self.url
+        if self._multi is None or self._multi[0] != url:
+            multi = None
+            if url is not None and url.startswith(
+                (SENTINEL_SCHEME + ":", CLUSTER_SCHEME + ":")
+            ):
+                multi = MultiHostURL(url)
+            self._multi = (url or "", multi)
+        return self._multi[1]
+
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster, from the client given or the URL's scheme (never guessed)."""
+        if self.user_client is not None:
+            return self._user_cluster
+        multi = self.multi
+        return multi is not None and multi.scheme == CLUSTER_SCHEME
+
+    @property
+    def sentinel(self) -> bool:
+        """A primary found through Sentinel, from the client given or the URL."""
+        if self.user_client is not None:
+            return self._user_sentinel
+        multi = self.multi
+        return multi is not None and multi.scheme == SENTINEL_SCHEME
 
     @property
     def memory(self) -> bool:
@@ -429,21 +581,63 @@ class ClientSpec:
         if not self.used:
             self._first_use()
         if self.user_client is not None:
-            kwargs = self.user_client.connection_pool.connection_kwargs
-            if kwargs.get("decode_responses"):
-                return redis.Redis(
-                    connection_pool=self.user_client.connection_pool.__class__(
-                        connection_class=self.user_client.connection_pool.connection_class,
-                        **{**kwargs, "decode_responses": False},
-                    )
-                )
-            return self.user_client
+            return self._sync_from_user()
         if self.memory:
             import fakeredis
 
             return fakeredis.FakeRedis(server=self._fake_server)
         assert self.url is not None
+        if self.multi is not None:
+            return self._sync_multi(self.multi, self._opts(blocking))
         return redis.Redis.from_url(self.url, **self._opts(blocking))
+
+    def _sync_from_user(self) -> redis.Redis:
+        client = self.user_client
+        if self.cluster:
+            if client.get_connection_kwargs().get("decode_responses"):
+                raise ConfigurationError(
+                    "rcache reads bytes: create the RedisCluster with "
+                    "decode_responses=False (the default)"
+                )
+            return cast("redis.Redis", client)
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        if not kwargs.get("decode_responses"):
+            return cast("redis.Redis", client)
+        sentinel = _sentinel_pool(client)
+        if sentinel is not None:
+            return cast(
+                "redis.Redis",
+                sentinel.sentinel_manager.master_for(
+                    sentinel.service_name,
+                    redis_class=redis.Redis,
+                    decode_responses=False,
+                ),
+            )
+        return redis.Redis(
+            connection_pool=pool.__class__(
+                connection_class=pool.connection_class,
+                **{**kwargs, "decode_responses": False},
+            )
+        )
+
+    @staticmethod
+    def _sync_multi(multi: MultiHostURL, opts: dict[str, Any]) -> redis.Redis:
+        opts = {**opts, **multi.options}
+        if multi.scheme == CLUSTER_SCHEME:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            retry = opts.pop("retry")
+            nodes = [ClusterNode(h, p) for h, p in multi.hosts]  # type: ignore[no-untyped-call]
+            return cast(
+                "redis.Redis", RedisCluster(startup_nodes=nodes, retry=retry, **opts)
+            )
+        from redis.sentinel import Sentinel
+
+        sentinels: Any = Sentinel(multi.hosts, **opts)  # type: ignore[no-untyped-call]
+        return cast(
+            "redis.Redis", sentinels.master_for(multi.service, redis_class=redis.Redis)
+        )
 
     def async_client(self, *, blocking: bool = False) -> redis.asyncio.Redis:
         if not self.used:
@@ -451,16 +645,7 @@ class ClientSpec:
         if self.async_factory is not None:
             return self.async_factory()
         if self.user_client is not None:
-            kwargs = dict(self.user_client.connection_pool.connection_kwargs)
-            kwargs["decode_responses"] = False
-            kwargs.pop("retry", None)
-            # redis-py 8 sync pools carry arguments the asyncio client rejects
-            # (himport_registry, maint_notifications_pool_handler, orig_host_address, ...)
-            accepted = inspect.signature(redis.asyncio.Redis.__init__).parameters
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-            return redis.asyncio.Redis(
-                **kwargs, retry=redis.asyncio.retry.Retry(NoBackoff(), 0)
-            )
+            return self._async_from_user(blocking)
         if self.memory:
             import fakeredis
 
@@ -468,12 +653,124 @@ class ClientSpec:
         assert self.url is not None
         opts = self._opts(blocking)
         opts["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 0)
+        if self.multi is not None:
+            return self._async_multi(
+                self.multi.scheme,
+                self.multi.hosts,
+                self.multi.service,
+                {**opts, **self.multi.options},
+            )
         return redis.asyncio.Redis.from_url(self.url, **opts)
+
+    def _async_from_user(self, blocking: bool) -> redis.asyncio.Redis:
+        client = self.user_client
+        retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+        if self.cluster:
+            # the sync client's seeds and connection settings, for redis.asyncio.cluster
+            from redis.asyncio.cluster import RedisCluster
+
+            seeds = [(n.host, n.port) for n in client.get_nodes()]
+            kwargs = _async_kwargs(client.get_connection_kwargs(), RedisCluster)
+            for name in ("host", "port", "startup_nodes"):
+                kwargs.pop(name, None)
+            return self._async_multi(
+                CLUSTER_SCHEME, seeds, "", {**kwargs, "retry": retry}
+            )
+        sentinel = _sentinel_pool(client)
+        if sentinel is not None:
+            # A Sentinel.master_for() client: its pool proxies the sentinel manager,
+            # which redis.asyncio.Redis(**connection_kwargs) cannot use (AttributeError
+            # on the first async call): build the asyncio twin from the same sentinels.
+            manager = sentinel.sentinel_manager
+            hosts = [
+                (
+                    s.connection_pool.connection_kwargs["host"],
+                    s.connection_pool.connection_kwargs["port"],
+                )
+                for s in manager.sentinels
+            ]
+            kwargs = _async_kwargs(manager.connection_kwargs)
+            kwargs.update(_async_kwargs(sentinel.connection_kwargs))
+            kwargs.pop("connection_pool", None)
+            return self._async_multi(
+                SENTINEL_SCHEME,
+                hosts,
+                sentinel.service_name,
+                {**kwargs, "retry": retry},
+            )
+        kwargs = _async_kwargs(client.connection_pool.connection_kwargs)
+        return redis.asyncio.Redis(**kwargs, retry=retry)
+
+    @staticmethod
+    def _async_multi(
+        scheme: str, hosts: list[tuple[str, int]], service: str, opts: dict[str, Any]
+    ) -> redis.asyncio.Redis:
+        if scheme == CLUSTER_SCHEME:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            retry = opts.pop("retry")
+            nodes = [ClusterNode(h, p) for h, p in hosts]
+            return cast(
+                "redis.asyncio.Redis",
+                RedisCluster(startup_nodes=nodes, retry=retry, **opts),
+            )
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinels: Any = Sentinel(hosts, **opts)  # type: ignore[no-untyped-call]
+        return cast(
+            "redis.asyncio.Redis",
+            sentinels.master_for(service, redis_class=redis.asyncio.Redis),
+        )
 
     def describe(self) -> str:
         if self.url is not None:
             return _redact(self.url)
         return "client"
+
+
+def connection_kwargs(client: Any) -> Mapping[str, Any]:
+    """A client's connection settings: from its pool, or a cluster client's own."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        return cast("Mapping[str, Any]", pool.connection_kwargs)
+    getter = getattr(client, "get_connection_kwargs", None)
+    return cast("Mapping[str, Any]", getter() if getter is not None else {})
+
+
+def _is_cluster_client(client: object) -> bool:
+    # redis.cluster.RedisCluster routes with a nodes_manager (as _transaction checks);
+    # duck-typed so that plain redis.Redis users never import the cluster module.
+    return hasattr(client, "nodes_manager") and hasattr(client, "get_nodes")
+
+
+def _sentinel_pool(client: Any) -> Any:
+    """The SentinelConnectionPool of a ``Sentinel.master_for()`` client, else None."""
+    pool = getattr(client, "connection_pool", None)
+    if hasattr(pool, "sentinel_manager") and hasattr(pool, "service_name"):
+        return pool
+    return None
+
+
+def _close_sentinels(client: Any) -> None:
+    """Close the sentinel connections of a client that rcache built from a URL."""
+    pool = _sentinel_pool(client)
+    if pool is not None:
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+def _async_kwargs(
+    kwargs: Mapping[str, Any], client_class: Any = redis.asyncio.Redis
+) -> dict[str, Any]:
+    """Sync connection settings the asyncio client accepts, decoding off, no retry.
+
+    redis-py 8 sync pools carry arguments the asyncio client rejects (himport_registry,
+    maint_notifications_pool_handler, orig_host_address, redis_connect_func, ...).
+    """
+    accepted = inspect.signature(client_class.__init__).parameters
+    out = {k: v for k, v in kwargs.items() if k in accepted and k != "retry"}
+    out["decode_responses"] = False
+    return out
 
 
 def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
@@ -540,18 +837,21 @@ class SyncRedis:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
             first = exc
-        except rex.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise map_error(exc) from exc
         try:
             return _retrying(self._retry)(op, client)
-        except (rex.RedisError, OSError) as exc:
+        except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
     def close(self) -> None:
         if self._client is not None and self._spec.user_client is not self._client:
             self._client.close()
+            _close_sentinels(self._client)
         if self._blocking is not None:
             self._blocking.close()
+            if self._spec.user_client is not self._blocking:
+                _close_sentinels(self._blocking)
         self._client = self._blocking = None
 
 
@@ -597,7 +897,7 @@ class AsyncRedis:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
             first = exc
-        except rex.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise map_error(exc) from exc
 
         async def attempt() -> T:
@@ -606,7 +906,7 @@ class AsyncRedis:
 
         try:
             return await _aretrying(self._retry)(attempt)
-        except (rex.RedisError, OSError) as exc:
+        except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
     async def aclose(self) -> None:
@@ -618,6 +918,11 @@ class AsyncRedis:
             client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()
+                # a redis+sentinel:// client also holds connections to the sentinels
+                pool = _sentinel_pool(client)
+                if pool is not None:
+                    for sentinel in pool.sentinel_manager.sentinels:
+                        await sentinel.aclose()
 
 
 _CHECK_SOURCE = (
@@ -648,8 +953,9 @@ def diagnose(client: redis.Redis, probe: str) -> str:
     client.get(probe)
     client.delete(probe)
     LuaScript("rcache_check", _CHECK_SOURCE)(client, [probe], [])
-    client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
-    db = client.connection_pool.connection_kwargs.get("db", 0)
+    # source = destination: one key, so one hash slot on Redis Cluster
+    client.blmove(probe, probe, 0.01)  # type: ignore[arg-type]
+    db = connection_kwargs(client).get("db", 0)
     return _check_report(info, int(db or 0))
 
 
@@ -664,8 +970,8 @@ async def adiagnose(client: redis.asyncio.Redis, probe: str) -> str:
     await client.get(probe)
     await client.delete(probe)
     await LuaScript("rcache_check", _CHECK_SOURCE).acall(client, [probe], [])
-    await client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
-    db = client.connection_pool.connection_kwargs.get("db", 0)
+    await client.blmove(probe, probe, 0.01)  # type: ignore[arg-type]
+    db = connection_kwargs(client).get("db", 0)
     return _check_report(info, int(db or 0))
 
 
@@ -728,6 +1034,17 @@ def command_within(
     client). A connection whose reply did not come is dropped, so that a late reply can
     never answer the next command.
     """
+    if _is_cluster_client(client):
+        # A RedisCluster has no one pool: run the command on the client of the node
+        # serving its slot. That bypasses the cluster client's MOVED handling, so a
+        # MOVED re-reads the slot table for the next try (a failover moved the slot).
+        cluster: Any = client
+        node = cluster.nodes_manager.get_node_from_slot(cluster.determine_slot(*args))
+        try:
+            return command_within(node.redis_connection, limit, *args, on_sent=on_sent)
+        except rex.MovedError:
+            cluster.nodes_manager.initialize()
+            raise
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's connection API is untyped
     try:
@@ -754,6 +1071,18 @@ async def acommand_within(
     on_sent: Callable[[], object] | None = None,
 ) -> Any:
     """Async twin of :func:`command_within`."""
+    if _is_cluster_client(client):
+        # redis.asyncio's cluster client routes (and follows MOVED) itself; bound the
+        # wait for its reply here (a cancelled read drops its connection).
+        if on_sent is not None:
+            on_sent()
+        reply = cast(Any, client).execute_command(*args)
+        if limit is None:
+            return await reply
+        try:
+            return await asyncio.wait_for(reply, max(limit, 0.001))
+        except asyncio.TimeoutError:
+            raise rex.TimeoutError(f"no reply from Redis within {limit}s") from None
     pool: Any = client.connection_pool
     conn: Any = await pool.get_connection()
     try:

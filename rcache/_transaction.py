@@ -55,6 +55,7 @@ from rcache._exceptions import (
 from rcache._mixin import CacheBase
 from rcache._redis import (
     REDIS_CONNECTION_ERRORS,
+    REDIS_ERRORS,
     TRANSIENT,
     LuaScript,
     RedisError,
@@ -349,11 +350,22 @@ def _check_retries(retries: int) -> int:
     return retries
 
 
+def _pipe_in_use(pipe: Any) -> bool:
+    # A cluster pipeline (redis-py >= 6) keeps WATCH state in its execution strategy,
+    # not in .watching/.connection: always reset it.
+    if not hasattr(pipe, "watching"):
+        return True
+    return bool(pipe.watching or pipe.connection is not None)
+
+
 def _reset_quietly(pipe: Pipeline) -> None:
     """UNWATCH and give the connection back; a dead connection is just dropped."""
     try:
         pipe.reset()
     except (RedisError, OSError):
+        if not hasattr(pipe, "watching"):
+            return  # a cluster pipeline's reset() drops its connection itself
+
         # redis-py's reset() only catches ConnectionError around UNWATCH; after a
         # timeout the connection is in an unknown state: drop it, keep the pool whole.
         conn, pipe.connection = pipe.connection, None
@@ -368,6 +380,9 @@ async def _areset_quietly(pipe: AsyncPipeline) -> None:
     try:
         await pipe.reset()  # type: ignore[no-untyped-call]
     except (RedisError, OSError):
+        if not hasattr(pipe, "watching"):
+            return
+
         conn, pipe.connection = pipe.connection, None
         pipe.watching = False
         pipe.explicit_transaction = False
@@ -404,7 +419,7 @@ def _attempt(
     except _REDIS_LOST as exc:
         _reset_quietly(pipe)
         raise plan.unsent(exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         _reset_quietly(pipe)
         raise map_error(exc) from exc
     except BaseException:
@@ -419,7 +434,7 @@ def _attempt(
         raise plan.conflict() from None
     except _LOST as exc:
         raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise map_error(exc) from exc
 
 
@@ -443,7 +458,7 @@ async def _aattempt(
     except _REDIS_LOST as exc:
         await _areset_quietly(pipe)
         raise plan.unsent(exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         await _areset_quietly(pipe)
         raise map_error(exc) from exc
     except BaseException:
@@ -457,7 +472,7 @@ async def _aattempt(
         raise plan.conflict() from None
     except _LOST as exc:
         raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise map_error(exc) from exc
 
 
@@ -487,7 +502,7 @@ def _run(
         plan.finished(committed=False)
         raise
     finally:
-        if pipe.watching or pipe.connection is not None:
+        if _pipe_in_use(pipe):
             _reset_quietly(pipe)
     plan.finished(committed=True)
     return out
@@ -499,8 +514,16 @@ async def _arun(
     keys: list[KeyT],
     body: Callable[[AsyncPipeline], Awaitable[T]],
 ) -> tuple[list[Any], T]:
-    if len(keys) > 1 and _is_cluster(client):
-        check_one_slot(keys)
+    if _is_cluster(client):
+        if len(keys) > 1:
+            check_one_slot(keys)
+        # redis-py 8.1's asyncio cluster transaction does not initialize the client
+        # (slots, node connections) itself: WATCH as the client's first command fails
+        # with "got Future attached to a different loop". initialize() is idempotent.
+        try:
+            await client.initialize()
+        except REDIS_ERRORS as exc:
+            raise map_error(exc) from exc
     pipe = client.pipeline(transaction=True)
     try:
         try:
@@ -522,7 +545,7 @@ async def _arun(
         plan.finished(committed=False)
         raise
     finally:
-        if pipe.watching or pipe.connection is not None:
+        if _pipe_in_use(pipe):
             await _areset_quietly(pipe)
     plan.finished(committed=True)
     return out

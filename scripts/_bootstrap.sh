@@ -28,15 +28,16 @@ fi
 export UV_PYTHON_DOWNLOADS=never
 export UV_PYTHON="$PY"
 
-# redis-server: tests and the demo start their own throwaway servers.
-if ! command -v redis-server >/dev/null 2>&1 && [ -z "${RCACHE_NO_APT:-}" ]; then
+# redis-server: tests and the demo start their own throwaway servers; redis-sentinel for
+# the Sentinel tests (rcache.testing.RedisSentinel).
+if { ! command -v redis-server || ! command -v redis-sentinel; } >/dev/null 2>&1 && [ -z "${RCACHE_NO_APT:-}" ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "rcache: installing redis-server with apt-get ..." >&2
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-            || echo "rcache: could not install redis-server with apt-get" >&2
+        echo "rcache: installing redis-server and redis-sentinel with apt-get ..." >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-sentinel >/dev/null) \
+            || echo "rcache: could not install redis-server/redis-sentinel with apt-get" >&2
     elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-            || echo "rcache: could not install redis-server with apt-get" >&2
+        (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-sentinel >/dev/null) \
+            || echo "rcache: could not install redis-server/redis-sentinel with apt-get" >&2
     fi
 fi
 

@@ -8,18 +8,17 @@ RCACHE_ALLOW_SKIP=1 to skip Redis tests instead.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
 
 import rcache
-from rcache.testing import RedisServer
+from rcache.testing import RedisCluster, RedisServer, default_executable
 
 
 def _need_redis() -> None:
-    if shutil.which("redis-server") is None:
+    if default_executable() is None:
         if os.environ.get("RCACHE_ALLOW_SKIP") == "1":
             pytest.skip("redis-server not installed and RCACHE_ALLOW_SKIP=1")
         pytest.fail(
@@ -43,6 +42,22 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client = redis_server.client()
     client.flushall()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """The session's Redis Cluster (3 primaries, 3 replicas), started on first use (~2 s).
+    Do not kill its nodes: failover tests start their own RedisCluster."""
+    _need_redis()
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster) -> Iterator[str]:
+    """The session cluster's ``redis+cluster://`` URL, flushed after the test."""
+    yield redis_cluster.url
+    redis_cluster.flush()
 
 
 @pytest.fixture

@@ -258,7 +258,7 @@ def test_decorating_a_non_callable(cache: rcache.Cache) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://localhost", "redis+sentinel://x", "mysql://db", "localhost:6379"]
+    "url", ["http://localhost", "rediss+sentinel://x", "mysql://db", "localhost:6379"]
 )
 def test_unknown_url_scheme(url: str) -> None:
     with pytest.raises(ConfigurationError, match="redis://"):

@@ -484,32 +484,36 @@ async def test_async_connection_lost_after_exec_is_not_retried(
     await cache.aclose()
 
 
-# Keeps Redis busy inside EXEC (after our SET) for ARGV[1] ms, so that the client's read
-# of the EXEC reply times out although the transaction commits.
-BUSY_LUA = """
-local t0 = redis.call('TIME')
-local stop = t0[1] * 1000000 + t0[2] + ARGV[1] * 1000
-while true do
-  local t = redis.call('TIME')
-  if t[1] * 1000000 + t[2] >= stop then break end
-end
-return 1
-"""
-# The EXEC reply read times out at EXEC_READ_TIMEOUT; redis-py then reconnects to send
-# UNWATCH, whose handshake is answered when the script ends at BUSY_MS and must arrive
-# before EXEC_READ_TIMEOUT runs out again: ~0.3 s of margin on both sides.
-EXEC_READ_TIMEOUT = 0.6
+# Keeps Redis busy inside EXEC (after our SET) for BUSY_MS, so that the client's read of
+# the EXEC reply times out although the transaction commits. DEBUG SLEEP, not a Lua loop
+# on redis.call('TIME'): Redis 8 and Valkey 9 freeze TIME during a script, so such a loop
+# spun for 5-10 s there instead of BUSY_MS.
 BUSY_MS = 900
 
 
+def busy(pipe: Any) -> None:
+    pipe.execute_command("DEBUG", "SLEEP", BUSY_MS / 1000)
+
+
+@pytest.fixture
+def debug_server() -> Iterator[tuple[RedisServer, redis.Redis]]:
+    with RedisServer(extra_args=["--enable-debug-command", "yes"]) as server:
+        admin = server.client()
+        yield server, admin
+        admin.close()
+
+
+EXEC_READ_TIMEOUT = 0.6
+
+
 def test_committed_exec_reported_as_watch_error_is_not_retried(
-    own_server: tuple[RedisServer, redis.Redis],
+    debug_server: tuple[RedisServer, redis.Redis],
 ) -> None:
     """redis-py turns "reply lost after EXEC" into ``WatchError`` when it can reconnect
     (``Pipeline._disconnect_raise_on_watching``); ``Redis.transaction`` then runs the
     function again and applies it twice. rcache must raise instead.
     """
-    server, admin = own_server
+    server, admin = debug_server
     admin.set("stock:42", 5)
     cache = rcache.Cache(
         server.url, prefix="test", redis_options={"socket_timeout": EXEC_READ_TIMEOUT}
@@ -522,7 +526,7 @@ def test_committed_exec_reported_as_watch_error_is_not_retried(
         stock = int(pipe.get("stock:42"))
         pipe.multi()
         pipe.set("stock:42", stock - 1)
-        pipe.eval(BUSY_LUA, 0, BUSY_MS)
+        busy(pipe)
 
     with pytest.raises(rcache.BackendUnavailableError, match="after EXEC") as info:
         cache.transaction(fn, watch=["stock:42"], retries=10)
@@ -535,9 +539,9 @@ def test_committed_exec_reported_as_watch_error_is_not_retried(
 
 
 async def test_async_committed_exec_reported_as_watch_error_is_not_retried(
-    own_server: tuple[RedisServer, redis.Redis],
+    debug_server: tuple[RedisServer, redis.Redis],
 ) -> None:
-    server, admin = own_server
+    server, admin = debug_server
     admin.set("stock:42", 5)
     cache = rcache.Cache(
         server.url, prefix="test", redis_options={"socket_timeout": EXEC_READ_TIMEOUT}
@@ -550,7 +554,7 @@ async def test_async_committed_exec_reported_as_watch_error_is_not_retried(
         stock = int(await pipe.get("stock:42"))
         pipe.multi()
         pipe.set("stock:42", stock - 1)
-        pipe.eval(BUSY_LUA, 0, BUSY_MS)
+        busy(pipe)
 
     with pytest.raises(rcache.BackendUnavailableError, match="after EXEC") as info:
         await cache.atransaction(fn, watch=["stock:42"], retries=10)
