@@ -74,12 +74,18 @@ def _sdist_tests(version: str) -> Path:
             timeout=240,
         )
         (archive,) = Path(tmp).glob("*.tar.gz")
-        wanted = f"django-{version}/tests/cache/"
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
+            # the top folder is "django-X.Y.Z" (older sdists: "Django-X.Y.Z")
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name.split("/")[1:3] == ["tests", "cache"]
+            ]
+            assert members, f"no tests/cache/ in {archive.name}"
             tar.extractall(tmp, members=members, filter="data")
+            top = members[0].name.split("/")[0]
         # rename is atomic: a concurrent or interrupted run never sees half a tree
-        staged = Path(tmp) / f"django-{version}"
+        staged = Path(tmp) / top
         try:
             staged.rename(root / f"django-{version}")
         except OSError:  # another run got there first
