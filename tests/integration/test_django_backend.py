@@ -322,3 +322,16 @@ def test_import_rcache_does_not_import_django() -> None:
         "import rcache.django; assert 'django' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metrics_sink_and_name_from_options(make: Callable[..., RCacheBackend]) -> None:
+    metrics = rcache.InMemoryMetrics()
+    cache = make(OPTIONS={"prefix": "dm", "metrics": metrics, "name": "pages"})
+    assert cache.rcache.metrics is metrics
+    cache.get("k")
+    cache.set("k", "v")
+    cache.get("k")
+    assert cache.get_many(["k", "absent"]) == {"k": "v"}
+    assert metrics.count("cache_gets", "pages", "hit") == 2
+    assert metrics.count("cache_gets", "pages", "miss") == 2
+    assert metrics.count("cache_puts", "pages") == 1
