@@ -437,10 +437,11 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         version: int | None = None,
     ) -> None:
         k, ms = self._rkey(key, version), self._ms(timeout)
+        data = self._dump(value, ms)  # an unserializable value raises, whatever timeout
         if ms == 0:  # Django: a timeout of 0 means "do not keep it"
             self._run("delete", lambda c: c.delete(k))
             return
-        self._written(self._run("set", _set_op(k, self._dump(value, ms), ms)))
+        self._written(self._run("set", _set_op(k, data, ms)))
 
     async def aset(
         self,
@@ -450,10 +451,11 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         version: int | None = None,
     ) -> None:
         k, ms = self._rkey(key, version), self._ms(timeout)
+        data = self._dump(value, ms)
         if ms == 0:
             await self._arun("delete", lambda c: c.delete(k))
             return
-        self._written(await self._arun("set", _set_op(k, self._dump(value, ms), ms)))
+        self._written(await self._arun("set", _set_op(k, data, ms)))
 
     def add(
         self,

@@ -335,3 +335,27 @@ def test_metrics_sink_and_name_from_options(make: Callable[..., RCacheBackend]) 
     assert metrics.count("cache_gets", "pages", "hit") == 2
     assert metrics.count("cache_gets", "pages", "miss") == 2
     assert metrics.count("cache_puts", "pages") == 1
+
+
+def test_memory_location_is_one_store_for_every_thread() -> None:
+    # Django makes a backend per thread; with memory:// a Cache per backend would have
+    # been a private store per thread
+    import threading
+
+    opts = {"OPTIONS": {"prefix": "mem-threads"}}
+    main = RCacheBackend("memory://", opts)
+    main.set("n", 1)
+    seen: list[int] = []
+    t = threading.Thread(
+        target=lambda: seen.append(RCacheBackend("memory://", opts).incr("n"))
+    )
+    t.start()
+    t.join()
+    assert seen == [2] and main.get("n") == 2
+
+
+def test_set_with_zero_timeout_still_refuses_an_unserializable_value(
+    make: Callable[..., RCacheBackend],
+) -> None:
+    with pytest.raises(rcache.SerializationError):
+        make().set("k", object(), 0)
