@@ -159,7 +159,7 @@ class ClientSpec:
                 import lupa  # noqa: F401 -- Lua is part of the memory:// contract
             except ImportError:
                 raise ConfigurationError(
-                    'memory:// needs fakeredis with Lua: pip install "rcache[memory]"'
+                    'memory:// needs fakeredis with Lua: pip install "rcache-redis[memory]"'
                 ) from None
             self._fake_server = fakeredis.FakeServer()
 

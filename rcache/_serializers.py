@@ -169,7 +169,7 @@ class MsgpackSerializer:
             import msgpack
         except ImportError:
             raise ConfigurationError(
-                'serializer="msgpack" needs msgpack: pip install "rcache[fast]"'
+                'serializer="msgpack" needs msgpack: pip install "rcache-redis[fast]"'
             ) from None
         self._msgpack = msgpack
 

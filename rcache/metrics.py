@@ -1,4 +1,4 @@
-"""Prometheus metrics for rcache caches and locks (extra ``rcache[prometheus]``).
+"""Prometheus metrics for rcache caches and locks (extra ``rcache-redis[prometheus]``).
 
 Public and semver-covered, but not imported by ``rcache/__init__.py``: ``import
 rcache`` works without ``prometheus_client``. Nothing happens at import time: collectors
@@ -74,7 +74,7 @@ try:
     from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
-        "rcache.metrics needs prometheus-client: pip install 'rcache[prometheus]'"
+        "rcache.metrics needs prometheus-client: pip install 'rcache-redis[prometheus]'"
     ) from exc
 
 __all__ = [

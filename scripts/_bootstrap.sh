@@ -1,4 +1,5 @@
-# Sourced by scripts/demo, scripts/test and scripts/check: installs whatever is missing.
+# Sourced by every scripts/* entry point: installs whatever is missing (uv, redis-server,
+# .venv). promtool is fetched by scripts/_promtool.sh, for scripts/check and scripts/test only.
 # Needs only Python >= 3.10 and PyPI; installs redis-server with apt when it is missing and
 # we are root (or have passwordless sudo). Never starts a system service.
 set -euo pipefail
@@ -38,21 +39,5 @@ if ! command -v redis-server >/dev/null 2>&1 && [ -z "${RCACHE_NO_APT:-}" ]; the
             || echo "rcache: could not install redis-server with apt-get" >&2
     fi
 fi
-
-# promtool (and the prometheus server used by scripts/render_dashboard.py), from the Debian
-# package "prometheus", unpacked into .tools/ rather than installed: no service is started.
-if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$ROOT/.tools/prometheus/usr/bin/promtool" ] \
-        && [ -z "${RCACHE_NO_APT:-}" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "rcache: fetching promtool (Debian package prometheus) into .tools/ ..." >&2
-    _tmp="$(mktemp -d)"
-    if (cd "$_tmp" && apt-get download prometheus >/dev/null 2>&1) \
-        || { [ "$(id -u)" = 0 ] && apt-get update -qq && (cd "$_tmp" && apt-get download prometheus >/dev/null); }; then
-        dpkg-deb -x "$_tmp"/prometheus_*.deb "$ROOT/.tools/prometheus"
-    else
-        echo "rcache: could not fetch promtool; apt-get install prometheus" >&2
-    fi
-    rm -rf "$_tmp"
-fi
-export PATH="$ROOT/.tools/prometheus/usr/bin:$PATH"
 
 "$UV" sync --all-packages --frozen --inexact --quiet

@@ -590,7 +590,7 @@ def test_import_rcache_works_without_prometheus_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert "pip install 'rcache[prometheus]'" in result.stdout
+    assert "pip install 'rcache-redis[prometheus]'" in result.stdout
 
 
 def test_exporter_refuses_a_missing_multiproc_dir(

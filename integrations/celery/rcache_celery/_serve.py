@@ -30,7 +30,7 @@ def serve_metrics(app: Celery, *, port: int, addr: str = "127.0.0.1") -> None:
     :param port: TCP port (0 picks a free one; the bound port is logged).
     :param addr: address to bind; loopback by default.
 
-    Needs ``rcache[prometheus]``. Set ``PROMETHEUS_MULTIPROC_DIR`` to an empty
+    Needs ``rcache-redis[prometheus]``. Set ``PROMETHEUS_MULTIPROC_DIR`` to an empty
     directory before the worker starts (``export PROMETHEUS_MULTIPROC_DIR=...; celery
     -A proj worker``), and empty it at each start-up: per-pid files pile up with
     ``worker_max_tasks_per_child``. Idempotent; the server stops with the worker.
