@@ -61,7 +61,7 @@ from django.utils.module_loading import import_string
 
 from rcache._cache import Cache
 from rcache._config import BackendErrorPolicy, BreakerPolicy, RetryPolicy, ttl_ms
-from rcache._exceptions import ConfigurationError, RCacheError
+from rcache._exceptions import ConfigurationError, RCacheError, SerializationError
 from rcache._lock import Lock
 from rcache._redis import LuaScript
 from rcache._serializers import (
@@ -332,7 +332,17 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         if type(value) is int and _INT64[0] <= value <= _INT64[1]:
             return str(value).encode()
         fresh = float("inf") if ms is None else ms / 1000
-        return encode_envelope(self._cache.serializer, value, fresh_for=fresh)
+        try:
+            return encode_envelope(self._cache.serializer, value, fresh_for=fresh)
+        except SerializationError as exc:
+            if isinstance(self._cache.serializer, PickleSerializer):
+                raise
+            # model instances, querysets and the HttpResponses of cache_page land here
+            raise SerializationError(
+                f"{exc}; to cache any picklable value (model instances, querysets, "
+                'cache_page responses) set OPTIONS={"serializer": "pickle"}: pickles '
+                "signed with a key derived from SECRET_KEY"
+            ) from None
 
     def _load(self, raw: bytes) -> Any:
         """The value in ``raw``, or _MISSING if it cannot be read (counted, logged)."""
