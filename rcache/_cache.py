@@ -93,7 +93,8 @@ class Cache(LockMixin, TransactionMixin):
         ``PickleSerializer(secret=...)``.
     :param on_backend_error: ``"bypass"`` (default): a failing Redis is skipped (the
         function runs, a WARNING at most every 30 s, the error counted); ``"raise"``.
-    :param retry: RetryPolicy for transient errors; :param breaker: BreakerPolicy.
+    :param retry: RetryPolicy for transient errors.
+    :param breaker: BreakerPolicy, the circuit breaker for connection errors.
     :param metrics: a metrics sink such as ``rcache.metrics.PrometheusMetrics``;
         default ``InMemoryMetrics``.
     :param redis_options: extra keyword arguments for the redis-py clients.
@@ -831,9 +832,10 @@ class Cache(LockMixin, TransactionMixin):
         :param stampede: share one computation per cold key across threads, tasks and
             processes (default True); waiters are woken by notification.
         :param lease_ttl: the computation lease (renewed while computing; a crashed
-            holder is replaced within it). :param wait: the longest a caller waits for
-            another's computation (default ``lease_ttl``); then ``on_wait_timeout``:
-            ``"compute"`` itself (default) or ``"raise"`` LockNotAcquiredError.
+            holder is replaced within it).
+        :param wait: the longest a caller waits for another's computation (default
+            ``lease_ttl``); then ``on_wait_timeout``: ``"compute"`` itself (default) or
+            ``"raise"`` LockNotAcquiredError.
         :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
             task); default a daemon thread (sync) or an asyncio task (async).
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,

@@ -214,6 +214,7 @@ class Lease:
 
     @property
     def held(self) -> bool:
+        """Not lost, not released, and within its deadline (local check, no IO)."""
         return not self.lost and not self.released and time.monotonic() < self.deadline
 
     def _mark_lost(self, reason: str) -> None:

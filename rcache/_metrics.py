@@ -16,20 +16,54 @@ __all__ = ["InMemoryMetrics", "MetricsSink"]
 
 
 class MetricsSink(Protocol):
-    def register_cache(self, cache: str) -> None: ...
-    def cache_get(self, cache: str, result: str) -> None: ...
-    def cache_put(self, cache: str) -> None: ...
-    def cache_removal(self, cache: str) -> None: ...
-    def cache_load(self, cache: str, result: str, seconds: float) -> None: ...
-    def cache_error(self, cache: str, operation: str, error: str) -> None: ...
-    def breaker_state(self, state: int, cache: str) -> None: ...
-    def register_lock(self, lock: str) -> None: ...
-    def lock_acquire(self, lock: str, result: str) -> None: ...
-    def lock_wait(self, lock: str, seconds: float) -> None: ...
-    def lock_held(self, lock: str, seconds: float) -> None: ...
-    def lock_release(self, lock: str, result: str) -> None: ...
-    def lock_renewal(self, lock: str, result: str) -> None: ...
-    def locks_held_change(self, lock: str, delta: int) -> None: ...
+    """Where the cache and locks report events: ``Cache(metrics=...)``.
+
+    Implemented by :class:`InMemoryMetrics` (the default) and
+    ``rcache.metrics.PrometheusMetrics``; any object with these methods will do. Labels
+    are names only (a function, ``Cache`` or lock name), never keys or values.
+    """
+
+    def register_cache(self, cache: str) -> None:
+        """A decorated function or ``Cache`` named ``cache`` exists: create its label children."""
+
+    def cache_get(self, cache: str, result: str) -> None:
+        """A read of ``cache`` ended: ``result`` is ``hit``, ``miss`` or ``stale``."""
+
+    def cache_put(self, cache: str) -> None:
+        """A value of ``cache`` was stored."""
+
+    def cache_removal(self, cache: str) -> None:
+        """An entry of ``cache`` was invalidated or deleted."""
+
+    def cache_load(self, cache: str, result: str, seconds: float) -> None:
+        """The function of ``cache`` ran for ``seconds``: ``result`` is ``success`` or ``failure``."""
+
+    def cache_error(self, cache: str, operation: str, error: str) -> None:
+        """A Redis ``operation`` of ``cache`` failed with ``error`` (an exception class name)."""
+
+    def breaker_state(self, state: int, cache: str) -> None:
+        """The circuit breaker moved to ``state``: 0 closed, 1 open, 2 half-open."""
+
+    def register_lock(self, lock: str) -> None:
+        """A lock (or ``@locked`` template) named ``lock`` exists: create its label children."""
+
+    def lock_acquire(self, lock: str, result: str) -> None:
+        """An acquire ended: ``result`` is ``acquired``, ``busy``, ``timeout`` or ``error``."""
+
+    def lock_wait(self, lock: str, seconds: float) -> None:
+        """An acquire waited ``seconds`` before it ended."""
+
+    def lock_held(self, lock: str, seconds: float) -> None:
+        """A hold ended after ``seconds``."""
+
+    def lock_release(self, lock: str, result: str) -> None:
+        """A release ended: ``result`` is ``released`` or ``not_owned``."""
+
+    def lock_renewal(self, lock: str, result: str) -> None:
+        """A lease renewal ended: ``result`` is ``renewed`` or ``lost``."""
+
+    def locks_held_change(self, lock: str, delta: int) -> None:
+        """The number of holds of ``lock`` in this process changed by ``delta``."""
 
 
 class InMemoryMetrics:
@@ -44,6 +78,7 @@ class InMemoryMetrics:
         self._lock = threading.Lock()
 
     def count(self, *event: str) -> int:
+        """How many times ``event`` (name, then labels) was reported."""
         return self.counts[event]
 
     def _inc(self, *event: str) -> None:

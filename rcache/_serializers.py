@@ -51,9 +51,13 @@ class Serializer(Protocol):
 
     name: str
 
-    def dumps(self, value: Any) -> bytes: ...
+    def dumps(self, value: Any) -> bytes:
+        """Encode ``value``; raise ``TypeError`` for a type it cannot keep."""
+        ...
 
-    def loads(self, data: bytes) -> Any: ...
+    def loads(self, data: bytes) -> Any:
+        """Decode what :meth:`dumps` wrote."""
+        ...
 
 
 _TAG = "$rc"

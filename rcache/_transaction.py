@@ -567,6 +567,7 @@ class Script:
 
     @property
     def source(self) -> str:
+        """The Lua source the script was created with."""
         return self._lua.source
 
     def run(self, keys: Sequence[KeyT] = (), args: Sequence[ArgT] = ()) -> Any:

@@ -90,19 +90,19 @@ __all__ = [
     "start_http_server",
 ]
 
-#: Buckets of ``rcache_cache_load_duration_seconds``: from 100 µs (a local computation)
-#: to 30 s (a slow report); the default client_python buckets start at 5 ms, which puts
-#: every cheap load in the first bucket.
 LOAD_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-#: Buckets of ``rcache_lock_wait_seconds`` and ``rcache_lock_held_seconds``: 1 ms to
-#: 10 min (locks guard jobs that run for minutes).
+"""Buckets of ``rcache_cache_load_duration_seconds``: from 100 µs (a local computation)
+to 30 s (a slow report); the default client_python buckets start at 5 ms, which puts
+every cheap load in the first bucket."""
 LOCK_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+"""Buckets of ``rcache_lock_wait_seconds`` and ``rcache_lock_held_seconds``: 1 ms to
+10 min (locks guard jobs that run for minutes)."""
 
 GET_RESULTS = ("hit", "miss", "stale")
 LOAD_RESULTS = ("success", "failure")
@@ -558,6 +558,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
+        """The scrape URL, ``http://host:port/metrics``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 

@@ -97,6 +97,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
@@ -106,6 +107,7 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING; returns ``self``."""
         fixed = bool(self.port)
         for _ in range(5):
             if not fixed:
@@ -163,6 +165,7 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
+        """True while the server process is alive."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
@@ -201,6 +204,7 @@ class RedisServer:
         return self.start()
 
     def close(self) -> None:
+        """Stop the server and delete its working directory."""
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -373,6 +373,12 @@ class UniqueTask(GuardedTask):
         shadow: Any = None,
         **options: Any,
     ) -> Any:
+        """Queue the task unless an equal one is queued or running.
+
+        One ``SET NX GET`` decides: a duplicate returns the existing task's
+        ``AsyncResult`` (or raises ``DuplicateTaskError`` with
+        ``on_duplicate="raise"``). Eager mode and canvas members are not deduplicated.
+        """
         if self.app.conf.task_always_eager:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
