@@ -23,20 +23,7 @@ except a plain ``int`` (not ``bool``), stored as its decimal digits so that ``in
 ``decr`` are one atomic INCRBY (a Lua script also checks the key exists: Django raises
 ``ValueError`` on a missing key, which a bare INCRBY would create).
 
-``OPTIONS`` (all optional; anything else is refused at construction):
-
-* ``serializer``: ``"json"`` (default: rcache's JSON, which keeps tuples, bytes,
-  datetimes, Decimals, UUIDs, sets), ``"msgpack"``, ``"pickle"`` (pickle signed with
-  HMAC-SHA256 under a key derived from ``settings.SECRET_KEY``, verifying
-  ``SECRET_KEY_FALLBACKS`` too; needed to cache model instances, querysets or
-  ``HttpResponse`` objects, as the cache middleware does), a Serializer instance, or the
-  dotted path of one.
-* ``on_backend_error``: ``"bypass"`` (default: a failing Redis reads as a miss and
-  writes are skipped, logged at most every 30 s and counted) or ``"raise"``.
-* ``prefix`` (default ``"rcache"``), ``name`` (metrics label, default the prefix),
-  ``retry`` and ``breaker`` (a RetryPolicy/BreakerPolicy or a dict of their fields),
-  ``metrics`` (a metrics sink such as ``rcache.metrics.PrometheusMetrics()``),
-  ``redis_options`` (keyword arguments for the redis-py clients).
+``OPTIONS`` are listed on :class:`RCacheBackend`.
 
 Django makes a backend object per thread and, under ASGI, per request task (asgiref's
 ``Local``); all of them with the same LOCATION and OPTIONS share one ``rcache.Cache``,
@@ -278,8 +265,22 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     ``LOCATION`` is one Redis URL (``redis://``, ``rediss://``, ``unix://``,
     ``memory://``; empty: ``$RCACHE_URL``, ``$REDIS_URL``, then
     ``redis://127.0.0.1:6379/0``). ``TIMEOUT``, ``KEY_PREFIX``, ``VERSION`` and
-    ``KEY_FUNCTION`` work as in every Django backend; ``OPTIONS`` are described in the
-    module docstring.
+    ``KEY_FUNCTION`` work as in every Django backend.
+
+    ``OPTIONS`` (all optional; anything else is refused at construction):
+
+    * ``serializer``: ``"json"`` (default: rcache's JSON, which keeps tuples, bytes,
+      datetimes, Decimals, UUIDs, sets), ``"msgpack"``, ``"pickle"`` (pickle signed with
+      HMAC-SHA256 under a key derived from ``settings.SECRET_KEY``, verifying
+      ``SECRET_KEY_FALLBACKS`` too; needed to cache model instances, querysets or
+      ``HttpResponse`` objects, as the cache middleware does), a Serializer instance, or the
+      dotted path of one.
+    * ``on_backend_error``: ``"bypass"`` (default: a failing Redis reads as a miss and
+      writes are skipped, logged at most every 30 s and counted) or ``"raise"``.
+    * ``prefix`` (default ``"rcache"``), ``name`` (metrics label, default the prefix),
+      ``retry`` and ``breaker`` (a RetryPolicy/BreakerPolicy or a dict of their fields),
+      ``metrics`` (a metrics sink such as ``rcache.metrics.PrometheusMetrics()``),
+      ``redis_options`` (keyword arguments for the redis-py clients).
 
     :raises rcache.ConfigurationError: at construction (first ``caches[alias]`` access),
         for an unknown option, several LOCATIONs, a bad serializer or policy.
@@ -430,12 +431,14 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     # -- BaseCache API: sync and async twins ------------------------------------------
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        """The value of ``key``, or ``default`` on a miss (or a bypassed error)."""
         k = self._rkey(key, version)
         return self._value(self._run("get", lambda c: c.get(k)), default)
 
     async def aget(
         self, key: Any, default: Any = None, version: int | None = None
     ) -> Any:
+        """Async twin of :meth:`get`, on rcache's asyncio client."""
         k = self._rkey(key, version)
         return self._value(await self._arun("get", lambda c: c.get(k)), default)
 
@@ -446,6 +449,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> None:
+        """Store ``value`` for ``timeout`` seconds (None: forever; 0: remove the key)."""
         k, ms = self._rkey(key, version), self._ms(timeout)
         data = self._dump(value, ms)  # an unserializable value raises, whatever timeout
         if ms == 0:  # Django: a timeout of 0 means "do not keep it"
@@ -460,6 +464,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> None:
+        """Async twin of :meth:`set`."""
         k, ms = self._rkey(key, version), self._ms(timeout)
         data = self._dump(value, ms)
         if ms == 0:
@@ -474,6 +479,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> bool:
+        """Store ``value`` only if ``key`` is absent (SET NX); True if it was stored."""
         k, ms = self._rkey(key, version), self._ms(timeout)
         data = self._dump(value, ms)
         if ms == 0:  # would have been added, and expired at once
@@ -489,6 +495,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> bool:
+        """Async twin of :meth:`add`."""
         k, ms = self._rkey(key, version), self._ms(timeout)
         data = self._dump(value, ms)
         if ms == 0:
@@ -500,6 +507,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     def touch(
         self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
+        """Give ``key`` a new ``timeout``; False if the key does not exist."""
         ms = self._ms(timeout)
         result = self._run("set", _touch_op(self._rkey(key, version), ms))
         if result is _BYPASS:
@@ -509,6 +517,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     async def atouch(
         self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
+        """Async twin of :meth:`touch`."""
         ms = self._ms(timeout)
         result = await self._arun("set", _touch_op(self._rkey(key, version), ms))
         if result is _BYPASS:
@@ -516,19 +525,23 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         return bool(result[0] if ms is None else result)
 
     def delete(self, key: Any, version: int | None = None) -> bool:
+        """Delete ``key``; True if it existed."""
         k = self._rkey(key, version)
         return self._removed(self._run("delete", lambda c: c.delete(k)))
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
+        """Async twin of :meth:`delete`."""
         k = self._rkey(key, version)
         return self._removed(await self._arun("delete", lambda c: c.delete(k)))
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
+        """True if ``key`` exists (one EXISTS)."""
         k = self._rkey(key, version)
         result = self._run("get", lambda c: c.exists(k))
         return result is not _BYPASS and bool(result)
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
+        """Async twin of :meth:`has_key`."""
         k = self._rkey(key, version)
         result = await self._arun("get", lambda c: c.exists(k))
         return result is not _BYPASS and bool(result)
@@ -536,6 +549,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     def get_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
+        """The present entries among ``keys``, in one MGET (missing ones left out)."""
         keys = list(keys)
         if not keys:
             return {}
@@ -545,6 +559,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     async def aget_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> dict[Any, Any]:
+        """Async twin of :meth:`get_many`."""
         keys = list(keys)
         if not keys:
             return {}
@@ -573,6 +588,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         timeout: Any = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> list[Any]:
+        """Async twin of :meth:`set_many`."""
         if not data:
             return []
         ms = self._ms(timeout)
@@ -583,6 +599,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         return []
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        """Delete ``keys`` in one command."""
         full = [self._rkey(k, version) for k in keys]
         if full:
             self._run("delete", lambda c: c.delete(*full))
@@ -590,6 +607,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     async def adelete_many(
         self, keys: Iterable[Any], version: int | None = None
     ) -> None:
+        """Async twin of :meth:`delete_many`."""
         full = [self._rkey(k, version) for k in keys]
         if full:
             await self._arun("delete", lambda c: c.delete(*full))
@@ -602,14 +620,17 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         return self._incr_result(key, reply)
 
     async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Async twin of :meth:`incr`."""
         k, script = self._rkey(key, version), self._shared.incr_script
         reply = await self._arun("set", lambda c: _eval(c, script, [k], [delta]))
         return self._incr_result(key, reply)
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Subtract ``delta`` atomically: :meth:`incr` with ``-delta``."""
         return self.incr(key, -delta, version=version)
 
     async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """Async twin of :meth:`decr`."""
         return await self.aincr(key, -delta, version=version)
 
     def clear(self) -> None:
@@ -621,6 +642,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         self._run("delete", lambda c: _clear(c, self._prefix))
 
     async def aclear(self) -> None:
+        """Async twin of :meth:`clear`."""
         await self._arun("delete", lambda c: _aclear(c, self._prefix))
 
     def close(self, **kwargs: Any) -> None:

@@ -17,7 +17,13 @@ import rcache
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Modules whose ``__all__`` is the public API.
-PUBLIC_MODULES = ("rcache", "rcache.metrics", "rcache.testing", "rcache_celery")
+PUBLIC_MODULES = (
+    "rcache",
+    "rcache.django",
+    "rcache.metrics",
+    "rcache.testing",
+    "rcache_celery",
+)
 
 
 def _public_names() -> list[tuple[str, str]]:
