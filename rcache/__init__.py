@@ -14,6 +14,7 @@ from rcache._cache import Cache
 from rcache._config import BreakerPolicy, RetryPolicy, parse_duration
 from rcache._exceptions import (
     BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     LockError,
@@ -40,6 +41,7 @@ from rcache._version import __version__
 __all__ = [
     "AsyncCachedFunction",
     "BackendError",
+    "BackendMisconfiguredError",
     "BackendUnavailableError",
     "BreakerPolicy",
     "Cache",

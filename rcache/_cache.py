@@ -27,6 +27,8 @@ from rcache._config import (
     ttl_ms,
 )
 from rcache._exceptions import (
+    BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     RCacheError,
@@ -37,7 +39,15 @@ from rcache._lease import LeaseKeeper
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
-from rcache._redis import MAX_BLOCK, AsyncRedis, ClientSpec, LuaScript, SyncRedis
+from rcache._redis import (
+    MAX_BLOCK,
+    AsyncRedis,
+    ClientSpec,
+    LuaScript,
+    SyncRedis,
+    adiagnose,
+    diagnose,
+)
 from rcache._serializers import (
     Envelope,
     Serializer,
@@ -195,19 +205,32 @@ class Cache(LockMixin, TransactionMixin):
     def _failed(
         self, name: str, operation: str, exc: RCacheError, policy: BackendErrorPolicy
     ) -> Any:
+        # Only unreachability opens the breaker: a wrong password or database is not
+        # an outage, and bypassing Redis for it would hide the cause behind "open".
         if isinstance(exc, BackendUnavailableError):
             self.breaker.failure()
         original = getattr(exc, "original", None) or exc
         self.metrics.cache_error(name, operation, type(original).__name__)
         if policy == "raise":
             raise exc
-        self._log.warning(
-            operation,
-            "rcache: cache %s for %s failed (%s); carrying on without the cache",
-            operation,
-            name,
-            type(original).__name__,
-        )
+        # str(exc) is the server's error text (map_error strips echoed arguments),
+        # never a value
+        if isinstance(exc, BackendMisconfiguredError):
+            self._log.error(
+                "misconfigured:" + operation,
+                "rcache: cache %s for %s failed: %s; carrying on without the cache",
+                operation,
+                name,
+                exc,
+            )
+        else:
+            self._log.warning(
+                operation,
+                "rcache: cache %s for %s failed (%s); carrying on without the cache",
+                operation,
+                name,
+                exc,
+            )
         return BYPASS
 
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
@@ -724,7 +747,10 @@ class Cache(LockMixin, TransactionMixin):
         return n
 
     def ping(self) -> bool:
-        """True if Redis answers (never raises; does not touch the breaker)."""
+        """True if Redis answers (never raises; does not touch the breaker).
+
+        ``False`` does not say why: :meth:`check` does.
+        """
         try:
             return bool(self._sync.run(lambda c: c.ping(), retry=False))
         except RCacheError:
@@ -736,6 +762,41 @@ class Cache(LockMixin, TransactionMixin):
             return bool(await self._async.run(lambda c: c.ping(), retry=False))
         except RCacheError:
             return False
+
+    def _checked(self, exc: RCacheError) -> RCacheError:
+        if isinstance(exc, BackendError):
+            return type(exc)(f"{self._spec.describe()}: {exc.message}", exc.original)
+        return exc
+
+    def check(self) -> str:
+        """Say whether rcache can work with this Redis, and if not, why.
+
+        Connects (authentication, database selection), then reads, writes and deletes
+        a probe key under this cache's prefix, runs a Lua script and blocks for 10 ms
+        in BLMOVE: everything cached calls, locks and stampede waits need. No retry,
+        and the circuit breaker is not touched. Use it at start-up or in a health
+        endpoint; :meth:`ping` only says yes or no.
+
+        :returns: a one-line summary, e.g. ``"Redis 7.2.4, db 0: connect, read,
+            write, Lua scripts and blocking commands work"``.
+        :raises BackendMisconfiguredError: a problem no retry fixes (wrong password or
+            database, missing ACL permission, unknown command...), with what to change.
+        :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
+        :raises BackendError: any other error reply.
+        """
+        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        try:
+            return self._sync.run(lambda c: diagnose(c, probe), retry=False)
+        except RCacheError as exc:
+            raise self._checked(exc) from exc.__cause__
+
+    async def acheck(self) -> str:
+        """Async twin of :meth:`check`."""
+        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        try:
+            return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
+        except RCacheError as exc:
+            raise self._checked(exc) from exc.__cause__
 
     def close(self) -> None:
         """Close the sync client (it is made again on next use)."""

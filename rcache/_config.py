@@ -18,17 +18,58 @@ __all__ = ["BackendErrorPolicy", "Duration", "RetryPolicy", "parse_duration"]
 Duration = Union[int, float, str, timedelta]  # noqa: UP007 (a runtime alias on 3.10)
 BackendErrorPolicy = Literal["bypass", "raise"]
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+#: Unit spellings accepted in duration strings (lower case), in seconds.
+_UNITS: dict[str, float] = {}
+for _seconds, _names in (
+    (0.001, ("ms", "msec", "msecs", "millisecond", "milliseconds")),
+    (1.0, ("s", "sec", "secs", "second", "seconds")),
+    (60.0, ("m", "min", "mins", "minute", "minutes")),
+    (3600.0, ("h", "hr", "hrs", "hour", "hours")),
+    (86400.0, ("d", "day", "days")),
+    (604800.0, ("w", "wk", "wks", "week", "weeks")),
+):
+    _UNITS.update(dict.fromkeys(_names, _seconds))
+del _seconds, _names
+#: One "<number> <unit>" part; parts after the first may follow ", " or " and ".
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*")
+_SEPARATOR = re.compile(r"(?:,|and\b)\s*")
+
+
+def _parse_text(text: str) -> float | None:
+    """Seconds in ``text`` ("90", "10min", "2 hours", "1h30m", "1 hour, 30 minutes"),
+    or None if it is not a duration."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, seconds = 0, 0.0
+    while True:
+        match = _PART.match(text, pos)
+        if match is None or match.group(2) not in _UNITS:
+            return None
+        seconds += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+        if pos == len(text):
+            return seconds
+        separator = _SEPARATOR.match(text, pos)
+        if separator is not None:
+            pos = separator.end()
 
 
 def parse_duration(value: Duration | None, *, what: str = "ttl") -> float:
     """Return ``value`` in seconds; raise ConfigurationError unless it is positive.
 
-    Accepts seconds as int/float, a :class:`datetime.timedelta`, or a string such as
-    ``"90"``, ``"500ms"``, ``"10m"``, ``"1h30m"``, ``"2d"``.
+    Accepts seconds as int/float, a :class:`datetime.timedelta`, or a string: a number
+    of seconds (``"90"``) or number-unit parts such as ``"250ms"``, ``"30 seconds"``,
+    ``"10m"``, ``"10min"``, ``"1.5h"``, ``"2 hours"``, ``"1h30m"``,
+    ``"1 hour, 30 minutes"``, ``"2d"``, ``"1 week"`` (units: ms, s/sec/second,
+    m/min/minute, h/hr/hour, d/day, w/week, singular or plural, any case).
     """
-    hint = f'write {what}=60 (seconds), {what}="10m", {what}="1h30m" or a timedelta'
+    hint = (
+        f'write {what}=60 (seconds), {what}="10min", {what}="2 hours", '
+        f'{what}="1h30m" or a timedelta'
+    )
     if isinstance(value, bool) or value is None:
         raise ConfigurationError(
             f"{what} must be a positive duration, got {value!r}: {hint}"
@@ -38,20 +79,10 @@ def parse_duration(value: Duration | None, *, what: str = "ttl") -> float:
     elif isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        try:
-            seconds = float(text)
-        except ValueError:
-            pos, seconds = 0, 0.0
-            for match in _PART.finditer(text):
-                if match.start() != pos:
-                    break
-                seconds += float(match.group(1)) * _UNITS[match.group(2)]
-                pos = match.end()
-            if pos != len(text) or not text:
-                raise ConfigurationError(
-                    f"cannot parse {what}={value!r}: {hint}"
-                ) from None
+        parsed = _parse_text(value)
+        if parsed is None:
+            raise ConfigurationError(f"cannot parse {what}={value!r}: {hint}")
+        seconds = parsed
     else:
         raise ConfigurationError(
             f"{what} must be a duration, got {type(value).__name__}: {hint}"

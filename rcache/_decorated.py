@@ -47,13 +47,16 @@ RefreshRunner = Callable[[Callable[[], Any]], Any]
 class _Flight:
     """One in-process computation that concurrent callers of the same key share."""
 
-    __slots__ = ("error", "event", "followers", "value")
+    __slots__ = ("error", "event", "followers", "future", "result", "value")
 
     def __init__(self) -> None:
         self.event: threading.Event | None = None
+        self.future: asyncio.Future[Any] | None = None
         self.followers = 0  # callers waiting on this flight (observability, tests)
         self.value: Any = None
         self.error: BaseException | None = None
+        #: how the leader's call was counted ("hit", "miss", ...), None until it is
+        self.result: str | None = None
 
 
 @dataclass(eq=False)
@@ -145,8 +148,31 @@ class CachedSpec:
         self.cache._skipped(self.name, "get", self.policy)
         self.cache.metrics.cache_get(self.name, "miss")
 
-    def wait_timed_out(self) -> None:
+    def count(self, result: str, flight: _Flight | None = None) -> None:
+        """Count this call in ``cache_gets`` (exactly once per call: every path of a
+        decorated call ends in one ``count`` or one ``shared``); a single-flight leader
+        also records its result for the callers that share it."""
+        self.cache.metrics.cache_get(self.name, result)
+        if flight is not None:
+            flight.result = result
+
+    def shared(self, leader: str | None) -> None:
+        """Count a caller that got the value of a concurrent caller in this process.
+
+        Sharing a hit (or a stale value) is still a hit (or stale): the value came from
+        Redis. Sharing a computation is "coalesced": the call neither found the value
+        nor ran the function (before, such callers were counted nowhere: 8 threads on a
+        cold key showed 1 miss).
+        """
+        result = leader if leader in ("hit", "stale") else "coalesced"
+        self.cache.metrics.cache_get(self.name, result)
+
+    def wait_timed_out(self, flight: _Flight | None = None) -> None:
+        """After a wait for another caller's computation timed out: raise under
+        ``on_wait_timeout="raise"`` (the call is counted as a miss), else return and
+        let the caller compute (and count itself)."""
         if self.freshness.on_wait_timeout == "raise":
+            self.count("miss", flight)
             raise LockNotAcquiredError(
                 f"{self.name}: another process is computing this entry and it did not "
                 f"arrive within wait={self.freshness.wait:g}s"
@@ -200,31 +226,35 @@ class SyncCached(_Base):
         stamp_keys: list[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        flight: _Flight | None = None,
     ) -> Any:
         """Read; on a miss compute (under the cross-process lease if stampede=True)."""
         spec = self._spec
         cache = spec.cache
         rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
         if rows is BYPASS:
-            cache.metrics.cache_get(spec.name, "miss")
+            spec.count("miss", flight)
             return self._compute(args, kwargs)[0]
         env = spec.entry(rows)
         state = spec.freshness.classify(env, time.time())
         if state == FRESH:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
         if state == STALE:
-            cache.metrics.cache_get(spec.name, "stale")
+            spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
             return env.value  # type: ignore[union-attr]
-        cache.metrics.cache_get(spec.name, "miss")
+        # counted by _load or _distributed, once the outcome is known (computed, shared
+        # with another process, or served stale because the computation failed)
         fallback = env if state == EXPIRED else None
         if not spec.stampede:
-            return self._load(key, stamp_keys, args, kwargs, None, fallback)
-        return self._distributed(key, stamp_keys, args, kwargs, fallback)
+            return self._load(
+                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
+            )
+        return self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
 
     # -- computing --------------------------------------------------------------------
 
@@ -252,8 +282,16 @@ class SyncCached(_Base):
         kwargs: dict[str, Any],
         claim: tuple[str, list[bytes]] | None,
         fallback: Envelope | None,
+        *,
+        count: bool = False,
+        flight: _Flight | None = None,
     ) -> Any:
-        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken."""
+        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken.
+
+        ``count``: this call is not counted yet (a miss, or stale if the computation
+        fails and ``fallback`` is served); early and background refreshes are counted
+        by their caller already.
+        """
         spec = self._spec
         cache = spec.cache
         leased = claim is not None
@@ -262,6 +300,8 @@ class SyncCached(_Base):
                 key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
             )
             if got is BYPASS:
+                if count:
+                    spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             claim = (got[0], got[2])
         token, stamps = claim
@@ -276,10 +316,15 @@ class SyncCached(_Base):
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
                 fallback, time.time()
             ):
-                cache.metrics.cache_get(spec.name, "stale")
+                if count:
+                    spec.count("stale", flight)
                 return fallback.value  # type: ignore[union-attr]
+            if count:
+                spec.count("miss", flight)
             raise
         cache._leases.remove(lease)
+        if count:
+            spec.count("miss", flight)
         data = spec.encode(value, elapsed, stamps)
         cache._store(key, stamp_keys, token, data or b"", stamps, spec)
         return value
@@ -310,12 +355,14 @@ class SyncCached(_Base):
         if flight.event is not None and not leader:
             if not flight.event.wait(spec.freshness.wait):
                 spec.wait_timed_out()
+                spec.count("miss")
                 return self._compute(args, kwargs)[0]
+            spec.shared(flight.result)
             if flight.error is not None:
                 raise flight.error
             return flight.value
         try:
-            flight.value = self._fetch(key, stamp_keys, args, kwargs)
+            flight.value = self._fetch(key, stamp_keys, args, kwargs, flight)
             return flight.value
         except BaseException as exc:
             flight.error = exc
@@ -334,6 +381,7 @@ class SyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         fallback: Envelope | None,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -342,24 +390,30 @@ class SyncCached(_Base):
         while True:
             got = cache._claim(key, stamp_keys, token, spec)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             claimed, pttl, stamps = got[1], got[3], got[2]
             if claimed:
                 return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                spec.wait_timed_out()
+                spec.wait_timed_out(flight)
                 return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005))
             rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
             if rows is BYPASS:
+                spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
             env = spec.entry(rows)
             if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+                # another process computed it while this call waited
+                spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
 
     def _early(
@@ -469,30 +523,34 @@ class AsyncCached(_Base):
         stamp_keys: list[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
         rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
         if rows is BYPASS:
-            cache.metrics.cache_get(spec.name, "miss")
+            spec.count("miss", flight)
             return (await self._compute(args, kwargs))[0]
         env = spec.entry(rows)
         state = spec.freshness.classify(env, time.time())
         if state == FRESH:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
-            cache.metrics.cache_get(spec.name, "hit")
+            spec.count("hit", flight)
             return await self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
         if state == STALE:
-            cache.metrics.cache_get(spec.name, "stale")
+            spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
             return env.value  # type: ignore[union-attr]
-        cache.metrics.cache_get(spec.name, "miss")
+        # counted by _load or _distributed, once the outcome is known (computed, shared
+        # with another process, or served stale because the computation failed)
         fallback = env if state == EXPIRED else None
         if not spec.stampede:
-            return await self._load(key, stamp_keys, args, kwargs, None, fallback)
-        return await self._distributed(key, stamp_keys, args, kwargs, fallback)
+            return await self._load(
+                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
+            )
+        return await self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
 
     async def _compute(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -518,6 +576,9 @@ class AsyncCached(_Base):
         kwargs: dict[str, Any],
         claim: tuple[str, list[bytes]] | None,
         fallback: Envelope | None,
+        *,
+        count: bool = False,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -527,6 +588,8 @@ class AsyncCached(_Base):
                 key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
             )
             if got is BYPASS:
+                if count:
+                    spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             claim = (got[0], got[2])
         token, stamps = claim
@@ -545,10 +608,15 @@ class AsyncCached(_Base):
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
                 fallback, time.time()
             ):
-                cache.metrics.cache_get(spec.name, "stale")
+                if count:
+                    spec.count("stale", flight)
                 return fallback.value  # type: ignore[union-attr]
+            if count:
+                spec.count("miss", flight)
             raise
         cache._leases.remove(lease)
+        if count:
+            spec.count("miss", flight)
         data = spec.encode(value, elapsed, stamps)
         await cache._astore(key, stamp_keys, token, data or b"", stamps, spec)
         return value
@@ -565,22 +633,33 @@ class AsyncCached(_Base):
         flights = spec.aflights.get(loop)
         if flights is None:
             flights = spec.aflights[loop] = {}
-        future = flights.get(key)
-        if future is not None:
+        found: _Flight | None = flights.get(key)
+        if found is not None:
+            future = found.future
+            assert future is not None
+            found.followers += 1
             try:
                 value = await asyncio.wait_for(
                     asyncio.shield(future), timeout=spec.freshness.wait
                 )
             except asyncio.TimeoutError:
                 spec.wait_timed_out()
+                spec.count("miss")
                 return (await self._compute(args, kwargs))[0]
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    spec.shared(found.result)  # the leader's error, shared
+                raise
             if value is _LEADER_CANCELLED:
                 # the leader's task was cancelled, not ours: fetch for ourselves
                 return await self._single_flight(key, stamp_keys, args, kwargs)
+            spec.shared(found.result)
             return value
-        future = flights[key] = loop.create_future()
+        flight = _Flight()
+        future = flight.future = loop.create_future()
+        flights[key] = flight
         try:
-            value = await self._fetch(key, stamp_keys, args, kwargs)
+            value = await self._fetch(key, stamp_keys, args, kwargs, flight)
         except asyncio.CancelledError:
             if not future.done():
                 future.set_result(_LEADER_CANCELLED)
@@ -603,6 +682,7 @@ class AsyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         fallback: Envelope | None,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         cache = spec.cache
@@ -611,24 +691,30 @@ class AsyncCached(_Base):
         while True:
             got = await cache._aclaim(key, stamp_keys, token, spec)
             if got is BYPASS:
+                spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             claimed, pttl, stamps = got[1], got[3], got[2]
             if claimed:
                 return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                spec.wait_timed_out()
+                spec.wait_timed_out(flight)
                 return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback
-                )
+                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
+                    count=True, flight=flight,
+                )  # fmt: skip
             await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005))
             rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
             if rows is BYPASS:
+                spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
             env = spec.entry(rows)
             if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+                # another process computed it while this call waited
+                spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
 
     async def _early(

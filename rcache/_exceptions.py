@@ -7,7 +7,8 @@ the public API raw::
     RCacheError(Exception)
     ├── ConfigurationError(RCacheError, ValueError)   bad ttl, URL, key template, ...
     ├── BackendError                                  Redis answered with an error
-    │   └── BackendUnavailableError                   refused, reset, timed out, breaker open
+    │   ├── BackendUnavailableError                   refused, reset, timed out, breaker open
+    │   └── BackendMisconfiguredError                 wrong password/db, ACL, WRONGTYPE...
     ├── SerializationError                            a value cannot be (de)serialized
     ├── LockError
     │   ├── LockNotAcquiredError(LockError, TimeoutError)
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendError",
+    "BackendMisconfiguredError",
     "BackendUnavailableError",
     "ConfigurationError",
     "LockError",
@@ -62,6 +64,19 @@ class BackendError(RCacheError):
 
 class BackendUnavailableError(BackendError):
     """Redis could not be reached (refused, reset, timed out) or the breaker is open."""
+
+
+class BackendMisconfiguredError(BackendError):
+    """Redis refused a command for a reason no retry can fix, only a change of
+    configuration: wrong password or user, a database index the server does not have,
+    a missing ACL permission, a key of the wrong type under rcache's prefix, a command
+    the server does not know, a script it will not load.
+
+    The message says what is wrong and what to change. Unlike
+    :class:`BackendUnavailableError`, it does not open the circuit breaker (the server is
+    reachable; treating it as an outage would hide the cause), and it is logged at
+    ERROR. ``cache.check()`` raises it with the same diagnosis.
+    """
 
 
 class SerializationError(RCacheError):

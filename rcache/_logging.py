@@ -25,6 +25,13 @@ class RateLimitedLog:
         self._held: dict[str, int] = {}
 
     def warning(self, topic: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, topic, msg, *args)
+
+    def error(self, topic: str, msg: str, *args: object) -> None:
+        """Rate-limited like warnings: a misconfiguration fails every call."""
+        self.log(logging.ERROR, topic, msg, *args)
+
+    def log(self, level: int, topic: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now < self._next.get(topic, 0.0):
@@ -33,6 +40,6 @@ class RateLimitedLog:
             self._next[topic] = now + self.interval
             held = self._held.pop(topic, 0)
         if held:
-            msg += " (%d similar warnings suppressed in the last %.0fs)"
+            msg += " (%d similar messages suppressed in the last %.0fs)"
             args = (*args, held, self.interval)
-        self.logger.warning(msg, *args)
+        self.logger.log(level, msg, *args)

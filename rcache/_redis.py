@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio
@@ -29,6 +30,7 @@ from redis.retry import Retry
 from rcache._config import RetryPolicy
 from rcache._exceptions import (
     BackendError,
+    BackendMisconfiguredError,
     BackendUnavailableError,
     ConfigurationError,
     RCacheError,
@@ -39,8 +41,13 @@ __all__ = [
     "ClientSpec",
     "LuaScript",
     "SyncRedis",
+    "adiagnose",
+    "check_url",
+    "diagnose",
     "map_error",
+    "misconfiguration",
     "resolve_url",
+    "server_message",
 ]
 
 T = TypeVar("T")
@@ -65,6 +72,15 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: Never retried although redis-py derives AuthenticationError from ConnectionError: a
+#: wrong password stays wrong (a retry only doubles the failed logins).
+NOT_TRANSIENT: tuple[type[BaseException], ...] = (rex.AuthenticationError,)
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, NOT_TRANSIENT)
+
+
 #: The longest a single blocking command (BLMOVE) may block, in seconds.
 MAX_BLOCK = 25.0
 
@@ -77,38 +93,216 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 
 
 def resolve_url(url: str | None) -> str:
-    """``url``, else ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default."""
+    """``url``, else ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default;
+    checked by :func:`check_url`."""
     url = (
         url
         or os.environ.get("RCACHE_URL")
         or os.environ.get("REDIS_URL")
         or DEFAULT_URL
     )
-    scheme = urlsplit(url).scheme
+    return check_url(url)
+
+
+#: "user:password@" in any URL, even one urlsplit cannot read.
+_USERINFO_PASSWORD = re.compile(r"(?<=:)[^:@/]+(?=@)")
+_URL_FORMS = (
+    "redis://host:6379/0, rediss://host:6380/0, redis://:password@host:6379/0, "
+    "unix:///path/to/redis.sock?db=0 or memory://"
+)
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` if rcache can connect with it, else raise ConfigurationError.
+
+    The one URL check (construction, ``configure()`` and URLs read from the
+    environment all go through it), so a typo fails where it is written instead of at
+    the first call with redis-py's bare ``ValueError``. Checks the scheme, the ``//``
+    after it, the host, the port (1-65535), the database number (path or ``?db=``,
+    an integer >= 0) and the values of the query options redis-py parses. Whether the
+    database exists is the server's business: see :meth:`rcache.Cache.check`.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"the Redis URL must be a string, got {type(url).__name__}: write "
+            + _URL_FORMS
+        )
+    shown = _redact(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unknown URL scheme in {_redact(url)!r}: write redis://host:6379/0, "
-            "rediss://host:6380/0, unix:///path/to/redis.sock or memory://"
+            f"unknown URL scheme in {shown!r}: write " + _URL_FORMS
         )
+    if not url.startswith(scheme):
+        raise ConfigurationError(
+            f"the scheme of Redis URL {shown!r} must be lower case: write "
+            f"{_redact(scheme + url[len(scheme) :])!r}"
+        )
+    if scheme == "memory":
+        return url
+    if not url[len(scheme) + 1 :].startswith("//"):
+        # "redis:/127.0.0.1:6379" or "redis:127.0.0.1": urlsplit finds no host at all
+        rest = url[len(scheme) + 1 :].lstrip("/")
+        example = (
+            f"unix:///{rest}"
+            if scheme == "unix"
+            else f"{scheme}://{rest or 'host:6379/0'}"
+        )
+        raise ConfigurationError(
+            f"malformed Redis URL {shown!r}: the scheme must be followed by '//'; "
+            f"write {_redact(example)!r}"
+        )
+    if scheme == "unix":
+        if parts.netloc or not parts.path:
+            raise ConfigurationError(
+                f"malformed Redis URL {shown!r}: a socket URL has three slashes and an "
+                "absolute path: write unix:///path/to/redis.sock?db=0"
+            )
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise ConfigurationError(
+                f"bad port in Redis URL {shown!r}: write a number from 1 to 65535, "
+                f"e.g. {scheme}://{parts.hostname or 'host'}:6379/0"
+            )
+        if not parts.hostname:
+            raise ConfigurationError(
+                f"no host in Redis URL {shown!r}: write {scheme}://host:6379/0 "
+                f"({scheme}://127.0.0.1:6379/0 for a local server)"
+            )
+        db = parts.path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ConfigurationError(
+                f"bad database number {db!r} in Redis URL {shown!r}: the path is the "
+                f"database index, an integer >= 0: write {scheme}://"
+                f"{parts.hostname}:{port or 6379}/0"
+            )
+    for name, values in parse_qs(parts.query).items():
+        if name == "db" and not all(v.isascii() and v.isdigit() for v in values):
+            raise ConfigurationError(
+                f"bad database number {values[-1]!r} in Redis URL {shown!r}: write "
+                "?db=0 (an integer >= 0)"
+            )
+    try:
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # a query option redis-py cannot parse
+        raise ConfigurationError(
+            f"Redis URL {shown!r} is not valid: {exc} write " + _URL_FORMS
+        ) from None
     return url
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+    """``url`` without its password, also when it is malformed ("redis:/:pw@host")."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        url = url.replace(f":{password}@", ":***@")
+    return _USERINFO_PASSWORD.sub("***", url)
+
+
+def server_message(exc: BaseException) -> str:
+    """The error text of ``exc`` fit for a log line: never a value.
+
+    Redis error replies name the problem, not the data, except "unknown command" which
+    echoes the arguments (keys, values): those are cut off.
+    """
+    text = str(exc).split(", with args beginning with", 1)[0].strip()
+    return text[:300] if text else type(exc).__name__
+
+
+#: Response errors no retry can fix, by the start of the server's message.
+_MISCONFIGURED_REPLIES: tuple[tuple[str, str], ...] = (
+    (
+        "db index is out of range",
+        "the database number in the URL does not exist on this server (16 by "
+        "default: 0-15; see its `databases` setting): write e.g. "
+        "redis://host:6379/0",
+    ),
+    (
+        "invalid db index",
+        "the database number in the URL is not valid: write e.g. redis://host:6379/0",
+    ),
+    (
+        "wrongtype",
+        "a key under this cache's prefix holds a value of another type: another "
+        "program writes there; give the cache a prefix of its own (prefix=...)",
+    ),
+    (
+        "noauth",
+        "the server requires a password: write redis://:password@host:6379/0 "
+        "(or redis://user:password@host:6379/0)",
+    ),
+    (
+        "unknown command",
+        "the server lacks a command rcache uses: rcache needs Redis >= 6.2 with "
+        "scripting and blocking commands enabled (not renamed by rename-command or "
+        "filtered by a proxy)",
+    ),
+)
+
+
+def misconfiguration(exc: BaseException) -> str | None:
+    """What to change when ``exc`` is an error no retry can fix, else None."""
+    if isinstance(exc, rex.AuthenticationError):
+        return (
+            "the server rejected the credentials: check the user and password in the "
+            "URL (redis://user:password@host:6379/0) or username=/password= options"
+        )
+    if isinstance(exc, rex.NoPermissionError):
+        return (
+            "the ACL user rcache connects as lacks a permission: grant it the commands "
+            "and keys it needs, e.g. ACL SETUSER <user> ~<prefix>:* +@read +@write "
+            "+@scripting +@blocking +@connection"
+        )
+    if isinstance(exc, rex.NoScriptError):
+        # LuaScript loads a missing script and retries once: NOSCRIPT after that means
+        # the server does not keep what was loaded.
+        return (
+            "the server dropped a Lua script right after rcache loaded it (a proxy "
+            "sending SCRIPT LOAD and EVALSHA to different servers, or scripts being "
+            "flushed): connect rcache to the server directly"
+        )
+    if isinstance(exc, rex.ResponseError):
+        text = str(exc).lower()
+        for start, hint in _MISCONFIGURED_REPLIES:
+            if text.startswith((start, "err " + start)):
+                return hint
+    return None
 
 
 def map_error(exc: BaseException) -> RCacheError:
-    """Translate a redis-py (or socket) exception into rcache's tree."""
+    """Translate a redis-py (or socket) exception into rcache's tree.
+
+    * errors no retry can fix (credentials, database index, ACL, WRONGTYPE, unknown
+      command, NOSCRIPT after a reload): :class:`BackendMisconfiguredError`, whose
+      message is the server's own plus what to change;
+    * Redis could not be reached (refused, reset, timed out, loading):
+      :class:`BackendUnavailableError` (the only kind that opens the circuit breaker);
+    * any other error reply: :class:`BackendError`.
+    """
     if isinstance(exc, RCacheError):
         return exc
+    hint = misconfiguration(exc)
+    if hint is not None:
+        return BackendMisconfiguredError(
+            f"Redis refused the command ({type(exc).__name__}: "
+            f"{server_message(exc)}): {hint}",
+            exc,
+        )
     if isinstance(exc, (*TRANSIENT, OSError)):
         return BackendUnavailableError(
-            f"Redis unavailable: {type(exc).__name__}: {exc}", exc
+            f"Redis unavailable: {type(exc).__name__}: {server_message(exc)}", exc
         )
-    return BackendError(f"Redis error: {type(exc).__name__}: {exc}", exc)
+    return BackendError(
+        f"Redis error: {type(exc).__name__}: {server_message(exc)}", exc
+    )
 
 
 class ClientSpec:
@@ -223,7 +417,7 @@ def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
         wait=tenacity.wait_random_exponential(
             multiplier=policy.backoff, max=policy.max_backoff
         ),
-        retry=tenacity.retry_if_exception_type(TRANSIENT),
+        retry=tenacity.retry_if_exception(_transient),
         reraise=True,
     )
 
@@ -235,7 +429,7 @@ def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
         wait=tenacity.wait_random_exponential(
             multiplier=policy.backoff, max=policy.max_backoff
         ),
-        retry=tenacity.retry_if_exception_type(TRANSIENT),
+        retry=tenacity.retry_if_exception(_transient),
         reraise=True,
     )
 
@@ -274,6 +468,8 @@ class SyncRedis:
         client = self.client
         try:
             return op(client)
+        except NOT_TRANSIENT as exc:
+            raise map_error(exc) from exc
         except TRANSIENT as exc:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
@@ -329,6 +525,8 @@ class AsyncRedis:
         client = self.client
         try:
             return await op(client)
+        except NOT_TRANSIENT as exc:
+            raise map_error(exc) from exc
         except TRANSIENT as exc:
             if not retry or self._retry.attempts <= 1:
                 raise map_error(exc) from exc
@@ -354,6 +552,55 @@ class AsyncRedis:
             client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()
+
+
+_CHECK_SOURCE = (
+    "redis.call('SET', KEYS[1], '1', 'PX', 10000) return redis.call('DEL', KEYS[1])"
+)
+
+
+def _check_report(info: Any, db: int) -> str:
+    version = info.get("redis_version") if isinstance(info, dict) else None
+    server = f"Redis {version}" if version else "Redis"
+    return (
+        f"{server}, db {db}: connect, read, write, Lua scripts and blocking commands "
+        "work"
+    )
+
+
+def diagnose(client: redis.Redis, probe: str) -> str:
+    """Exercise what rcache needs on ``client`` (used by ``Cache.check``): connect and
+    authenticate, read, write and delete a probe key under the cache's prefix, load
+    and run a script on it, and block briefly in BLMOVE. Raises what redis-py raises
+    (``run`` maps it); returns a one-line summary."""
+    client.ping()
+    try:
+        info: Any = client.info("server")
+    except rex.ResponseError:  # NOPERM, or memory:// (no INFO): nice to have only
+        info = {}
+    client.set(probe, b"1", px=10_000)
+    client.get(probe)
+    client.delete(probe)
+    LuaScript("rcache_check", _CHECK_SOURCE)(client, [probe], [])
+    client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    return _check_report(info, int(db or 0))
+
+
+async def adiagnose(client: redis.asyncio.Redis, probe: str) -> str:
+    """Async twin of :func:`diagnose`."""
+    await client.ping()
+    try:
+        info: Any = await client.info("server")
+    except rex.ResponseError:
+        info = {}
+    await client.set(probe, b"1", px=10_000)
+    await client.get(probe)
+    await client.delete(probe)
+    await LuaScript("rcache_check", _CHECK_SOURCE).acall(client, [probe], [])
+    await client.blmove(probe, probe + ":to", 0.01)  # type: ignore[arg-type]
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    return _check_report(info, int(db or 0))
 
 
 class LuaScript:

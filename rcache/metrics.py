@@ -14,7 +14,9 @@ give it::
 Metric set (``namespace="rcache"``; labels are bounded: a cache or function name, a lock
 name, a result; never keys, arguments, task ids or pids)::
 
-    rcache_cache_gets_total{cache, result="hit|miss|stale"}     a cached None is a hit
+    rcache_cache_gets_total{cache, result="hit|miss|stale|coalesced"}
+                                every call of a cached function counted once;
+                                coalesced: got the value another caller computed
     rcache_cache_puts_total{cache}
     rcache_cache_removals_total{cache}
     rcache_cache_load_duration_seconds{cache, result="success|failure"}   histogram
@@ -29,9 +31,10 @@ name, a result; never keys, arguments, task ids or pids)::
 
 There is deliberately no hit-ratio gauge: a ratio of ratios cannot be aggregated across
 processes or instances. Compute it in PromQL (``contrib/prometheus/rules.yml`` records
-it as ``rcache:cache_hit_ratio:rate5m``)::
+it as ``rcache:cache_hit_ratio:rate5m``); ``coalesced`` calls count as hits there, since
+they did not run the function (the ratio is the share of calls the cache saved)::
 
-    sum by (cache) (rate(rcache_cache_gets_total{result="hit"}[5m]))
+    sum by (cache) (rate(rcache_cache_gets_total{result=~"hit|coalesced"}[5m]))
       / (sum by (cache) (rate(rcache_cache_gets_total[5m])) > 0)
 
 Multi-process servers (gunicorn, Celery prefork, uWSGI): set
@@ -49,14 +52,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from types import TracebackType
 from typing import Any, Literal, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 from rcache._exceptions import ConfigurationError
 
@@ -104,7 +106,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
 """Buckets of ``rcache_lock_wait_seconds`` and ``rcache_lock_held_seconds``: 1 ms to
 10 min (locks guard jobs that run for minutes)."""
 
-GET_RESULTS = ("hit", "miss", "stale")
+GET_RESULTS = ("hit", "miss", "stale", "coalesced")
 LOAD_RESULTS = ("success", "failure")
 ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
 RELEASE_RESULTS = ("released", "not_owned")
@@ -193,7 +195,9 @@ class PrometheusMetrics:
         self._gets = _Family(
             c(
                 "cache_gets",
-                "Cache lookups by result; a cached None is a hit.",
+                "Calls of cached functions (and explicit gets) by result, each counted "
+                "once: hit, miss (computed), stale, coalesced (got the value another "
+                "caller computed). A cached None is a hit.",
                 ("cache", "result"),
             )
         )
@@ -521,12 +525,30 @@ def make_asgi_app(
 ) -> Callable[..., Any]:
     """An ASGI app serving the metrics (multiprocess-aware: :func:`export_registry`).
 
-    FastAPI/Starlette: ``app.mount("/metrics", make_asgi_app())``.
+    Any path answers. FastAPI/Starlette: ``app.add_route("/metrics",
+    make_asgi_app())`` answers ``GET /metrics`` directly (``/metrics/`` redirects
+    there). ``app.mount("/metrics", ...)`` would answer ``/metrics`` with a 307
+    redirect to ``/metrics/``: Starlette matches a mount only below its path.
+
+    The app is an object, not a function: Starlette's ``add_route`` treats a function
+    as a ``handler(request)`` and anything else as an ASGI app.
     """
-    app: Callable[..., Any] = prometheus_client.make_asgi_app(
-        export_registry(registry), disable_compression
+    return _ASGIApp(
+        prometheus_client.make_asgi_app(export_registry(registry), disable_compression)
     )
-    return app
+
+
+class _ASGIApp:
+    __slots__ = ("_app",)
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
+
+    def __repr__(self) -> str:
+        return "<rcache.metrics ASGI app>"
 
 
 def mark_process_dead(pid: int, path: str | None = None) -> None:
@@ -538,15 +560,6 @@ def mark_process_dead(pid: int, path: str | None = None) -> None:
     _mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line on stderr per scrape is noise
-
-
 class MetricsServer:
     """A running ``/metrics`` HTTP server (from :func:`start_http_server`)."""
 
@@ -555,12 +568,13 @@ class MetricsServer:
         self._thread = thread
         self.host: str = str(server.server_address[0])
         self.port: int = int(server.server_address[1])
+        self.tls = isinstance(server.socket, ssl.SSLSocket)
 
     @property
     def url(self) -> str:
         """The scrape URL, ``http://host:port/metrics``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and free the port."""
@@ -581,29 +595,56 @@ class MetricsServer:
 
 
 def start_http_server(
-    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+    port: int,
+    addr: str = "127.0.0.1",
+    registry: CollectorRegistry | None = None,
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    client_cafile: str | None = None,
+    client_capath: str | None = None,
+    client_auth_required: bool = False,
+    tls_min_version: ssl.TLSVersion | None = None,
 ) -> MetricsServer:
-    """Serve the metrics over HTTP from a daemon thread; any path answers.
+    """Serve the metrics over HTTP(S) from a daemon thread; any path answers.
 
-    Multiprocess-aware (see :func:`export_registry`): under ``PROMETHEUS_MULTIPROC_DIR``
-    start it in exactly one process (gunicorn: a separate process or the app's own
-    ``/metrics`` route; Celery prefork: the MainProcess, in ``worker_init``).
+    prometheus_client's own ``start_http_server`` does the serving (TLS and client
+    certificates included); this wrapper adds what it lacks for rcache: the
+    multiprocess-aware registry (:func:`export_registry`), a loopback default address
+    (prometheus_client binds ``0.0.0.0``) and a handle to stop it.
+
+    Under ``PROMETHEUS_MULTIPROC_DIR`` start it in exactly one process (gunicorn: a
+    separate process or the app's own ``/metrics`` route; Celery prefork: the
+    MainProcess, in ``worker_init``).
 
     :param port: TCP port; 0 picks a free one (read it from ``.port``).
     :param addr: address to bind; loopback by default, ``"0.0.0.0"`` to expose it.
-    :returns: a :class:`MetricsServer`; ``.close()`` stops it.
+    :param registry: what to serve outside multiprocess mode (default
+        ``prometheus_client.REGISTRY``).
+    :param certfile: with ``keyfile``, serve HTTPS with this certificate chain.
+    :param client_cafile: ``client_capath``, ``client_auth_required``: verify client
+        certificates (mutual TLS) against these CAs; ``tls_min_version`` e.g.
+        ``ssl.TLSVersion.TLSv1_3`` (prometheus-client >= 0.21).
+    :returns: a :class:`MetricsServer`; ``.close()`` stops it, ``.url`` is its URL.
+    :raises ConfigurationError: only one of ``certfile``/``keyfile`` given.
     """
-    app = make_wsgi_app(registry)
-
-    class Server(_ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-    httpd = make_server(addr, port, app, Server, handler_class=_QuietHandler)
-    thread = threading.Thread(
-        # poll_interval bounds how long close() waits for the loop to notice.
-        target=lambda: httpd.serve_forever(poll_interval=0.1),
-        name="rcache-metrics-http",
-        daemon=True,
+    if (certfile is None) != (keyfile is None):
+        raise ConfigurationError(
+            "HTTPS needs both certfile= and keyfile= (the certificate and its key)"
+        )
+    tls: dict[str, Any] = {}
+    if tls_min_version is not None:
+        tls["tls_min_version"] = tls_min_version
+    server, thread = prometheus_client.start_http_server(
+        port,
+        addr,
+        export_registry(registry),
+        certfile=certfile,
+        keyfile=keyfile,
+        client_cafile=client_cafile,
+        client_capath=client_capath,
+        client_auth_required=client_auth_required,
+        **tls,
     )
-    thread.start()
-    return MetricsServer(httpd, thread)
+    # prometheus-client >= 0.20 returns (server, thread); stopping needs both
+    return MetricsServer(server, thread)

@@ -8,6 +8,7 @@ task.delay()`` would be deduplicated against a finished run).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import random
@@ -78,6 +79,69 @@ def _header(request: Any, name: str) -> Any:
         if isinstance(headers, Mapping):
             value = headers.get(name)
     return value
+
+
+def _run_parameters(cls: type) -> list[str] | None:
+    """The parameter names of a task class's ``run`` as callers pass them (without
+    ``self`` for a method), or None while the class has no ``run`` of its own yet (a
+    base class that tasks will derive from)."""
+    for klass in cls.__mro__:
+        if "run" in klass.__dict__:
+            break
+    else:  # pragma: no cover - Task defines run
+        return None
+    if klass is Task or not issubclass(klass, Task):
+        return None
+    run = klass.__dict__["run"]
+    method = not isinstance(run, staticmethod)  # @app.task without bind=True: static
+    if not method:
+        run = run.__func__
+    try:
+        params = list(inspect.signature(run).parameters)
+    except (TypeError, ValueError):  # no signature to check against: checked at run
+        return None
+    return params[1:] if method else params
+
+
+def _task_label(cls: type) -> str:
+    name = cls.__dict__.get("name") or getattr(cls, "name", None)
+    return str(name) if name else cls.__qualname__
+
+
+def _check_choice(task: Any, option: str, choices: Sequence[str]) -> None:
+    """``task`` (a task class or instance) has a valid ``option``, or raise."""
+    value = getattr(task, option)
+    if value not in choices:
+        label = _task_label(task if isinstance(task, type) else type(task))
+        listed = ", ".join(repr(c) for c in choices)
+        raise ConfigurationError(
+            f"{label}: {option}={value!r} is not valid: write {option}= one of {listed}"
+        )
+
+
+def _template_error(task: str, template: str, params: Sequence[str]) -> str | None:
+    """Why ``template`` (a lock_key) cannot be filled from ``params``, or None."""
+    try:
+        fields = [
+            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+        ]
+    except ValueError as exc:
+        return f"{task}: lock_key {template!r} is not a valid template ({exc})"
+    for field in fields:
+        head = field.split(".", 1)[0].split("[", 1)[0]
+        if head not in params:
+            close = difflib.get_close_matches(head, params, n=1)
+            fix = (
+                f"; did you mean {{{close[0]}}}: "
+                f"lock_key={template.replace('{' + head, '{' + close[0])!r}?"
+                if close
+                else ""
+            )
+            return (
+                f"{task}: lock_key {template!r} names {head!r}, which the task does "
+                f"not take; its parameters are {list(params)}{fix}"
+            )
+    return None
 
 
 class GuardedTask(Task):  # type: ignore[misc]
@@ -321,6 +385,25 @@ class UniqueTask(GuardedTask):
     on_duplicate: Literal["return_existing", "raise"] = "return_existing"
     _guard_kind: ClassVar[str] = "u"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Runs when Celery builds the task class (@app.task(base=UniqueTask, ...)):
+        # a typo fails at registration, not in a worker.
+        super().__init_subclass__(**kwargs)
+        _check_choice(cls, "on_duplicate", _ON_DUPLICATE)
+        unique_on, params = cls.unique_on, _run_parameters(cls)
+        if isinstance(unique_on, str):
+            raise ConfigurationError(
+                f"{_task_label(cls)}: unique_on takes a list of parameter names: "
+                f"write unique_on=[{unique_on!r}]"
+            )
+        if unique_on is not None and params is not None:
+            unknown = sorted(set(unique_on) - set(params))
+            if unknown:
+                raise ConfigurationError(
+                    f"{_task_label(cls)}: unique_on names {unknown}, which the task "
+                    f"does not take; its parameters are {params}"
+                )
+
     def _ignored_params(self) -> Sequence[str]:
         if self.unique_on is None:
             return ()
@@ -440,6 +523,7 @@ class UniqueTask(GuardedTask):
 
 
 _ON_LOCKED = ("skip", "retry", "wait", "fail")
+_ON_DUPLICATE = ("return_existing", "raise")
 
 
 class LockedTask(GuardedTask):
@@ -467,6 +551,29 @@ class LockedTask(GuardedTask):
     _guard_kind: ClassVar[str] = "l"
     _fail_closed: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the options when Celery builds the task class.
+
+        That is at ``@app.task(base=LockedTask, ...)`` on a finalized app (or with
+        ``lazy=False``), else when the app finalizes: the first ``delay()``, access to
+        ``app.tasks`` or worker start-up. Either way before any copy runs: a
+        ``lock_key`` naming a parameter the task does not take, or an unknown
+        ``on_locked``, used to fail only inside the worker.
+        """
+        super().__init_subclass__(**kwargs)
+        _check_choice(cls, "on_locked", _ON_LOCKED)
+        template = cls.lock_key
+        if template is not None and not isinstance(template, str):
+            raise ConfigurationError(
+                f"{_task_label(cls)}: lock_key takes a template string over the "
+                f"task's parameters, e.g. lock_key='report:{{day}}', got {template!r}"
+            )
+        params = _run_parameters(cls)
+        if template is not None and params is not None:
+            error = _template_error(_task_label(cls), template, params)
+            if error is not None:
+                raise ConfigurationError(error)
+
     def _guard_key(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         prefix = self._state().cache.prefix
         template = self.lock_key
@@ -482,20 +589,14 @@ class LockedTask(GuardedTask):
     def _check_template(self, template: str) -> None:
         if self.__dict__.get("_rcache_checked") == template:
             return
-        if self.on_locked not in _ON_LOCKED:
-            raise ConfigurationError(
-                f"{self.name}: on_locked must be one of {_ON_LOCKED}, got {self.on_locked!r}"
-            )
-        params = self._keys().signature.parameters
-        for _, field, _, _ in string.Formatter().parse(template):
-            if field is None:
-                continue
-            head = field.split(".", 1)[0].split("[", 1)[0]
-            if head not in params:
-                raise ConfigurationError(
-                    f"{self.name}: lock_key {template!r} names {head!r}, which the task "
-                    f"does not take; its parameters are {list(params)}"
-                )
+        # Checked when the class was built (__init_subclass__); again here for
+        # options set on the instance afterwards.
+        _check_choice(self, "on_locked", _ON_LOCKED)
+        error = _template_error(
+            self.name, template, list(self._keys().signature.parameters)
+        )
+        if error is not None:
+            raise ConfigurationError(error)
         self.__dict__["_rcache_checked"] = template
 
     def _run_key(
