@@ -10,6 +10,14 @@ metric exists until you create a :class:`Cache` and use it.
 
 from __future__ import annotations
 
+from rcache._admin import (
+    CacheStats,
+    ClearResult,
+    ForceReleaseResult,
+    FunctionStats,
+    Holder,
+    LockInfo,
+)
 from rcache._cache import Cache
 from rcache._config import BreakerPolicy, RetryPolicy, parse_duration
 from rcache._exceptions import (
@@ -45,14 +53,20 @@ __all__ = [
     "BackendUnavailableError",
     "BreakerPolicy",
     "Cache",
+    "CacheStats",
     "CachedFunction",
+    "ClearResult",
     "ConfigurationError",
     "FairLock",
+    "ForceReleaseResult",
+    "FunctionStats",
+    "Holder",
     "InMemoryMetrics",
     "JsonSerializer",
     "Lease",
     "Lock",
     "LockError",
+    "LockInfo",
     "LockLostError",
     "LockNotAcquiredError",
     "LockNotOwnedError",

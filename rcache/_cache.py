@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, overload
 import redis
 import redis.asyncio
 
+from rcache._admin import AdminMixin
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     BackendErrorPolicy,
@@ -88,7 +89,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache(LockMixin, TransactionMixin):
+class Cache(LockMixin, TransactionMixin, AdminMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,

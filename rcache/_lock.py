@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
+    from rcache._admin import ForceReleaseResult
     from rcache._metrics import MetricsSink
 
 __all__ = [
@@ -748,6 +749,26 @@ class _LeasedLock:
         """Same, run on the lease's event loop (scheduled by the renewer thread)."""
         call = self._extend_call(lease.token, lease.ttl)
         return int(await self._cache._async.run(call.arun)) == 1
+
+    # -- operators ----------------------------------------------------------------------
+
+    def force_release(self) -> ForceReleaseResult:
+        """Take the lock away from whoever holds it (an operator's tool; see
+        ``rcache locks release NAME --force``): deletes the lease(s) of this name and
+        kind, bumps the fence counter and wakes a waiter, in one script. The old
+        holder's release/extend then raise :class:`LockNotOwnedError` and a resource
+        checking fences rejects its writes. For a semaphore or the read side of an RW
+        lock every permit/read lease is removed.
+        """
+        from rcache._admin import force_release
+
+        return force_release(self)
+
+    async def aforce_release(self) -> ForceReleaseResult:
+        """Async twin of :meth:`force_release`."""
+        from rcache._admin import aforce_release
+
+        return await aforce_release(self)
 
     # -- context managers ---------------------------------------------------------------
 

@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, cast
 
 from django.conf import settings
@@ -390,25 +390,34 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
     # -- the two drivers: breaker, failure policy, error mapping ----------------------
 
     def _run(self, operation: str, op: Callable[[Any], Any]) -> Any:
+        return self._guarded(operation, lambda: self._cache._sync.run(op))
+
+    async def _arun(self, operation: str, op: Callable[[Any], Any]) -> Any:
+        return await self._aguarded(operation, lambda: self._cache._async.run(op))
+
+    def _guarded(self, operation: str, call: Callable[[], Any]) -> Any:
+        """``call()`` behind the breaker and the failure policy; _BYPASS if skipped."""
         cache = self._cache
         if not cache.breaker.allow():
             cache._skipped(self._name, operation, self._policy)
             return _BYPASS
         try:
-            result = cache._sync.run(op)
+            result = call()
         except RCacheError as exc:
             cache._failed(self._name, operation, exc, self._policy)
             return _BYPASS
         cache.breaker.success()
         return result
 
-    async def _arun(self, operation: str, op: Callable[[Any], Any]) -> Any:
+    async def _aguarded(
+        self, operation: str, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
         cache = self._cache
         if not cache.breaker.allow():
             cache._skipped(self._name, operation, self._policy)
             return _BYPASS
         try:
-            result = await cache._async.run(op)
+            result = await call()
         except RCacheError as exc:
             cache._failed(self._name, operation, exc, self._policy)
             return _BYPASS
@@ -634,47 +643,20 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         return await self.aincr(key, -delta, version=version)
 
     def clear(self) -> None:
-        """Delete this cache's values: every key under ``{prefix}:k:`` (SCAN + UNLINK).
+        """Delete this cache's keys: :meth:`rcache.Cache.clear` on the rcache prefix.
 
-        Narrower than Django's own Redis backend, which runs FLUSHDB: other data in the
-        same database, and rcache locks under the same prefix, are left alone.
+        Everything under ``{prefix}:`` goes (SCAN + UNLINK in batches) except held
+        locks' keys, which rcache keeps. Narrower than Django's own Redis backend, which
+        runs FLUSHDB: other data in the same database is left alone.
         """
-        self._run("delete", lambda c: _clear(c, self._prefix))
+        self._guarded("delete", self._cache.clear)
 
     async def aclear(self) -> None:
         """Async twin of :meth:`clear`."""
-        await self._arun("delete", lambda c: _aclear(c, self._prefix))
+        await self._aguarded("delete", self._cache.aclear)
 
     def close(self, **kwargs: Any) -> None:
         """Called by Django after every request: keeps the pooled connections."""
 
     async def aclose(self, **kwargs: Any) -> None:
         """Async twin of :meth:`close` (keeps this event loop's client)."""
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
-def _clear(client: Any, prefix: str) -> int:
-    removed, batch = 0, []
-    for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            removed += client.unlink(*batch)
-            batch = []
-    if batch:
-        removed += client.unlink(*batch)
-    return removed
-
-
-async def _aclear(client: Any, prefix: str) -> int:
-    removed, batch = 0, []
-    async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            removed += await client.unlink(*batch)
-            batch = []
-    if batch:
-        removed += await client.unlink(*batch)
-    return removed

@@ -106,6 +106,7 @@ def test_import_has_no_side_effects() -> None:
         "assert threading.active_count() == before, 'thread started'\n"
         "assert 'prometheus_client' not in sys.modules, 'prometheus imported'\n"
         "assert 'fakeredis' not in sys.modules, 'fakeredis imported'\n"
+        "assert 'click' not in sys.modules, 'click imported'\n"
         "assert not logging.getLogger('rcache').handlers\n"
         "print('ok')\n"
     )

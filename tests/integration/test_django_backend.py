@@ -197,9 +197,18 @@ def test_clear_removes_only_this_caches_values(
     cache = make()
     cache.set_many({f"k{i}": i for i in range(2500)}, 60)  # more than one SCAN batch
     redis_client.set("unrelated", b"1")
+
+    @cache.rcache.cached(ttl=60)
+    def square(x: int) -> int:
+        return x * x
+
+    square(3)  # an rcache entry under the same prefix
     with cache.lock("held", ttl=10):
         cache.clear()
         assert redis_client.exists("unrelated") == 1
+        assert {
+            k for k in redis_client.keys("dj:*") if not k.startswith(b"dj:l:")
+        } == set()
         assert any(k.startswith(b"dj:l:") for k in redis_client.keys("dj:*"))
     assert redis_client.keys("dj:k:*") == []
 
@@ -226,6 +235,7 @@ def test_outage_bypass_reads_as_miss_and_opens_the_breaker(
             await cache.aset_many({"a": 1, "b": 2}),
             await cache.atouch("k"),
             await cache.adelete("k"),
+            await cache.aclear(),
         ]
 
     def sync_calls() -> list[Any]:
@@ -237,13 +247,14 @@ def test_outage_bypass_reads_as_miss_and_opens_the_breaker(
             cache.set_many({"a": 1, "b": 2}),
             cache.touch("k"),
             cache.delete("k"),
+            cache.clear(),
         ]
 
     with caplog.at_level(logging.WARNING, logger="rcache.cache"):
         got = asyncio.run(calls()) if mode == "async" else sync_calls()
         with pytest.raises(ValueError):  # incr on "no value": Django's contract
             cache.incr("k")
-    assert got == ["dflt", None, False, False, ["a", "b"], False, False]
+    assert got == ["dflt", None, False, False, ["a", "b"], False, False, None]
     metrics = cache.rcache.metrics
     assert isinstance(metrics, rcache.InMemoryMetrics)
     assert metrics.count("cache_errors", "o", "get", "ConnectionError") == 1

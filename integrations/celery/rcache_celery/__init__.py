@@ -20,6 +20,7 @@ are created lazily in the process that uses them.
 
 from __future__ import annotations
 
+from rcache_celery._admin import TaskGuard, atask_guards, task_guards
 from rcache_celery._exceptions import DuplicateTaskError, TaskLockedError
 from rcache_celery._install import install, uninstall
 from rcache_celery._serve import serve_metrics
@@ -30,11 +31,14 @@ from rcache_celery._warm import warm
 __all__ = [
     "DuplicateTaskError",
     "LockedTask",
+    "TaskGuard",
     "TaskLockedError",
     "UniqueTask",
     "__version__",
+    "atask_guards",
     "install",
     "serve_metrics",
+    "task_guards",
     "uninstall",
     "warm",
 ]

@@ -1,0 +1,777 @@
+"""Operating rcache: clear a namespace, count what it holds, list and break locks.
+
+What an operator on call needs, without hand-typed ``redis-cli`` on internal key names
+(python-redis-lock's ``reset_all`` and celery-singleton's ``clear_locks`` run ``KEYS``
+and wipe every worker's locks; Flask-Caching's ``clear()`` is ``KEYS`` + ``DEL``):
+
+* Everything walks the keyspace with ``SCAN MATCH {prefix}:*`` and deletes with
+  ``UNLINK`` in batches, never ``KEYS``: each batch is a few hundred keys, so the server
+  is never blocked for more than a fraction of a millisecond per call and other clients
+  keep being served between batches (bench: ``benchmarks/bench_admin.py``).
+* The prefix is glob-escaped before it goes into ``MATCH`` (a prefix ``a*b`` must not
+  match ``axb:...``), and every key SCAN returns is checked again against
+  ``{prefix}:`` before it is deleted: nothing outside the prefix is ever touched.
+* ``clear`` leaves lock keys (``{prefix}:l:*``) and Celery guard keys
+  (``{prefix}:celery:*``) alone unless ``include_locks=True``: deleting a held lock lets
+  a second holder in, and deleting its fence counter makes fences restart (a fence is
+  only useful if it never goes backwards).
+* ``force_release`` bumps the fence counter in the same script that deletes the lease,
+  so a resource checking fences against the counter rejects the old holder, whose own
+  release/extend then report ``LockNotOwnedError``.
+
+The planning and parsing here are pure (no IO); ``AdminMixin`` adds thin sync/async
+drivers to ``Cache``, pairs adjacent and with the same parameters.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from rcache._exceptions import ConfigurationError
+from rcache._mixin import CacheBase
+from rcache._redis import LuaScript
+
+if TYPE_CHECKING:
+    from rcache._lock import _LeasedLock
+
+__all__ = [
+    "AdminMixin",
+    "CacheStats",
+    "ClearResult",
+    "ForceReleaseResult",
+    "FunctionStats",
+    "Holder",
+    "LockInfo",
+    "escape_glob",
+]
+
+_FORCE_RELEASE = LuaScript("admin_force_release")
+
+#: Keys per SCAN call and per UNLINK: large enough that 200,000 keys take a few hundred
+#: round trips, small enough that one UNLINK of small values stays well under 1 ms.
+DEFAULT_BATCH = 500
+#: Keys whose MEMORY USAGE is read to estimate the namespace's memory.
+DEFAULT_SAMPLE = 200
+_SIGNAL_MS = 2000  # same lifetime as the lock scripts' wake-up signals
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+# {prefix}:c:{module.qualname}:{args}, args = canonical JSON ("[...]") or "h:<digest>"
+_ENTRY = re.compile(r"^c:(?P<fn>.+?):(?:\[.*|h:[0-9a-f]{32})$", re.DOTALL)
+# {prefix}:l:{name}[:aux]; tokens and aux names never contain braces
+_LOCK = re.compile(
+    r"^l:\{(?P<name>.*)\}(?P<aux>|:fence|:signal|:w|:h|:fq|:fqt|:fqn|:fs:[^{}]*"
+    r"|:rw:(?:r|w|wq|rs|ws|fence)|:sem|:sem:fence|:sem:signal)$",
+    re.DOTALL,
+)
+
+Kind = Literal["lock", "fair lock", "rwlock", "semaphore"]
+
+
+def escape_glob(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH (``* ? [ ] \\``) escaped."""
+    return _GLOB.sub(r"\\\1", text)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClearResult:
+    """What :meth:`Cache.clear` did (or, with ``dry_run``, would do).
+
+    ``matched`` keys were found under the prefix; ``deleted`` of them were unlinked;
+    ``kept`` are lock and Celery guard keys left in place (``include_locks=False``).
+    ``interrupted`` is True when ``on_batch`` asked to stop: what was deleted until then
+    is counted, the rest is untouched. ``longest_batch_ms`` is the longest UNLINK round
+    trip seen by this client (the server is blocked for at most that long per batch).
+    """
+
+    prefix: str
+    dry_run: bool
+    matched: int = 0
+    deleted: int = 0
+    kept: int = 0
+    batches: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    longest_batch_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class FunctionStats:
+    """Cached entries of one decorated function (``module.qualname``)."""
+
+    name: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A census of everything under the prefix (one SCAN pass).
+
+    ``entries`` = values of decorated functions + explicit ``set()``/``key=`` entries;
+    ``memory_bytes`` is estimated from ``MEMORY USAGE`` of ``memory_sampled`` random
+    keys (None where the server refuses MEMORY USAGE).
+    """
+
+    prefix: str
+    keys: int
+    entries: int
+    explicit_entries: int
+    functions: tuple[FunctionStats, ...]
+    tags: int
+    tag_names: tuple[str, ...]
+    computations: int
+    lock_keys: int
+    locks_held: int
+    celery_keys: int
+    other_keys: int
+    memory_bytes: int | None
+    memory_sampled: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One holder of a lock: the token it acquired with (``pid:random`` for rcache's
+    own locks), its mode (``exclusive``, ``write``, ``read`` or ``permit``) and the
+    lease left, by the server's clock."""
+
+    token: str
+    mode: str
+    remaining: float
+
+    @property
+    def pid(self) -> int | None:
+        """The holder's process id, read from the token (None if it has none)."""
+        head = self.token.split(":", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A lock, RW lock or semaphore that is held or waited for.
+
+    ``fence`` is the current fence counter (the holder's fence for a lock and an RW
+    writer). ``waiters`` is the number of waiters Redis records (fair locks, waiting RW
+    writers); None for kinds that keep no count. For plain locks ``waiting`` tells
+    that a waiter announced itself lately: the marker outlives each wait by up to the
+    waiter's longest single block (~20 s), so it can outlast the waiter.
+    """
+
+    name: str
+    kind: Kind
+    holders: tuple[Holder, ...]
+    fence: int | None
+    waiters: int | None
+    waiting: bool
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ForceReleaseResult:
+    """What :meth:`Lock.force_release` took away: the tokens of the live holders it
+    removed and the fence counter afterwards (None for unfenced read leases)."""
+
+    name: str
+    kind: str
+    released: tuple[str, ...]
+    fence: int | None
+
+
+# -- clear: pure plan, thin drivers ------------------------------------------------------
+
+
+@dataclass
+class _ClearPlan:
+    prefix: str
+    dry_run: bool
+    include_locks: bool
+    batch: int
+    result: ClearResult = field(init=False)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int):
+            raise ConfigurationError(f"batch_size must be an int, got {self.batch!r}")
+        if not 1 <= self.batch <= 100_000:
+            raise ConfigurationError(
+                f"batch_size must be between 1 and 100000, got {self.batch}: "
+                f"write batch_size={DEFAULT_BATCH}"
+            )
+        self.result = ClearResult(prefix=self.prefix, dry_run=self.dry_run)
+        self._head = (self.prefix + ":").encode() if self.prefix else b""
+        self._protected = (
+            ()
+            if self.include_locks or not self.prefix
+            else (self._head + b"l:", self._head + b"celery:")
+        )
+
+    @property
+    def match(self) -> str:
+        return escape_glob(self.prefix) + ":*" if self.prefix else "*"
+
+    def select(self, keys: Sequence[bytes | str]) -> list[bytes]:
+        """The keys of one SCAN page to unlink (never one outside the prefix)."""
+        doomed: list[bytes] = []
+        kept = 0
+        for key in keys:
+            raw = key.encode() if isinstance(key, str) else key
+            if not raw.startswith(self._head):
+                continue  # defence in depth: MATCH already filtered
+            if self._protected and raw.startswith(self._protected):
+                kept += 1
+                continue
+            doomed.append(raw)
+        r = self.result
+        self.result = replace(
+            r, matched=r.matched + len(doomed) + kept, kept=r.kept + kept
+        )
+        return doomed
+
+    def unlinked(self, count: int, ms: float) -> None:
+        r = self.result
+        self.result = replace(
+            r,
+            deleted=r.deleted + count,
+            batches=r.batches + 1,
+            longest_batch_ms=max(r.longest_batch_ms, ms),
+        )
+
+    def finish(self, interrupted: bool) -> ClearResult:
+        self.result = replace(
+            self.result,
+            interrupted=interrupted,
+            seconds=time.monotonic() - self.started,
+        )
+        return self.result
+
+
+_OnBatch = Callable[[ClearResult], object]
+
+
+def _scan(cursor: int, match: str, count: int) -> Callable[[Any], Any]:
+    """One SCAN page; safe to retry (the same cursor gives the same page or more)."""
+    return lambda c: c.scan(cursor, match=match, count=count)
+
+
+def _unlink(keys: list[bytes]) -> Callable[[Any], Any]:
+    # UNLINK frees large values in a background thread; retrying it is harmless
+    return lambda c: c.unlink(*keys)
+
+
+def _chunks(keys: list[bytes], size: int) -> Iterable[list[bytes]]:
+    for i in range(0, len(keys), size):
+        yield keys[i : i + size]
+
+
+def clear_prefix(
+    cache: CacheBase,
+    prefix: str,
+    *,
+    dry_run: bool = False,
+    include_locks: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    on_batch: _OnBatch | None = None,
+) -> ClearResult:
+    """Sync driver of :meth:`AdminMixin.clear` for any prefix ("" = the whole db)."""
+    plan = _ClearPlan(prefix, dry_run, include_locks, batch_size)
+    cursor: int = 0
+    while True:
+        cursor, keys = cache._sync.run(_scan(cursor, plan.match, batch_size))
+        for chunk in _chunks(plan.select(keys), batch_size):
+            if dry_run:
+                plan.unlinked(0, 0.0)
+                continue
+            t0 = time.perf_counter()
+            n = cache._sync.run(_unlink(chunk))
+            plan.unlinked(int(n), (time.perf_counter() - t0) * 1000)
+        stop = on_batch is not None and on_batch(plan.result) is False
+        if int(cursor) == 0 or stop:
+            return plan.finish(int(cursor) != 0)
+
+
+async def aclear_prefix(
+    cache: CacheBase,
+    prefix: str,
+    *,
+    dry_run: bool = False,
+    include_locks: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    on_batch: _OnBatch | None = None,
+) -> ClearResult:
+    """Async twin of :func:`clear_prefix`."""
+    plan = _ClearPlan(prefix, dry_run, include_locks, batch_size)
+    cursor: int = 0
+    while True:
+        cursor, keys = await cache._async.run(_scan(cursor, plan.match, batch_size))
+        for chunk in _chunks(plan.select(keys), batch_size):
+            if dry_run:
+                plan.unlinked(0, 0.0)
+                continue
+            t0 = time.perf_counter()
+            n = await cache._async.run(_unlink(chunk))
+            plan.unlinked(int(n), (time.perf_counter() - t0) * 1000)
+        stop = on_batch is not None and on_batch(plan.result) is False
+        if int(cursor) == 0 or stop:
+            return plan.finish(int(cursor) != 0)
+
+
+# -- stats -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Census:
+    prefix: str
+    sample: int
+    started: float = field(default_factory=time.monotonic)
+    keys: int = 0
+    explicit: int = 0
+    computations: int = 0
+    tags: list[str] = field(default_factory=list)
+    lock_keys: int = 0
+    held: set[str] = field(default_factory=set)
+    celery: int = 0
+    other: int = 0
+    functions: dict[str, int] = field(default_factory=dict)
+    reservoir: list[bytes] = field(default_factory=list)
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample, bool) or not isinstance(self.sample, int):
+            raise ConfigurationError(f"sample must be an int, got {self.sample!r}")
+        if self.sample < 0:
+            raise ConfigurationError(f"sample must be >= 0, got {self.sample}")
+        self._head = len(self.prefix) + 1
+
+    @property
+    def match(self) -> str:
+        return escape_glob(self.prefix) + ":*"
+
+    def add(self, keys: Sequence[bytes]) -> None:
+        head = self.prefix.encode() + b":"
+        for raw in keys:
+            if not raw.startswith(head):
+                continue
+            self.keys += 1
+            # reservoir sampling: every key has the same chance to be measured
+            if len(self.reservoir) < self.sample:
+                self.reservoir.append(raw)
+            else:
+                j = self._rng.randrange(self.keys)
+                if j < self.sample:
+                    self.reservoir[j] = raw
+            rest = _text(raw[self._head :])
+            if rest.startswith("c:"):
+                if rest.endswith(":lease"):
+                    self.computations += 1
+                    continue
+                if rest.endswith(":ready"):  # a finished computation's wake-up signal
+                    self.other += 1
+                    continue
+                m = _ENTRY.match(rest)
+                fn = m.group("fn") if m else "?"
+                self.functions[fn] = self.functions.get(fn, 0) + 1
+            elif rest.startswith("k:"):
+                self.explicit += 1
+            elif rest.startswith("s:t:"):
+                self.tags.append(rest[4:])
+            elif rest.startswith("s:"):
+                self.other += 1
+            elif rest.startswith("l:"):
+                self.lock_keys += 1
+                m = _LOCK.match(rest)
+                if m and m.group("aux") in ("", ":rw:w", ":rw:r", ":sem"):
+                    self.held.add(m.group("name"))
+            elif rest.startswith("celery:"):
+                self.celery += 1
+            else:
+                self.other += 1
+
+    def finish(self, sizes: Sequence[Any], held: int) -> CacheStats:
+        measured = [int(s) for s in sizes if s is not None]
+        memory = None
+        if measured:
+            memory = round(sum(measured) / len(measured) * self.keys)
+        elif self.keys == 0:
+            memory = 0
+        functions = tuple(
+            FunctionStats(n, c)
+            for n, c in sorted(self.functions.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        decorated = sum(self.functions.values())
+        return CacheStats(
+            prefix=self.prefix,
+            keys=self.keys,
+            entries=decorated + self.explicit,
+            explicit_entries=self.explicit,
+            functions=functions,
+            tags=len(self.tags),
+            tag_names=tuple(sorted(self.tags)[:50]),
+            computations=self.computations,
+            lock_keys=self.lock_keys,
+            locks_held=held,
+            celery_keys=self.celery,
+            other_keys=self.other,
+            memory_bytes=memory,
+            memory_sampled=len(measured),
+            seconds=time.monotonic() - self.started,
+        )
+
+
+def _memory_usage(client: Any, keys: list[bytes]) -> Any:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.execute_command("MEMORY", "USAGE", key)
+    return pipe.execute(raise_on_error=False)
+
+
+def _sizes(replies: Sequence[Any]) -> list[int | None]:
+    # a key deleted since the SCAN answers None; a server refusing MEMORY USAGE (an ACL,
+    # the memory:// backend) answers an error object: both are left out of the estimate
+    return [r if isinstance(r, int) else None for r in replies]
+
+
+# -- locks -------------------------------------------------------------------------------
+
+
+def _lock_names(keys: Iterable[bytes], prefix: str) -> dict[str, set[str]]:
+    """Lock name -> the aux suffixes present, from keys under ``{prefix}:l:``."""
+    found: dict[str, set[str]] = {}
+    head = len(prefix) + 1
+    for raw in keys:
+        m = _LOCK.match(_text(raw[head:]))
+        if m is None:
+            continue
+        aux = m.group("aux")
+        if aux.startswith(":fs:"):
+            aux = ":fs:"
+        found.setdefault(m.group("name"), set()).add(aux)
+    return found
+
+
+def _base(prefix: str, name: str) -> str:
+    return f"{prefix}:l:{{{name}}}"
+
+
+def _lock_queries(prefix: str, name: str, aux: set[str]) -> list[tuple[str, list[Any]]]:
+    """The commands that describe one lock name (run in one pipeline for all names)."""
+    b = _base(prefix, name)
+    q: list[tuple[str, list[Any]]] = []
+    if "" in aux or ":fq" in aux or ":w" in aux:
+        q += [
+            ("lock", ["GET", b]),
+            ("lock_pttl", ["PTTL", b]),
+            ("fence", ["GET", b + ":fence"]),
+            ("waiting", ["EXISTS", b + ":w"]),
+            ("fair", ["EXISTS", b + ":fq"]),
+            ("fair_live", ["ZCOUNT", b + ":fqt", "(NOW", "+inf"]),
+        ]
+    if aux & {":rw:w", ":rw:r", ":rw:wq"}:
+        q += [
+            ("writer", ["GET", b + ":rw:w"]),
+            ("writer_pttl", ["PTTL", b + ":rw:w"]),
+            ("readers", ["ZRANGE", b + ":rw:r", "0", "-1", "WITHSCORES"]),
+            ("intents", ["ZCOUNT", b + ":rw:wq", "(NOW", "+inf"]),
+            ("rw_fence", ["GET", b + ":rw:fence"]),
+        ]
+    if ":sem" in aux:
+        q += [
+            ("permits", ["ZRANGE", b + ":sem", "0", "-1", "WITHSCORES"]),
+            ("sem_fence", ["GET", b + ":sem:fence"]),
+        ]
+    return q
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _live(pairs: Sequence[Any], now_ms: int, mode: str) -> tuple[Holder, ...]:
+    """Holders from ``ZRANGE ... WITHSCORES`` (member -> expiry in server ms)."""
+    out = []
+    for member, score in pairs:
+        left = float(score) - now_ms
+        if left > 0:
+            out.append(Holder(_text(member), mode, round(left / 1000, 3)))
+    return tuple(out)
+
+
+def _describe(name: str, r: dict[str, Any], now_ms: int) -> list[LockInfo]:
+    """LockInfo rows of one name from its query replies (pure)."""
+    rows: list[LockInfo] = []
+    if "lock" in r:
+        holders: tuple[Holder, ...] = ()
+        if r["lock"] is not None and int(r["lock_pttl"]) != -2:
+            pttl = int(r["lock_pttl"])
+            left = round(pttl / 1000, 3) if pttl >= 0 else float("inf")
+            holders = (Holder(_text(r["lock"]), "exclusive", left),)
+        fair = bool(int(r["fair"]))
+        waiters = int(r["fair_live"]) if fair else None
+        waiting = bool(int(r["waiting"])) or bool(waiters)
+        if holders or waiting:
+            rows.append(
+                LockInfo(
+                    name,
+                    "fair lock" if fair else "lock",
+                    holders,
+                    _int(r["fence"]),
+                    waiters,
+                    waiting,
+                )
+            )
+    if "writer" in r:
+        holders = ()
+        if r["writer"] is not None and int(r["writer_pttl"]) != -2:
+            pttl = int(r["writer_pttl"])
+            left = round(pttl / 1000, 3) if pttl >= 0 else float("inf")
+            holders = (Holder(_text(r["writer"]), "write", left),)
+        holders += _live(r["readers"], now_ms, "read")
+        intents = int(r["intents"])
+        if holders or intents:
+            rows.append(
+                LockInfo(
+                    name, "rwlock", holders, _int(r["rw_fence"]), intents, intents > 0
+                )
+            )
+    if "permits" in r:
+        holders = _live(r["permits"], now_ms, "permit")
+        if holders:
+            rows.append(
+                LockInfo(name, "semaphore", holders, _int(r["sem_fence"]), None, False)
+            )
+    return rows
+
+
+def _now_ms(reply: Sequence[Any]) -> int:
+    return int(reply[0]) * 1000 + int(reply[1]) // 1000
+
+
+def _fix_now(cmd_args: list[Any], now_ms: int) -> list[Any]:
+    return [f"({now_ms}" if a == "(NOW" else a for a in cmd_args]
+
+
+def _lock_rows(
+    prefix: str, names: dict[str, set[str]], now_ms: int, replies: Sequence[Any]
+) -> list[LockInfo]:
+    rows: list[LockInfo] = []
+    i = 0
+    for name, aux in sorted(names.items()):
+        labels = [label for label, _ in _lock_queries(prefix, name, aux)]
+        r = dict(zip(labels, replies[i : i + len(labels)], strict=True))
+        i += len(labels)
+        rows += _describe(name, r, now_ms)
+    return rows
+
+
+def _lock_commands(
+    prefix: str, names: dict[str, set[str]], now_ms: int
+) -> list[list[Any]]:
+    cmds = []
+    for name, aux in sorted(names.items()):
+        cmds += [_fix_now(cmd, now_ms) for _, cmd in _lock_queries(prefix, name, aux)]
+    return cmds
+
+
+def _run_commands(client: Any, cmds: list[list[Any]]) -> Any:
+    pipe = client.pipeline(transaction=False)
+    for cmd in cmds:
+        pipe.execute_command(*cmd)
+    return pipe.execute()
+
+
+# -- force release -----------------------------------------------------------------------
+
+
+def _force_call(lock: _LeasedLock) -> tuple[str, list[str], list[Any]]:
+    """Kind, KEYS and ARGV of ``admin_force_release.lua`` for one lock object."""
+    from rcache._lock import FairLock, Lock, ReadLock, Semaphore, WriteLock
+
+    o: Any = lock
+    if isinstance(lock, (Lock, FairLock)):
+        # both queues are woken: the object may be plain while the holders are fair
+        keys = [o._key, o._fence_key, o._signal, o._base + ":fq", o._base + ":fs:"]
+        return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
+    if isinstance(lock, WriteLock):
+        keys = [o._writer, o._fence_key, o._wsignal, o._rsignal]
+        return "rwlock write", keys, ["string", _SIGNAL_MS, "1", 2, "0"]
+    if isinstance(lock, ReadLock):
+        keys = [o._readers, o._fence_key, o._wsignal, o._rsignal]
+        return "rwlock read", keys, ["zset", _SIGNAL_MS, "0", 2, "0"]
+    if isinstance(lock, Semaphore):
+        keys = [o._key, o._fence_key, o._signal]
+        return "semaphore", keys, ["zset", _SIGNAL_MS, "1", 1, "0"]
+    raise ConfigurationError(f"cannot force-release a {type(lock).__name__}")
+
+
+def _force_result(
+    lock: _LeasedLock, kind: str, reply: Sequence[Any]
+) -> ForceReleaseResult:
+    tokens = tuple(_text(t) for t in reply[0])
+    fence = int(reply[1]) if kind != "rwlock read" and int(reply[1]) > 0 else None
+    return ForceReleaseResult(lock.name, kind, tokens, fence)
+
+
+def force_release(lock: _LeasedLock) -> ForceReleaseResult:
+    """Sync driver of :meth:`Lock.force_release`."""
+    kind, keys, args = _force_call(lock)
+    reply = lock._cache._sync.run(lambda c: _FORCE_RELEASE(c, keys, args))
+    return _force_result(lock, kind, reply)
+
+
+async def aforce_release(lock: _LeasedLock) -> ForceReleaseResult:
+    """Async twin of :func:`force_release`."""
+    kind, keys, args = _force_call(lock)
+    reply = await lock._cache._async.run(lambda c: _FORCE_RELEASE.acall(c, keys, args))
+    return _force_result(lock, kind, reply)
+
+
+# -- the Cache mixin ---------------------------------------------------------------------
+
+
+class AdminMixin(CacheBase):
+    """Adds ``clear``, ``stats`` and ``locks`` (and their ``a`` twins) to ``Cache``."""
+
+    def clear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: _OnBatch | None = None,
+    ) -> ClearResult:
+        """Delete every key under ``{prefix}:`` (SCAN + UNLINK in batches, never KEYS).
+
+        Lock keys and fence counters (``{prefix}:l:*``) and Celery guard keys
+        (``{prefix}:celery:*``) are kept unless ``include_locks=True``: deleting them
+        frees held locks and restarts fences. Safe while the application runs: each
+        batch blocks the server for well under a millisecond.
+
+        :param dry_run: only count what would be deleted.
+        :param batch_size: keys per SCAN page and per UNLINK.
+        :param on_batch: called with the running :class:`ClearResult` after each SCAN
+            page; returning ``False`` stops at that point (``interrupted=True``).
+        :raises BackendError: Redis failed; keys deleted so far stay deleted.
+
+        Example::
+
+            result = cache.clear(dry_run=True)
+            print(result.matched, "keys would be deleted")
+        """
+        return clear_prefix(
+            self,
+            self.prefix,
+            dry_run=dry_run,
+            include_locks=include_locks,
+            batch_size=batch_size,
+            on_batch=on_batch,
+        )
+
+    async def aclear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: _OnBatch | None = None,
+    ) -> ClearResult:
+        """Async twin of :meth:`clear`."""
+        return await aclear_prefix(
+            self,
+            self.prefix,
+            dry_run=dry_run,
+            include_locks=include_locks,
+            batch_size=batch_size,
+            on_batch=on_batch,
+        )
+
+    def stats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Count what lives under the prefix: entries per function, tags, locks, memory.
+
+        One SCAN pass (O(keys), in batches) plus ``MEMORY USAGE`` of ``sample`` random
+        keys, from which the namespace's memory is estimated.
+        """
+        census = _Census(self.prefix, sample)
+        cursor: int = 0
+        while True:
+            cursor, keys = self._sync.run(_scan(cursor, census.match, batch_size))
+            census.add(keys)
+            if int(cursor) == 0:
+                break
+        sizes = []
+        if census.reservoir:
+            sizes = _sizes(self._sync.run(lambda c: _memory_usage(c, census.reservoir)))
+        held = len(self.locks()) if census.held else 0
+        return census.finish(sizes, held)
+
+    async def astats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Async twin of :meth:`stats`."""
+        census = _Census(self.prefix, sample)
+        cursor: int = 0
+        while True:
+            cursor, keys = await self._async.run(
+                _scan(cursor, census.match, batch_size)
+            )
+            census.add(keys)
+            if int(cursor) == 0:
+                break
+        sizes = []
+        if census.reservoir:
+            sizes = _sizes(
+                await self._async.run(lambda c: _memory_usage(c, census.reservoir))
+            )
+        held = len(await self.alocks()) if census.held else 0
+        return census.finish(sizes, held)
+
+    def locks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Locks, RW locks and semaphores under the prefix that are held or waited for.
+
+        For each: holders (token, mode, lease left by the server's clock), the fence
+        counter and the waiters Redis records. A snapshot: leases may end meanwhile.
+        """
+        match = escape_glob(self.prefix) + ":l:*"
+        found: list[bytes] = []
+        cursor: int = 0
+        while True:
+            cursor, keys = self._sync.run(_scan(cursor, match, batch_size))
+            found += keys
+            if int(cursor) == 0:
+                break
+        names = _lock_names(found, self.prefix)
+        if not names:
+            return []
+        now_ms = _now_ms(self._sync.run(lambda c: c.time()))
+        cmds = _lock_commands(self.prefix, names, now_ms)
+        replies = self._sync.run(lambda c: _run_commands(c, cmds))
+        return _lock_rows(self.prefix, names, now_ms, replies)
+
+    async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Async twin of :meth:`locks`."""
+        match = escape_glob(self.prefix) + ":l:*"
+        found: list[bytes] = []
+        cursor: int = 0
+        while True:
+            cursor, keys = await self._async.run(_scan(cursor, match, batch_size))
+            found += keys
+            if int(cursor) == 0:
+                break
+        names = _lock_names(found, self.prefix)
+        if not names:
+            return []
+        now_ms = _now_ms(await self._async.run(lambda c: c.time()))
+        cmds = _lock_commands(self.prefix, names, now_ms)
+        replies = await self._async.run(lambda c: _run_commands(c, cmds))
+        return _lock_rows(self.prefix, names, now_ms, replies)
