@@ -109,6 +109,9 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     :param metrics: a metrics sink such as ``rcache.metrics.PrometheusMetrics``;
         default ``InMemoryMetrics``.
     :param redis_options: extra keyword arguments for the redis-py clients.
+    :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
+        prefix and options): a cache server with an evicting ``maxmemory-policy`` can
+        evict a held lock, a lock server should run ``noeviction``.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -136,6 +139,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         metrics: MetricsSink | None = None,
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        lock_url: str | None = None,
     ) -> None:
         if (
             not isinstance(prefix, str)
@@ -171,6 +175,17 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._renew_script = LuaScript("cache_renew")
         self._leases = LeaseKeeper(self._renew)
         self.metrics.register_cache(self.name)
+        if lock_url is not None:
+            # Locks on their own server (issue 14: eviction on a cache server took a
+            # held lock): a lock-only Cache with the same prefix, options and metrics.
+            self._lock_cache = Cache(
+                lock_url,
+                prefix=prefix,
+                retry=self.retry,
+                metrics=self.metrics,
+                redis_options=redis_options,
+                name=self.name,
+            )
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
@@ -802,10 +817,14 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     def close(self) -> None:
         """Close the sync client (it is made again on next use)."""
         self._sync.close()
+        if isinstance(self._lock_cache, Cache):
+            self._lock_cache.close()
 
     async def aclose(self) -> None:
         """Close the current event loop's async client."""
         await self._async.aclose()
+        if isinstance(self._lock_cache, Cache):
+            await self._lock_cache.aclose()
 
     # -- decorator --------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ the public API raw::
     ├── LockError
     │   ├── LockNotAcquiredError(LockError, TimeoutError)
     │   ├── LockNotOwnedError                         release/extend by a non-owner
+    │   ├── LockReleaseUnconfirmedError               release sent, its replies lost
     │   └── LockLostError                             the lease is gone while "held"
     └── TransactionError
         └── TransactionConflictError                  WATCH retries exhausted
@@ -35,6 +36,7 @@ __all__ = [
     "LockLostError",
     "LockNotAcquiredError",
     "LockNotOwnedError",
+    "LockReleaseUnconfirmedError",
     "RCacheError",
     "SerializationError",
     "TransactionConflictError",
@@ -93,6 +95,15 @@ class LockNotAcquiredError(LockError, TimeoutError):
 
 class LockNotOwnedError(LockError):
     """Release or extend by a holder whose lease is gone or was never held."""
+
+
+class LockReleaseUnconfirmedError(LockError):
+    """A release was sent (and retried) but no reply came back.
+
+    Redis most likely deleted the key (the replies were lost, not the command); if it
+    did not, the lease ends by its TTL. The lease no longer counts as held, and calling
+    ``release()`` again confirms the outcome without raising.
+    """
 
 
 class LockLostError(LockError):

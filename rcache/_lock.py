@@ -10,7 +10,9 @@ resource must check the fencing token (``lock.fence``, strictly increasing per n
 Protocol (all keys of one name share a Redis Cluster slot through the hash tag)::
 
     {prefix}:l:{name}           token of the holder, PX lease
-    {prefix}:l:{name}:fence     INCR counter, never expires (fences only grow)
+    {prefix}:l:{name}:fence     INCR counter, never expires (fences only grow); when
+                                missing it is seeded from server TIME in µs, so a
+                                counter lost to a restart or eviction still grows
     {prefix}:l:{name}:signal    list; release LPUSHes, waiters BLPOP (one wake-up each)
     {prefix}:l:{name}:w / :h    "someone waits" marker / hand-off grace after a release
     {prefix}:l:{name}:fq*/:fs:* fair=True: FIFO queue (ZSETs) and per-waiter signals
@@ -31,9 +33,15 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   asyncio task, never ``threading.local`` (redis-py #3540, aredis #119: one task
   releasing another's lock); a forked child cannot release its parent's hold.
 * Retries are idempotent: a retried acquire that finds its own token is a success, extend
-  replaces the TTL, and a release whose first reply was lost does not raise.
+  replaces the TTL, and a release whose first reply was lost does not raise; one whose
+  every reply was lost raises :class:`LockReleaseUnconfirmedError`.
 * Redis errors fail closed: acquire raises :class:`LockNotAcquiredError` (chained to the
   backend error), release/extend raise :class:`LockError`; nothing pretends to hold.
+* Waits keep their budget: each call of a wait (script or BLPOP) waits for its reply at
+  most the rest of the budget plus ``_IO_MARGIN``, so a hung Redis cannot hold a
+  waiter on a socket timeout; clean-up after giving up runs in the background.
+* The lock server's eviction policy is read once per Cache when locks are first used:
+  an evicting policy can take a held lock, so it is logged at ERROR and counted.
 
 Metric labels: ``cache.lock(name)`` reports under ``name`` and ``@locked(template)``
 under the template, so keep lock names low-cardinality or pass ``metrics_name=``.
@@ -48,23 +56,34 @@ import random
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from rcache._config import Duration, parse_duration, ttl_ms
 from rcache._exceptions import (
+    BackendUnavailableError,
     ConfigurationError,
     LockError,
     LockLostError,
     LockNotAcquiredError,
     LockNotOwnedError,
+    LockReleaseUnconfirmedError,
     RCacheError,
 )
 from rcache._keys import KeyBuilder
 from rcache._logging import lock_log
 from rcache._mixin import CacheBase
-from rcache._redis import LuaScript
+from rcache._redis import (
+    LuaScript,
+    acommand_within,
+    aeval_within,
+    aeviction_policy,
+    command_within,
+    eval_within,
+    eviction_policy,
+)
 from rcache._renewer import get_renewer
 from rcache._types import P, R
 
@@ -122,6 +141,16 @@ _FALLBACK = (0.005, 0.05)
 _GRACE_MS = 10
 #: Acquire-script status: the lock is free but reserved for a woken waiter (lock only).
 _RESERVED = 2
+#: A call made for a wait may take the rest of the wait's budget plus this for its reply
+#: (issue 14: with Redis stopped, acquire(timeout=2) returned after 9.4 s).
+_IO_MARGIN = 0.2
+#: Lease bounds: below 10 ms a lease ends before a round trip under load confirms it;
+#: above a year is a mistake (ttl=1e17 overflows Redis' PX and the ZSET scores).
+_MIN_TTL = 0.01
+_MAX_TTL = 365 * 86400.0
+#: Eviction policies that never evict a key: every other one can take a held lock
+#: (allkeys-*) or, since lock keys carry a TTL, volatile-* too.
+_SAFE_POLICIES = frozenset({"noeviction"})
 
 _DEFAULT: Any = object()
 _Callback = Callable[["Lease"], object]
@@ -144,6 +173,29 @@ def _parse_timeout(
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
         return 0.0
     return parse_duration(value, what=what)
+
+
+def _lock_ttl(value: Duration, what: str = "ttl") -> float:
+    """A lease length in seconds, between 10 ms and a year."""
+    seconds = parse_duration(value, what=what)
+    if not _MIN_TTL <= seconds <= _MAX_TTL:
+        raise ConfigurationError(
+            f"lock {what} must be between 10ms and 365 days, got {value!r}: write "
+            f'{what}=30 (seconds) or {what}="5m"; for long jobs keep a short lease '
+            "and let auto-renewal (with max_hold=) extend it"
+        )
+    return seconds
+
+
+#: Leases of exclusive locks by (server, key, owner), across lock objects: re-entering a
+#: lock this thread/task holds (through another ``cache.lock(name)`` or ``@locked``
+#: call) fails at once with a clear message instead of waiting for itself (issue 12).
+_EXCLUSIVE: weakref.WeakValueDictionary[
+    tuple[str, str, tuple[int, int, int]], Lease
+] = weakref.WeakValueDictionary()
+
+#: The eviction policy found per client spec (checked once, when locks are first used).
+_POLICIES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
 def _check_callback(on_lost: object) -> None:
@@ -187,6 +239,9 @@ class Lease:
         self.waited = self.acquired_at - started
         self.lost = False
         self.released = False
+        #: A release was sent but its reply never came: maybe released, so not held.
+        self.unconfirmed = False
+        self.release_sent = False
         self.lost_reason = ""
         self.on_lost = owner.on_lost
         self.deadline = 0.0
@@ -215,8 +270,14 @@ class Lease:
 
     @property
     def held(self) -> bool:
-        """Not lost, not released, and within its deadline (local check, no IO)."""
-        return not self.lost and not self.released and time.monotonic() < self.deadline
+        """Not lost, not released (nor released unconfirmed), and within its deadline
+        (local check, no IO)."""
+        return (
+            not self.lost
+            and not self.released
+            and not self.unconfirmed
+            and time.monotonic() < self.deadline
+        )
 
     def _mark_lost(self, reason: str) -> None:
         """Record the loss once: metric, WARNING, ``on_lost`` callback."""
@@ -239,14 +300,20 @@ class Lease:
         if not self.lost and not self.released and time.monotonic() >= self.deadline:
             self._mark_lost("its lease ran out without a successful renewal")
         if not self.held:
+            state = "release sent, unconfirmed" if self.unconfirmed else "released"
             raise LockLostError(
                 f"lock {self.name!r} (fence {self.fence}) is no longer held: "
-                f"{self.lost_reason or 'released'}"
+                f"{self.lost_reason or state}"
             )
 
     async def aensure_held(self) -> None:
         """Async twin of :meth:`ensure_held` (also local: no IO)."""
         self.ensure_held()
+
+
+#: How a call waits for its reply: (seconds, or None for the client's socket timeout;
+#: a callback run once the command is written, or None).
+_Within = tuple[float | None, Callable[[], object] | None]
 
 
 class _Call:
@@ -259,11 +326,18 @@ class _Call:
         self.keys = keys
         self.args = args
 
-    def run(self, client: redis.Redis) -> Any:
-        return self.script(client, self.keys, self.args)
+    def run(self, client: redis.Redis, within: _Within | None = None) -> Any:
+        """Run the script; ``within`` bounds the wait for its reply (see _Within)."""
+        if within is None:
+            return self.script(client, self.keys, self.args)
+        return eval_within(client, self.script, self.keys, self.args, *within)
 
-    def arun(self, client: redis.asyncio.Redis) -> Awaitable[Any]:
-        return self.script.acall(client, self.keys, self.args)
+    def arun(
+        self, client: redis.asyncio.Redis, within: _Within | None = None
+    ) -> Awaitable[Any]:
+        if within is None:
+            return self.script.acall(client, self.keys, self.args)
+        return aeval_within(client, self.script, self.keys, self.args, *within)
 
 
 class _LeasedLock:
@@ -274,6 +348,8 @@ class _LeasedLock:
 
     _kind = "lock"
     _fenced = True
+    #: Redis key of an exclusive hold (re-entry is detected across lock objects).
+    _exclusive_key: str | None = None
 
     def __init__(
         self,
@@ -289,7 +365,7 @@ class _LeasedLock:
         metrics_name: str | None = None,
     ) -> None:
         self.name = _check_name(name)
-        self.ttl = parse_duration(ttl, what="ttl")
+        self.ttl = _lock_ttl(ttl)
         self.timeout = _parse_timeout(timeout)
         self.auto_renew = auto_renew
         self.max_hold = (
@@ -382,7 +458,37 @@ class _LeasedLock:
                 f"{self._kind} {self.name!r} is already held by this thread/task: rcache "
                 "locks are not reentrant (release it first)"
             )
+        if timeout is None and self._exclusive_hold(key) is not None:
+            # Waiting forever for itself is never what the caller meant (issue 12);
+            # a bounded wait (or a single try) still just reports "busy".
+            raise LockError(self._held_here_message("cannot wait for"))
         return key, timeout
+
+    def _held_here_message(self, doing: str) -> str:
+        other = self._exclusive_hold(_owner_key())
+        fence = "" if other is None else f" (fence {other.fence})"
+        return (
+            f"{doing} {self._kind} {self.name!r}: this thread/task already holds it"
+            f"{fence} through another lock object, and rcache locks are not reentrant "
+            "(release it first, or pass the held lock down)"
+        )
+
+    def _timed_out_message(self) -> str:
+        if self._exclusive_hold(_owner_key()) is not None:
+            return self._held_here_message("could not acquire")
+        return f"could not acquire {self._kind} {self.name!r} within {self.timeout}s"
+
+    def _exclusive_id(
+        self, owner: tuple[int, int, int]
+    ) -> tuple[str, str, tuple[int, int, int]] | None:
+        if self._exclusive_key is None:
+            return None
+        return (self._cache._spec.describe(), self._exclusive_key, owner)
+
+    def _exclusive_hold(self, owner: tuple[int, int, int]) -> Lease | None:
+        ident = self._exclusive_id(owner)
+        lease = None if ident is None else _EXCLUSIVE.get(ident)
+        return lease if lease is not None and lease.held else None
 
     def _grant(
         self,
@@ -398,6 +504,9 @@ class _LeasedLock:
         lease = Lease(self, token, fence if self._fenced else 0, sent, started, auto)
         lease.loop = loop
         self._holds[key] = lease
+        ident = self._exclusive_id(key)
+        if ident is not None:
+            _EXCLUSIVE[ident] = lease
         self._metrics.lock_acquire(self.metrics_name, "acquired")
         self._metrics.lock_wait(self.metrics_name, lease.waited)
         self._metrics.locks_held_change(self.metrics_name, 1)
@@ -428,11 +537,64 @@ class _LeasedLock:
             self.metrics_name, "busy" if timeout == 0 else "timeout"
         )
 
+    # -- eviction policy (issue 14: an evicted lock key was granted to a second client) --
+
+    def _policy_known(self) -> bool:
+        return self._cache._spec in _POLICIES or self._cache._spec.memory
+
+    def _check_policy(self) -> None:
+        """Once per client spec and process, in the background IO thread (no wait
+        spends its budget on it): warn when the server can evict lock keys."""
+        spec = self._cache._spec
+        _POLICIES.setdefault(spec, "")  # claimed: checked once
+        sync = self._cache._sync
+
+        def job() -> None:
+            try:
+                policy = sync.run(eviction_policy, retry=False)
+            except RCacheError as exc:
+                lock_log.debug("rcache: cannot read the eviction policy: %s", exc)
+                return
+            self._note_policy(policy)
+
+        get_renewer().submit(job, sync)
+
+    async def _acheck_policy(self) -> None:
+        spec = self._cache._spec
+        _POLICIES.setdefault(spec, "")
+        try:
+            policy = await self._cache._async.run(aeviction_policy, retry=False)
+        except RCacheError as exc:
+            lock_log.debug("rcache: cannot read the eviction policy: %s", exc)
+            return
+        self._note_policy(policy)
+
+    def _note_policy(self, policy: str) -> None:
+        _POLICIES[self._cache._spec] = policy
+        if not policy or policy in _SAFE_POLICIES:
+            return
+        report = getattr(self._metrics, "lock_eviction_risk", None)
+        if report is not None:
+            report(policy)
+        lock_log.error(
+            "rcache: Redis at %s has maxmemory-policy %s, which can evict held lock "
+            "keys and fence counters: two clients may then hold the same lock. Set "
+            "maxmemory-policy noeviction on that server, or keep locks on their own "
+            "Redis: Cache(url, lock_url='redis://locks-host:6379/0')",
+            self._cache._spec.describe(),
+            policy,
+        )
+
+    # -- acquire ------------------------------------------------------------------------
+
     def acquire(self, timeout: float | Duration | None = _DEFAULT) -> bool:
         """Acquire, waiting up to ``timeout`` seconds (None: forever; 0: one try).
 
+        Returns within ``timeout`` plus a fraction of a second even while Redis hangs:
+        every call of the wait is bounded by the rest of its budget.
+
         :returns: True if acquired, False if the wait timed out.
-        :raises LockNotAcquiredError: Redis failed (fail closed).
+        :raises LockNotAcquiredError: Redis failed or did not answer (fail closed).
         """
         return self._acquire(timeout, None)
 
@@ -440,22 +602,66 @@ class _LeasedLock:
         """Async twin of :meth:`acquire`; cancellation-safe."""
         return await self._aacquire(timeout, None)
 
+    def _io_limit(self, deadline: float | None, cap: float | None) -> float | None:
+        """How long the next call of a wait may take for its reply: the rest of the
+        budget plus a margin, never above the client's own socket timeout."""
+        if deadline is None:
+            return cap
+        limit = max(0.0, deadline - time.monotonic()) + _IO_MARGIN
+        return limit if cap is None else min(limit, cap)
+
+    def _sync_op(
+        self, call: _Call, deadline: float | None, cap: float | None
+    ) -> Callable[[redis.Redis], Any]:
+        if self._cache._spec.memory:  # fakeredis: in-process, nothing can hang
+            return call.run
+        attempts = 0
+
+        def op(client: redis.Redis) -> Any:
+            nonlocal attempts
+            attempts += 1
+            _check_budget(attempts, deadline)
+            return call.run(client, (self._io_limit(deadline, cap), None))
+
+        return op
+
+    def _async_op(
+        self, call: _Call, deadline: float | None, cap: float | None
+    ) -> Callable[[redis.asyncio.Redis], Awaitable[Any]]:
+        if self._cache._spec.memory:
+            return call.arun
+        attempts = 0
+
+        def op(client: redis.asyncio.Redis) -> Awaitable[Any]:
+            nonlocal attempts
+            attempts += 1
+            _check_budget(attempts, deadline)
+            return call.arun(client, (self._io_limit(deadline, cap), None))
+
+        return op
+
     def _acquire(self, timeout: Any, renew: bool | None) -> bool:
         key, timeout = self._begin(timeout)
+        if not self._policy_known():
+            self._check_policy()
         token = f"{os.getpid()}:{secrets.token_hex(12)}"
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         sync = self._cache._sync
+        io_cap = _socket_timeout(sync.client)
         blocking = _blocking(sync)
         cap = self._cap = _block_cap(blocking.connection_pool.connection_kwargs)
+        memory = self._cache._spec.memory
         waited = False
         while True:
             call = self._acquire_call(token, waited, timeout == 0)
             sent = time.monotonic()
             try:
-                ok, value = sync.run(call.run)
+                ok, value = sync.run(self._sync_op(call, deadline, io_cap))
             except RCacheError as exc:
-                self._compensate(token)
+                # The script may have run (a lost reply): undo by token, in the
+                # background so that a hung Redis does not take more of the budget.
+                get_renewer().submit(_quietly(self._compensate, token), sync)
                 raise self._not_acquired(timeout, exc) from exc
             except BaseException:  # KeyboardInterrupt mid-call: the script may have run
                 self._compensate(token)
@@ -464,7 +670,7 @@ class _LeasedLock:
                 self._grant(key, token, int(value), sent, started, renew)
                 return True
             if deadline is not None and time.monotonic() >= deadline:
-                self._abandon(token)
+                self._abandon(token, deadline)
                 self._gave_up(timeout)
                 return False
             wait = self._wait_time(int(value), deadline, cap)
@@ -472,32 +678,44 @@ class _LeasedLock:
                 time.sleep(wait)
                 continue
             try:
-                sync.run(_blpop(blocking, self._signal_key(token), wait), retry=False)
-            except RCacheError:
-                time.sleep(min(wait, random.uniform(*_FALLBACK)))
+                sync.run(
+                    _blpop(blocking, self._signal_key(token), wait, memory), retry=False
+                )
+            except RCacheError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    # Redis did not answer and the budget is spent: no further call
+                    # (the clean-up of a fair/writer place runs in the background).
+                    get_renewer().submit(_quietly(self._abandon, token), sync)
+                    raise self._not_acquired(timeout, exc) from exc
+                remaining = wait if deadline is None else deadline - time.monotonic()
+                time.sleep(max(0.0, min(remaining, random.uniform(*_FALLBACK))))
             waited = True
 
     async def _aacquire(self, timeout: Any, renew: bool | None) -> bool:
         key, timeout = self._begin(timeout)
+        if not self._policy_known():
+            self._spawn(self._acheck_policy())
         token = f"{os.getpid()}:{secrets.token_hex(12)}"
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         arun = self._cache._async.run
+        io_cap = _socket_timeout(self._cache._async.client)
         ablocking = _blocking(self._cache._async)
         cap = self._cap = _block_cap(ablocking.connection_pool.connection_kwargs)
+        memory = self._cache._spec.memory
         waited = False
         while True:
             call = self._acquire_call(token, waited, timeout == 0)
             sent = time.monotonic()
             try:
-                ok, value = await arun(call.arun)
+                ok, value = await arun(self._async_op(call, deadline, io_cap))
             except asyncio.CancelledError:
                 # The script may have run: undo by token in the background (shielded),
                 # so a cancelled acquire leaves no lock behind (redis-py #3847).
                 self._spawn(self._acompensate(token))
                 raise
             except RCacheError as exc:
-                await self._acompensate(token)
+                self._spawn(self._acompensate(token))  # not on the caller's budget
                 raise self._not_acquired(timeout, exc) from exc
             if ok == 1:
                 self._grant(
@@ -511,7 +729,7 @@ class _LeasedLock:
                 )
                 return True
             if deadline is not None and time.monotonic() >= deadline:
-                await self._aabandon(token)
+                await self._aabandon(token, deadline=deadline)
                 self._gave_up(timeout)
                 return False
             wait = self._wait_time(int(value), deadline, cap)
@@ -520,15 +738,22 @@ class _LeasedLock:
                 continue
             try:
                 await arun(
-                    _ablpop(ablocking, self._signal_key(token), wait), retry=False
+                    _ablpop(ablocking, self._signal_key(token), wait, memory),
+                    retry=False,
                 )
             except asyncio.CancelledError:
                 # Give up the place (writer intent, fair queue) and pass on a wake-up
                 # signal this waiter may have popped just before the cancellation.
                 self._spawn(self._aabandon(token, wake=True))
                 raise
-            except RCacheError:
-                await asyncio.sleep(min(wait, random.uniform(*_FALLBACK)))
+            except RCacheError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._spawn(self._aabandon(token))
+                    raise self._not_acquired(timeout, exc) from exc
+                remaining = wait if deadline is None else deadline - time.monotonic()
+                await asyncio.sleep(
+                    max(0.0, min(remaining, random.uniform(*_FALLBACK)))
+                )
             waited = True
 
     def _signal_key(self, token: str) -> str:
@@ -549,21 +774,31 @@ class _LeasedLock:
             pass
         await self._aabandon(token)
 
-    def _abandon(self, token: str) -> None:
+    def _abandon(self, token: str, deadline: float | None = None) -> None:
+        """Undo a waiter's footprint (bounded by the wait's budget: a failure leaves
+        only an intent/queue entry that expires by itself)."""
         call = self._abandon_call(token)
         if call is not None:
+            sync = self._cache._sync
+            op = self._sync_op(call, deadline, _socket_timeout(sync.client))
             try:
-                self._cache._sync.run(call.run, retry=False)
+                sync.run(op, retry=False)
             except RCacheError:
                 pass  # the intent expires by itself
 
-    async def _aabandon(self, token: str, wake: bool = False) -> None:
+    async def _aabandon(
+        self, token: str, wake: bool = False, deadline: float | None = None
+    ) -> None:
         call = self._abandon_call(token)
         if call is None and wake:
             call = self._wake_call(token)
         if call is not None:
+            arun = self._cache._async.run
+            op = self._async_op(
+                call, deadline, _socket_timeout(self._cache._async.client)
+            )
             try:
-                await self._cache._async.run(call.arun, retry=False)
+                await arun(op, retry=False)
             except RCacheError:
                 pass
 
@@ -585,8 +820,12 @@ class _LeasedLock:
         :raises LockNotOwnedError: the caller holds nothing, or the lease was lost
             before the release (unless ``raise_on_not_owned=False``); someone else's
             lock is never deleted.
-        :raises LockError: Redis failed; the lease is kept so that ``release()`` can be
-            retried, and it expires by its TTL otherwise.
+        :raises LockReleaseUnconfirmedError: the release was sent (and retried) but no
+            reply came: Redis most likely released it, else the lease ends by its TTL.
+            The lease no longer counts as held; ``release()`` again confirms it.
+        :raises LockError: Redis failed before the release could be sent; the lease is
+            kept so that ``release()`` can be retried, and it expires by its TTL
+            otherwise.
         """
         key = _owner_key()
         lease = self._holds.get(key)
@@ -596,16 +835,22 @@ class _LeasedLock:
         if lease.watched:  # stop renewing first: if the release fails, it runs out
             get_renewer().remove(lease)
         attempts = 0
+        call = self._release_call(lease.token)
+        memory = self._cache._spec.memory
+        cap = _socket_timeout(self._cache._sync.client)
+
+        def sent() -> None:
+            lease.release_sent = True
 
         def op(client: redis.Redis) -> Any:
             nonlocal attempts
             attempts += 1
-            return self._release_call(lease.token).run(client)
+            return call.run(client, None if memory else (cap, sent))
 
         try:
             result = self._cache._sync.run(op)
         except RCacheError as exc:
-            raise self._release_failed(exc) from exc
+            raise self._release_failed(lease, exc) from exc
         self._released(key, lease, int(result), attempts)
 
     async def arelease(self) -> None:
@@ -622,16 +867,22 @@ class _LeasedLock:
 
     async def _arelease_lease(self, key: tuple[int, int, int], lease: Lease) -> None:
         attempts = 0
+        call = self._release_call(lease.token)
+        memory = self._cache._spec.memory
+        cap = _socket_timeout(self._cache._async.client)
+
+        def sent() -> None:
+            lease.release_sent = True
 
         def op(client: redis.asyncio.Redis) -> Awaitable[Any]:
             nonlocal attempts
             attempts += 1
-            return self._release_call(lease.token).arun(client)
+            return call.arun(client, None if memory else (cap, sent))
 
         try:
             result = await self._cache._async.run(op)
         except RCacheError as exc:
-            raise self._release_failed(exc) from exc
+            raise self._release_failed(lease, exc) from exc
         self._released(key, lease, int(result), attempts)
 
     def _not_owned_caller(self) -> None:
@@ -639,10 +890,22 @@ class _LeasedLock:
         if self.raise_on_not_owned:
             self._own("release")
 
-    def _release_failed(self, exc: RCacheError) -> LockError:
-        return LockError(
-            f"could not release {self._kind} {self.name!r}: Redis failed ({exc}); the "
-            "lease expires by its TTL unless release() is retried"
+    def _release_failed(self, lease: Lease, exc: RCacheError) -> LockError:
+        if not lease.release_sent:
+            return LockError(
+                f"could not release {self._kind} {self.name!r}: Redis failed ({exc}) "
+                "before the release was sent; the lease expires by its TTL unless "
+                "release() is retried"
+            )
+        # The script may have run and only its replies were lost (issue 14: a plain
+        # LockError here read as "not released" although Redis had deleted the key).
+        lease.unconfirmed = True
+        self._metrics.lock_release(self.metrics_name, "unconfirmed")
+        return LockReleaseUnconfirmedError(
+            f"release of {self._kind} {self.name!r} (fence {lease.fence}) was sent but "
+            f"not confirmed ({exc}): Redis most likely released it; if not, the lease "
+            f"ends by its TTL ({lease.ttl:g}s) at the latest. Call release() again to "
+            "confirm"
         )
 
     def _forget(self, key: tuple[int, int, int], lease: Lease) -> None:
@@ -650,6 +913,9 @@ class _LeasedLock:
         if self._holds.get(key) is not lease:
             return
         del self._holds[key]
+        ident = self._exclusive_id(key)
+        if ident is not None and _EXCLUSIVE.get(ident) is lease:
+            del _EXCLUSIVE[ident]
         if lease.watched:
             get_renewer().remove(lease)
         self._metrics.locks_held_change(self.metrics_name, -1)
@@ -661,9 +927,11 @@ class _LeasedLock:
         self._forget(key, lease)
         was_lost = lease.lost
         lease.released = True
-        # A retried release (first reply lost) that finds the key gone most likely
-        # deleted it itself the first time: do not raise spuriously.
-        if result == 1 or attempts > 1:
+        # A retried release (first reply lost, or an earlier release() left
+        # unconfirmed) that finds the key gone most likely deleted it itself the first
+        # time: do not raise spuriously. A lease known lost before the release was not
+        # deleted by it, whatever the retries found.
+        if result == 1 or (not was_lost and (attempts > 1 or lease.unconfirmed)):
             self._metrics.lock_release(self.metrics_name, "released")
             return
         self._metrics.lock_release(self.metrics_name, "not_owned")
@@ -688,7 +956,7 @@ class _LeasedLock:
         :raises LockError: Redis failed.
         """
         lease = self._own("extend")
-        seconds = self.ttl if ttl is None else parse_duration(ttl)
+        seconds = self.ttl if ttl is None else _lock_ttl(ttl)
         sent = time.monotonic()
         try:
             result = self._cache._sync.run(self._extend_call(lease.token, seconds).run)
@@ -701,7 +969,7 @@ class _LeasedLock:
     async def aextend(self, ttl: Duration | None = None) -> None:
         """Async twin of :meth:`extend`."""
         lease = self._own("extend")
-        seconds = self.ttl if ttl is None else parse_duration(ttl)
+        seconds = self.ttl if ttl is None else _lock_ttl(ttl)
         sent = time.monotonic()
         try:
             result = await self._cache._async.run(
@@ -774,9 +1042,7 @@ class _LeasedLock:
 
     def __enter__(self) -> Any:
         if not self._acquire(_DEFAULT, True):
-            raise LockNotAcquiredError(
-                f"could not acquire {self._kind} {self.name!r} within {self.timeout}s"
-            )
+            raise LockNotAcquiredError(self._timed_out_message())
         return self
 
     def __exit__(
@@ -795,9 +1061,7 @@ class _LeasedLock:
 
     async def __aenter__(self) -> Any:
         if not await self._aacquire(_DEFAULT, True):
-            raise LockNotAcquiredError(
-                f"could not acquire {self._kind} {self.name!r} within {self.timeout}s"
-            )
+            raise LockNotAcquiredError(self._timed_out_message())
         return self
 
     async def __aexit__(
@@ -833,14 +1097,59 @@ def _blocking(driver: Any) -> Any:
     return client if client is not None else driver.client
 
 
-def _blpop(blocking: Any, key: str, wait: float) -> Callable[[redis.Redis], Any]:
-    return lambda _client: blocking.blpop([key], timeout=wait)
+def _blpop(
+    blocking: Any, key: str, wait: float, memory: bool
+) -> Callable[[redis.Redis], Any]:
+    if memory:
+        return lambda _client: blocking.blpop([key], timeout=wait)
+    # Bounded by the block itself, not by the blocking client's long socket timeout:
+    # a stopped Redis must not keep a waiter past its budget (issue 14).
+    return lambda _client: command_within(
+        blocking, wait + _IO_MARGIN, "BLPOP", key, wait
+    )
 
 
 def _ablpop(
-    blocking: Any, key: str, wait: float
+    blocking: Any, key: str, wait: float, memory: bool
 ) -> Callable[[redis.asyncio.Redis], Awaitable[Any]]:
-    return lambda _client: blocking.blpop([key], timeout=wait)
+    if memory:
+        return lambda _client: blocking.blpop([key], timeout=wait)
+    return lambda _client: acommand_within(
+        blocking, wait + _IO_MARGIN, "BLPOP", key, wait
+    )
+
+
+def _quietly(fn: Callable[[str], None], token: str) -> Callable[[], None]:
+    """A best-effort background clean-up: whatever fails (Redis, or the Cache closed
+    meanwhile), the lease or intent it would undo expires by its TTL."""
+
+    def job() -> None:
+        try:
+            fn(token)
+        except Exception as exc:
+            lock_log.debug("rcache: background lock clean-up failed: %r", exc)
+
+    return job
+
+
+def _check_budget(attempts: int, deadline: float | None) -> None:
+    """No retry once a wait's budget (and its reply margin) is spent: a retry needs a
+    new connection, whose handshake waits the client's full socket timeout on a hung
+    Redis. A reply lost fast (a reset) is still retried, even by a single try."""
+    if (
+        attempts > 1
+        and deadline is not None
+        and time.monotonic() >= deadline + _IO_MARGIN
+    ):
+        raise BackendUnavailableError("Redis did not answer within the wait's budget")
+
+
+def _socket_timeout(client: Any) -> float | None:
+    """The client's socket timeout (None: none, or not a redis-py pool client)."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
 
 
 def _block_cap(kwargs: Any) -> float:
@@ -862,7 +1171,7 @@ class Lock(_LeasedLock):
 
     def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
         super().__init__(cache, name, **options)
-        self._key = self._base
+        self._key = self._exclusive_key = self._base
         self._fence_key = self._base + ":fence"
         self._waiters = self._base + ":w"
         self._grace = self._base + ":h"
@@ -1038,6 +1347,7 @@ class WriteLock(_RWPart):
     def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
         super().__init__(cache, name, **options)
         self._signal = self._wsignal
+        self._exclusive_key = self._writer
 
     def _intent_ms(self) -> int:
         # A waiting writer refreshes its intent at least every `cap` seconds.
@@ -1112,6 +1422,12 @@ class _LockedDecorator(Protocol):
 class LockMixin(CacheBase):
     """Adds ``lock``, ``locked``, ``rwlock`` and ``semaphore`` to ``Cache``."""
 
+    #: The lock-only Cache of ``Cache(..., lock_url=...)``; None: locks use this one.
+    _lock_cache: CacheBase | None = None
+
+    def _lock_home(self) -> CacheBase:
+        return self if self._lock_cache is None else self._lock_cache
+
     def lock(
         self,
         name: str,
@@ -1150,7 +1466,7 @@ class LockMixin(CacheBase):
                 lock.ensure_held()
         """
         return (FairLock if fair else Lock)(
-            self,
+            self._lock_home(),
             name,
             ttl=ttl,
             timeout=timeout,
@@ -1178,7 +1494,7 @@ class LockMixin(CacheBase):
         Options as for :meth:`lock`; every reader and the writer hold their own lease.
         """
         return RWLock(
-            self,
+            self._lock_home(),
             name,
             ttl=ttl,
             timeout=timeout,
@@ -1210,7 +1526,7 @@ class LockMixin(CacheBase):
                 call_api()
         """
         return Semaphore(
-            self,
+            self._lock_home(),
             name,
             limit=limit,
             ttl=ttl,
@@ -1245,7 +1561,7 @@ class LockMixin(CacheBase):
         :raises LockNotAcquiredError: not acquired within ``timeout``.
         """
         _check_name(name, "lock name template")
-        parse_duration(ttl, what="ttl")
+        _lock_ttl(ttl)
         _parse_timeout(timeout)
         if max_hold is not None:
             parse_duration(max_hold, what="max_hold")
@@ -1259,7 +1575,7 @@ class LockMixin(CacheBase):
             "on_lost": on_lost,
             "metrics_name": label,
         }
-        cache = self
+        cache = self._lock_home()
 
         def decorate(fn: Any) -> Any:
             if not callable(fn):

@@ -57,13 +57,18 @@ class MetricsSink(Protocol):
         """A hold ended after ``seconds``."""
 
     def lock_release(self, lock: str, result: str) -> None:
-        """A release ended: ``result`` is ``released`` or ``not_owned``."""
+        """A release ended: ``result`` is ``released``, ``not_owned`` or ``unconfirmed``
+        (sent, but its replies were lost)."""
 
     def lock_renewal(self, lock: str, result: str) -> None:
         """A lease renewal ended: ``result`` is ``renewed`` or ``lost``."""
 
     def locks_held_change(self, lock: str, delta: int) -> None:
         """The number of holds of ``lock`` in this process changed by ``delta``."""
+
+    def lock_eviction_risk(self, policy: str) -> None:
+        """A lock server's ``maxmemory-policy`` (``policy``) can evict held locks
+        (reported once per ``Cache`` and process; rcache calls it only if present)."""
 
 
 class InMemoryMetrics:
@@ -127,3 +132,6 @@ class InMemoryMetrics:
     def locks_held_change(self, lock: str, delta: int) -> None:
         with self._lock:
             self.counts[("locks_held", lock)] += delta
+
+    def lock_eviction_risk(self, policy: str) -> None:
+        self._inc("lock_eviction_risk", policy)

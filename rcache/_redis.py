@@ -17,7 +17,7 @@ import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -41,9 +41,15 @@ __all__ = [
     "ClientSpec",
     "LuaScript",
     "SyncRedis",
+    "acommand_within",
     "adiagnose",
+    "aeval_within",
+    "aeviction_policy",
     "check_url",
+    "command_within",
     "diagnose",
+    "eval_within",
+    "eviction_policy",
     "map_error",
     "misconfiguration",
     "resolve_url",
@@ -638,3 +644,132 @@ class LuaScript:
         except rex.NoScriptError:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def command_within(
+    client: redis.Redis,
+    limit: float | None,
+    *args: Any,
+    on_sent: Callable[[], object] | None = None,
+) -> Any:
+    """Run one command, waiting at most ``limit`` seconds for its reply to start
+    (None: the connection's socket timeout); ``on_sent()`` runs once it is written.
+
+    A client's socket timeout bounds each read, but a lock wait needs a bound that
+    follows its own remaining budget (issue 14: with Redis stopped, ``acquire(timeout=2)``
+    returned after 9.4 s, its BLPOP waiting on the 30 s socket timeout of the blocking
+    client). A connection whose reply did not come is dropped, so that a late reply can
+    never answer the next command.
+    """
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()  # redis-py's connection API is untyped
+    try:
+        conn.send_command(*args)
+        if on_sent is not None:
+            on_sent()
+        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
+        if not conn.can_read(timeout=wait):
+            raise rex.TimeoutError(f"no reply from Redis within {wait}s")
+        return cast(Any, client).parse_response(conn, str(args[0]))
+    except rex.ResponseError:
+        raise  # the server answered: the connection is in sync
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+async def acommand_within(
+    client: redis.asyncio.Redis,
+    limit: float | None,
+    *args: Any,
+    on_sent: Callable[[], object] | None = None,
+) -> Any:
+    """Async twin of :func:`command_within`."""
+    pool: Any = client.connection_pool
+    conn: Any = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        if on_sent is not None:
+            on_sent()
+        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
+        try:
+            return await asyncio.wait_for(
+                cast(Any, client).parse_response(conn, str(args[0])), wait
+            )
+        except asyncio.TimeoutError:
+            raise rex.TimeoutError(f"no reply from Redis within {wait}s") from None
+    except rex.ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+
+
+def eval_within(
+    client: redis.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> Any:
+    """``script(client, keys, args)`` with its reply awaited at most ``limit`` seconds
+    (plus one SCRIPT LOAD on NOSCRIPT, under the client's own socket timeout)."""
+    command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    try:
+        return command_within(client, limit, *command, on_sent=on_sent)
+    except rex.NoScriptError:
+        client.script_load(script.source)
+        return command_within(client, limit, *command, on_sent=on_sent)
+
+
+async def aeval_within(
+    client: redis.asyncio.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> Any:
+    """Async twin of :func:`eval_within`."""
+    command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    try:
+        return await acommand_within(client, limit, *command, on_sent=on_sent)
+    except rex.NoScriptError:
+        await client.script_load(script.source)
+        return await acommand_within(client, limit, *command, on_sent=on_sent)
+
+
+def _policy(reply: Any, info: Any) -> str:
+    if isinstance(reply, dict):
+        for name, value in reply.items():
+            if _text(name) == "maxmemory-policy":
+                return _text(value)
+    if isinstance(info, dict) and "maxmemory_policy" in info:
+        return _text(info["maxmemory_policy"])
+    return ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def eviction_policy(client: redis.Redis) -> str:
+    """The server's ``maxmemory-policy``: ``CONFIG GET``, or ``INFO memory`` where
+    CONFIG is not permitted (managed Redis, ACL users); "" if neither tells."""
+    try:
+        return _policy(client.config_get("maxmemory-policy"), None)
+    except rex.ResponseError:  # NOPERM, or CONFIG renamed away
+        return _policy(None, client.info("memory"))
+
+
+async def aeviction_policy(client: redis.asyncio.Redis) -> str:
+    """Async twin of :func:`eviction_policy`."""
+    try:
+        return _policy(await client.config_get("maxmemory-policy"), None)
+    except rex.ResponseError:
+        return _policy(None, await client.info("memory"))

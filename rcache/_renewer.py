@@ -22,6 +22,14 @@ marked lost, and its ``on_lost`` callback runs (in the renewer thread), when
   before (not after) the server can give it to someone else; or
 * ``max_hold`` is reached: renewal stops and the lease runs out (python-redis-lock #114:
   endless renewal turns a hung holder into a permanent lock).
+
+Deadlines are watched by one thread and renewal IO runs in others (one per Redis client,
+started on demand, gone when idle): a renewal call that hangs (Redis stopped: a 1 s
+socket timeout, retried once) cannot delay ``on_lost`` past the deadline (issue 14: it
+fired ~0.7 s late because deadlines were checked only between renewal calls), nor the
+renewals of leases on other servers. The IO threads also run the background clean-up of
+lock calls that gave up (``submit``), so that a lock wait never spends its caller's
+budget on it.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rcache._exceptions import RCacheError
@@ -46,6 +56,9 @@ __all__ = ["Renewer", "get_renewer"]
 _IDLE_EXIT = 10.0
 #: Leases renewed per pipeline.
 _BATCH = 100
+#: Most background jobs queued for the IO thread; past it, clean-up is dropped (the
+#: leases it would have released expire by their TTL) rather than piling up.
+_MAX_QUEUED = 1000
 
 
 class Renewer:
@@ -60,6 +73,47 @@ class Renewer:
         #: only for a lease due earlier (a notify per acquisition would cost a GIL
         #: hand-off on every lock call).
         self._wake_at = 0.0
+        #: One IO thread and job queue per Redis client (driver), so that a hung
+        #: server delays only the leases and clean-up of its own clients.
+        self._io: dict[int, tuple[queue.Queue[Callable[[], object]], threading.Thread]]
+        self._io = {}
+        self._io_lock = threading.Lock()
+
+    def submit(self, job: Callable[[], object], client: object = None) -> None:
+        """Run ``job()`` in the IO thread of ``client`` (its driver object); best
+        effort: dropped when that queue is full."""
+        key = id(client)
+        with self._io_lock:
+            entry = self._io.get(key)
+            if entry is None:
+                jobs: queue.Queue[Callable[[], object]] = queue.Queue(_MAX_QUEUED)
+                thread = threading.Thread(
+                    target=self._run_io,
+                    args=(key, jobs),
+                    name="rcache-lock-io",
+                    daemon=True,
+                )
+                entry = self._io[key] = (jobs, thread)
+                thread.start()
+            try:
+                entry[0].put_nowait(job)
+            except queue.Full:
+                lock_log.debug("rcache: lock IO queue full, dropping a background job")
+
+    def _run_io(self, key: int, jobs: queue.Queue[Callable[[], object]]) -> None:
+        while True:
+            try:
+                job = jobs.get(timeout=_IDLE_EXIT)
+            except queue.Empty:
+                with self._io_lock:
+                    if jobs.empty():
+                        del self._io[key]
+                        return
+                continue
+            try:
+                job()
+            except Exception:  # a job must never kill the thread
+                lock_log.exception("rcache: background lock job failed")
 
     def add(self, lease: Lease) -> None:
         with self._cond:
@@ -110,16 +164,32 @@ class Renewer:
                     self._cond.wait(max(0.0, wake - now))
                     continue
                 self._wake_at = 0.0  # busy: add() need not wake it
-            # IO outside the condition: add/remove never wait on Redis. Sync leases
-            # of one client are renewed together, one pipeline per _BATCH leases
-            # (Redisson renewal/LockTask): O(clients), not O(locks), round trips.
+            # IO in the IO thread: this thread only watches deadlines, so a renewal
+            # hung on a stopped Redis cannot delay on_lost. Sync leases of one client
+            # are renewed together, one pipeline per _BATCH leases (Redisson
+            # renewal/LockTask): O(clients), not O(locks), round trips.
             batches: dict[int, list[Lease]] = {}
             for lease in due:
                 if self._service(lease):
+                    lease.next_renew = float("inf")  # in flight until it answers
                     batches.setdefault(id(lease.owner._cache._sync), []).append(lease)
             for leases in batches.values():
+                driver = leases[0].owner._cache._sync
                 for i in range(0, len(leases), _BATCH):
-                    self._renew_sync(leases[i : i + _BATCH])
+                    self.submit(self._renewal_job(leases[i : i + _BATCH]), driver)
+
+    def _renewal_job(self, leases: list[Lease]) -> Callable[[], None]:
+        def job() -> None:
+            try:
+                self._renew_sync(leases)
+            finally:
+                for lease in leases:
+                    if lease.next_renew == float("inf") and not lease.lost:
+                        self._failed(lease, RCacheError("renewal did not run"))
+                with self._cond:
+                    self._cond.notify()  # next renewal times changed
+
+        return job
 
     def _service(self, lease: Lease) -> bool:
         """Handle what needs no sync IO; True if the lease needs a sync renewal now."""
@@ -197,7 +267,8 @@ class Renewer:
         )
 
     def _done(self, lease: Lease, ok: bool, sent: float) -> None:
-        if lease.released:
+        # A loss is final, even if a late reply to a renewal sent before says ok.
+        if lease.released or lease.lost:
             return
         if ok:
             lease._renewed(sent)

@@ -25,9 +25,11 @@ name, a result; never keys, arguments, task ids or pids)::
     rcache_lock_acquires_total{lock, result="acquired|busy|timeout|error"}
     rcache_lock_wait_seconds{lock}              histogram
     rcache_lock_held_seconds{lock}              histogram
-    rcache_lock_releases_total{lock, result="released|not_owned"}
+    rcache_lock_releases_total{lock, result="released|not_owned|unconfirmed"}
     rcache_lock_renewals_total{lock, result="renewed|lost"}
     rcache_locks_held{lock}                     gauge
+    rcache_lock_eviction_risk_total{policy}     lock servers found with an evicting
+                                                maxmemory-policy (once per Cache)
 
 There is deliberately no hit-ratio gauge: a ratio of ratios cannot be aggregated across
 processes or instances. Compute it in PromQL (``contrib/prometheus/rules.yml`` records
@@ -109,7 +111,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
 GET_RESULTS = ("hit", "miss", "stale", "coalesced")
 LOAD_RESULTS = ("success", "failure")
 ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
-RELEASE_RESULTS = ("released", "not_owned")
+RELEASE_RESULTS = ("released", "not_owned", "unconfirmed")
 RENEWAL_RESULTS = ("renewed", "lost")
 
 MultiprocessMode = Literal[
@@ -257,12 +259,21 @@ class PrometheusMetrics:
         self._releases = _Family(
             c(
                 "lock_releases",
-                "Lock releases; not_owned: the lock had expired or been taken over.",
+                "Lock releases; not_owned: the lock had expired or been taken over; "
+                "unconfirmed: sent, but the replies were lost.",
                 ("lock", "result"),
             )
         )
         self._renewals = _Family(
             c("lock_renewals", "Lock lease renewals by result.", ("lock", "result"))
+        )
+        self._eviction_risk = _Family(
+            c(
+                "lock_eviction_risk",
+                "Lock servers found with a maxmemory-policy that can evict held locks "
+                "(checked once per Cache and process when locks are first used).",
+                ("policy",),
+            )
         )
         self._locks_held = _Family(
             g(
@@ -457,6 +468,9 @@ class PrometheusMetrics:
 
     def locks_held_change(self, lock: str, delta: int) -> None:
         self._locks_held.child(lock).inc(delta)
+
+    def lock_eviction_risk(self, policy: str) -> None:
+        self._eviction_risk.child(policy).inc()
 
 
 class _Family:

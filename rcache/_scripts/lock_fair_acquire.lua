@@ -13,6 +13,17 @@
 -- Returns {1, fence}  acquired (a retry that finds its own token: lease replaced)
 --         {0, pttl}   not granted; pttl of the holder, or 0 while a waiter ahead of the
 --                     caller is taking its turn
+-- Fences must only grow, but the counter can be lost (a restart without persistence,
+-- eviction, FLUSHALL): a missing counter is seeded from the server clock in
+-- microseconds, above every fence issued before unless the server clock went back
+-- (issue 14: fences restarted at 1 after a SHUTDOWN NOSAVE restart).
+local function next_fence(key)
+  if redis.call('EXISTS', key) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', key, t[1] .. string.sub('00000' .. t[2], -6))
+  end
+  return redis.call('INCR', key)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -31,7 +42,7 @@ if cur == false then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('ZREM', KEYS[4], ARGV[1])
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, next_fence(KEYS[2])}
   end
 end
 if ARGV[4] == '1' then

@@ -37,16 +37,26 @@ def _metrics(cache: rcache.Cache) -> InMemoryMetrics:
 
 
 class FlakyRedis(redis.Redis):
-    """Runs EVALSHA, then loses the reply ``lose`` times (a reset after the write)."""
+    """Runs EVALSHA, then loses the reply ``lose`` times (a reset after the write).
+
+    Hooked where every reply is read (``parse_response``), so it catches the scripts
+    that rcache sends through its own bounded calls as well as ``evalsha()``.
+    """
 
     lose = 0
 
-    def evalsha(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        result = super().evalsha(*args, **kwargs)
-        if self.lose > 0:
+    def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any:
+        result = super().parse_response(connection, command_name, **options)
+        if command_name == "EVALSHA" and self.lose > 0:
             self.lose -= 1
             raise redis.ConnectionError("connection reset (reply lost)")
         return result
+
+
+def _server_us(client: redis.Redis) -> int:
+    """The server clock in microseconds (what a missing fence counter is seeded from)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1_000_000 + int(micros)
 
 
 async def _apoll(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
@@ -70,14 +80,16 @@ def _flaky(cache: rcache.Cache, url: str) -> FlakyRedis:
 def test_keys_hash_tagged_ttl_always_set_and_fence_increasing(
     cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
+    before = _server_us(redis_client)
     with cache.lock("report:2024-11") as lock:
-        assert lock.fence == 1
+        first = lock.fence  # a new counter starts at the server clock in µs
+        assert before < first <= _server_us(redis_client) + 1
         pttl = redis_client.pttl("test:l:{report:2024-11}")
         assert 29_000 < pttl <= 30_000  # default 30 s lease, never without TTL
         lock.ensure_held()
         assert lock.held
     assert redis_client.exists("test:l:{report:2024-11}") == 0
-    assert redis_client.get("test:l:{report:2024-11}:fence") == b"1"
+    assert redis_client.get("test:l:{report:2024-11}:fence") == str(first).encode()
     # nobody waited: no waiters marker, and the release pushed no wake-up signal
     assert redis_client.keys("test:l:{report:2024-11}:*") == [
         b"test:l:{report:2024-11}:fence"
@@ -86,7 +98,7 @@ def test_keys_hash_tagged_ttl_always_set_and_fence_increasing(
     for _ in range(3):
         with cache.lock("report:2024-11") as lock:
             fences.append(lock.fence)
-    assert fences == [2, 3, 4]
+    assert fences == [first + 1, first + 2, first + 3]
 
 
 def test_busy_and_timeout(cache: rcache.Cache, redis_client: redis.Redis) -> None:
@@ -236,8 +248,9 @@ def test_retried_acquire_that_finds_its_own_token_is_acquired(
     flaky.lose = 1
     lock = cache.lock("lost-reply", ttl=10)
     assert lock.acquire(timeout=0)  # would block on its own key without idempotency
-    assert lock.fence == 1
-    assert redis_client.get("test:l:{lost-reply}:fence") == b"1"  # INCR ran once
+    assert flaky.lose == 0  # the reply was lost indeed
+    # INCR ran once: the counter holds the fence the holder got
+    assert redis_client.get("test:l:{lost-reply}:fence") == str(lock.fence).encode()
     flaky.lose = 1
     lock.release()  # the retry finds the key gone: no spurious LockNotOwnedError
     assert redis_client.exists("test:l:{lost-reply}") == 0
@@ -466,6 +479,7 @@ async def test_redis_down_fails_closed_async(
     cache = rcache.Cache(server.url, prefix="test")
     lock = cache.lock("down", ttl=1)
     assert await lock.aacquire()
+    old_fence = lock.fence
     server.kill()
     with pytest.raises(LockNotAcquiredError):
         await cache.lock("other").aacquire(timeout=1)
@@ -475,7 +489,7 @@ async def test_redis_down_fails_closed_async(
     server.start()  # back, empty, same port
     await _apoll(lambda: not lock.held)  # the unconfirmed lease has run out locally
     assert await lock.aacquire(timeout=2)  # and does not block this task forever
-    assert lock.fence == 1
+    assert lock.fence > old_fence  # the counter was lost with the data: re-seeded above
     await lock.arelease()
     await cache.aclose()
     cache.close()
@@ -520,24 +534,27 @@ async def test_decode_responses_modes(
     # client= is used for sync calls (rcache makes a bytes twin of a decoding client);
     # the async side is given the same kind of client through async_client=.
     cache = rcache.Cache(client=client, async_client=factory, prefix="dec")
+    before = int(client.time()[0]) * 1_000_000
     with cache.lock("m", ttl=5) as lock:
-        assert lock.fence == 1
+        first = lock.fence
+        assert first > before
         assert lock.lease is not None
         assert client.get("dec:l:{m}") == (
             lock.lease.token if decode else lock.lease.token.encode()
         )
         assert cache.lock("m").acquire(timeout=0) is False
     async with cache.lock("m", ttl=5) as alock:
-        assert alock.fence == 2
+        assert alock.fence == first + 1
         assert await cache.lock("m").aacquire(timeout=0.05) is False
     with cache.rwlock("rw").read() as r1:
         assert r1.held
     async with cache.rwlock("rw").write() as w:
-        assert w.fence == 1
+        assert w.fence > before
     async with cache.semaphore("s", limit=1) as s:
-        assert s.fence == 1
+        assert s.fence > before
+        sem_first = s.fence
     with cache.semaphore("s", limit=1) as s:
-        assert s.fence == 2
+        assert s.fence == sem_first + 1
     assert client.exists("dec:l:{m}") == 0
     await cache.aclose()
     cache.close()
@@ -553,7 +570,7 @@ async def test_decoding_sync_client_only_also_serves_async_locks(
     cache = rcache.Cache(client=client, prefix="dec")
     try:
         async with cache.lock("only-client", ttl=5) as lock:
-            assert lock.fence == 1
+            assert lock.fence > 1_000_000_000_000_000  # seeded from the server clock
     finally:
         await cache.aclose()
         client.close()
@@ -663,8 +680,8 @@ def test_sync_interrupt_after_grant_leaves_no_lock(
         def __init__(self, call: Any) -> None:
             self.call = call
 
-        def run(self, client: Any) -> Any:
-            self.call.run(client)  # the server granted the lock ...
+        def run(self, client: Any, *within: Any) -> Any:
+            self.call.run(client, *within)  # the server granted the lock ...
             raise Interrupt  # ... and the caller is interrupted before the reply
 
     monkeypatch.setattr(
@@ -725,8 +742,8 @@ async def test_cancel_during_acquire_script_compensates(
         def __init__(self, call: Any) -> None:
             self.call = call
 
-        async def arun(self, client: Any) -> Any:
-            result = await self.call.arun(client)  # the server granted the lock ...
+        async def arun(self, client: Any, *within: Any) -> Any:
+            result = await self.call.arun(client, *within)  # the server granted it ...
             granted.set()
             await asyncio.sleep(10)  # ... and the reply is slow to come back
             return result
@@ -754,10 +771,10 @@ async def test_cancel_during_release_still_releases(
         def __init__(self, call: Any) -> None:
             self.call = call
 
-        async def arun(self, client: Any) -> Any:
+        async def arun(self, client: Any, *within: Any) -> Any:
             started.set()
             await asyncio.sleep(0.1)
-            return await self.call.arun(client)
+            return await self.call.arun(client, *within)
 
     monkeypatch.setattr(lock, "_release_call", lambda t: SlowSend(real(t)))
 
@@ -787,10 +804,10 @@ async def test_cancel_during_extend_keeps_the_lease(
         def __init__(self, call: Any) -> None:
             self.call = call
 
-        async def arun(self, client: Any) -> Any:
+        async def arun(self, client: Any, *within: Any) -> Any:
             started.set()
             await asyncio.sleep(10)
-            return await self.call.arun(client)
+            return await self.call.arun(client, *within)
 
     monkeypatch.setattr(lock, "_extend_call", lambda t, ttl: SlowSend(real(t, ttl)))
 
@@ -857,6 +874,7 @@ def test_fair_lock_grants_in_arrival_order_without_barging(
     holder = cache.lock("fifo", ttl=10, fair=True)
     assert isinstance(holder, _lock.FairLock)
     assert holder.acquire()
+    first = holder.fence
     order: list[int] = []
     fences: list[int] = []
 
@@ -880,7 +898,7 @@ def test_fair_lock_grants_in_arrival_order_without_barging(
     for t in threads:
         t.join(10)
     assert order == [0, 1, 2, 3]
-    assert fences == [2, 3, 4, 5]
+    assert fences == [first + 1, first + 2, first + 3, first + 4]
     assert redis_client.zcard("test:l:{fifo}:fq") == 0
 
 
@@ -946,7 +964,8 @@ def test_rwlock_write_fences_and_dead_reader_freed(
     for _ in range(2):
         with cache.rwlock("doc:2").write() as w:
             fences.append(w.fence)
-    assert fences == [1, 2]
+    assert fences[0] > 1_000_000_000_000_000  # seeded from the server clock in µs
+    assert fences[1] == fences[0] + 1
     stale = cache.rwlock("doc:2", ttl=0.3).read()
     assert stale.acquire()  # never released: like a crashed reader
     start = time.monotonic()
@@ -993,7 +1012,10 @@ def memory_cache() -> Iterator[rcache.Cache]:
 
 def test_memory_backend_lock(memory_cache: rcache.Cache) -> None:
     with memory_cache.lock("m", ttl=5) as lock:
-        assert lock.fence == 1
+        assert lock.fence > 1_000_000_000_000_000  # seeded from the server clock (µs)
+        first = lock.fence
         assert memory_cache.lock("m").acquire(timeout=0.05) is False
+    with memory_cache.lock("m", ttl=5) as lock:
+        assert lock.fence == first + 1
     with memory_cache.semaphore("s", limit=1):
         pass
