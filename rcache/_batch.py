@@ -20,7 +20,7 @@ from typing import Any
 from rcache._cache import BYPASS, Cache
 from rcache._config import BackendErrorPolicy, ttl_ms
 from rcache._exceptions import ConfigurationError, RCacheError
-from rcache._freshness import stamp_blob
+from rcache._freshness import FUTURE_SLACK, stamp_blob
 from rcache._keys import KeyBuilder
 from rcache._redis import LuaScript
 from rcache._serializers import encode_envelope
@@ -63,15 +63,15 @@ class BatchSpec:
         return ids, bound, keys
 
     def split(
-        self, ids: list[Any], rows: Any
+        self, ids: list[Any], got: Any
     ) -> tuple[dict[Any, Any], list[Any], bytes | None]:
         """(found values by id, missing ids, current function stamp)."""
-        if rows is BYPASS:
+        if got is BYPASS:
             return {}, ids, None
+        now, rows = got  # Redis's clock: freshness never follows ours (issue 14 item 6)
         stamp, values = rows[0], rows[1:]
         found: dict[Any, Any] = {}
         missing: list[Any] = []
-        now = time.time()
         for i, raw in zip(ids, values, strict=True):
             env = (
                 None
@@ -82,6 +82,7 @@ class BatchSpec:
                 env is None
                 or env.stamp != stamp_blob([stamp])
                 or now >= env.fresh_until
+                or env.created_at > now + FUTURE_SLACK
             ):
                 missing.append(i)
                 self.cache.metrics.cache_get(self.name, "miss")
@@ -111,6 +112,7 @@ class BatchSpec:
                         compute_time=each,
                         fresh_for=self.ttl,
                         stamp=stamp_blob([stamp]),
+                        now=self.cache._server_now(),
                     )
                 )
         return out_keys, data
@@ -141,7 +143,7 @@ class SyncCachedBatch(_BatchBase):
         ids, bound, keys = spec.plan(args, kwargs)
         if not ids:
             return {}
-        rows = cache._mget_raw([spec.fn_stamp, *keys], spec.name, spec.policy)
+        rows = cache._read_raw([spec.fn_stamp, *keys], spec.name, spec.policy)
         found, missing, stamp = spec.split(ids, rows)
         if not missing:
             return found
@@ -193,7 +195,7 @@ class AsyncCachedBatch(_BatchBase):
         ids, bound, keys = spec.plan(args, kwargs)
         if not ids:
             return {}
-        rows = await cache._amget_raw([spec.fn_stamp, *keys], spec.name, spec.policy)
+        rows = await cache._aread_raw([spec.fn_stamp, *keys], spec.name, spec.policy)
         found, missing, stamp = spec.split(ids, rows)
         if not missing:
             return found

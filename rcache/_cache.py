@@ -8,9 +8,11 @@ every decision with the pure core (keys, envelope, failure policy); they differ 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
@@ -45,8 +47,11 @@ from rcache._redis import (
     AsyncRedis,
     ClientSpec,
     LuaScript,
+    RedisTimeoutError,
     SyncRedis,
+    acommand_within,
     adiagnose,
+    command_within,
     diagnose,
 )
 from rcache._serializers import (
@@ -63,6 +68,12 @@ from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 __all__ = ["Cache"]
 
 _POLICIES = ("bypass", "raise")
+#: how much longer than its own timeout a blocking wait may take before Redis counts
+#: as hung (a blocked BLMOVE normally answers within a few ms of its timeout)
+_BLOCK_MARGIN = 0.25
+#: how long Redis's clock is extrapolated with time.monotonic() before it is read again
+#: (monotonic clocks drift by ppm and stop while a VM is suspended)
+_CLOCK_RESYNC = 10.0
 _UNSERIALIZABLE = ("raise", "skip")
 
 
@@ -170,10 +181,17 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._log = RateLimitedLog(cache_log)
         self._explicit_prefix = f"{prefix}:k:"
         self._tag_prefix = f"{prefix}:s:t:"
+        self._read_script = LuaScript("cache_read")
         self._claim_script = LuaScript("cache_claim")
         self._store_script = LuaScript("cache_store")
         self._renew_script = LuaScript("cache_renew")
         self._leases = LeaseKeeper(self._renew)
+        # (Redis's clock minus time.monotonic(), when measured) from the last TIME
+        # seen: freshness follows Redis's clock, not this host's (issue 14 item 6)
+        self._clock: tuple[float, float] | None = None
+        # the decorated functions of this cache, whose in-flight computations an
+        # invalidation detaches (read-your-invalidations, item 7)
+        self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
         self.metrics.register_cache(self.name)
         if lock_url is not None:
             # Locks on their own server (issue 14: eviction on a cache server took a
@@ -251,11 +269,14 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
         self.metrics.cache_error(name, "decode", "UndecodableError")
+        # The error type and the function's name only: an exception's text can quote
+        # the stored value (a corrupt entry logged "Invalid isoformat string: '<the
+        # value>'", issue 14 item 13), and values never reach the logs.
         self._log.warning(
             "decode:" + name,
-            "rcache: an entry of %s could not be decoded and is treated as a miss: %s",
+            "rcache: an entry of %s could not be decoded (%s) and is treated as a miss",
             name,
-            exc,
+            exc.reason,
         )
 
     def _decode(self, name: str, raw: bytes) -> Any:
@@ -269,6 +290,21 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         except UndecodableError as exc:
             self._undecodable(name, exc)
             return None
+
+    def _saw_time(self, now_us: Any) -> float:
+        """Record Redis's clock (TIME in microseconds) and return it in seconds."""
+        now = int(now_us) / 1e6
+        mono = time.monotonic()
+        self._clock = (now - mono, mono)
+        return now
+
+    def _server_now(self) -> float:
+        """Redis's clock in seconds, extrapolated from its last TIME by the monotonic
+        clock (which no NTP step or skewed host changes); the wall clock only until
+        Redis has answered once. Freshness is decided by this clock alone, so readers
+        and writers whose wall clocks disagree agree on what is fresh (item 6)."""
+        clock = self._clock
+        return time.time() if clock is None else time.monotonic() + clock[0]
 
     def tag_key(self, tag: str) -> str:
         """The Redis key of a tag's version stamp."""
@@ -378,6 +414,48 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self.breaker.success()
         return rows
 
+    def _clock_known(self) -> bool:
+        """Was Redis's clock read recently enough to extrapolate it?"""
+        clock = self._clock
+        return clock is not None and time.monotonic() - clock[1] < _CLOCK_RESYNC
+
+    def _read_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
+        """(Redis's time in s, [value, *stamps]) in one round trip, or BYPASS.
+
+        A plain MGET while Redis's clock is known (the hit path costs what it did);
+        otherwise cache_read.lua, which adds Redis TIME to the same round trip.
+        """
+        if not self.breaker.allow():
+            return self._skipped(name, "get", policy)
+        try:
+            if self._clock_known():
+                rows = self._sync.run(lambda c: c.mget(keys))
+                self.breaker.success()
+                return self._server_now(), rows
+            reply = self._sync.run(lambda c: self._read_script(c, keys, []))
+        except RCacheError as exc:
+            return self._failed(name, "get", exc, policy)
+        self.breaker.success()
+        return self._saw_time(reply[0]), reply[1:]
+
+    async def _aread_raw(
+        self, keys: list[str], name: str, policy: BackendErrorPolicy
+    ) -> Any:
+        if not self.breaker.allow():
+            return self._skipped(name, "get", policy)
+        try:
+            if self._clock_known():
+                rows = await self._async.run(lambda c: c.mget(keys))
+                self.breaker.success()
+                return self._server_now(), rows
+            reply = await self._async.run(
+                lambda c: self._read_script.acall(c, keys, [])
+            )
+        except RCacheError as exc:
+            return self._failed(name, "get", exc, policy)
+        self.breaker.success()
+        return self._saw_time(reply[0]), reply[1:]
+
     # -- stampede protection: claim / store / wait (see _decorated.py) ----------------
 
     def _claim_args(
@@ -393,9 +471,20 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         ]
         return keys, args
 
-    @staticmethod
-    def _claimed(token: str, reply: list[Any]) -> tuple[str, bool, list[bytes], int]:
-        return token, reply[0] == 1, list(reply[2:]), int(reply[1])
+    def _claimed(
+        self, token: str, reply: list[Any], spec: Any
+    ) -> tuple[str, bool, list[bytes], int]:
+        self._saw_time(reply[2])
+        if int(reply[3]):
+            # a key of ours held another type (it was replaced): say so, item 11
+            self.metrics.cache_error(spec.name, "claim", "WrongType")
+            self._log.warning(
+                "wrongtype:" + spec.name,
+                "rcache: a lease, signal or stamp key of %s held a value of another "
+                "type; it was replaced",
+                spec.name,
+            )
+        return token, reply[0] == 1, list(reply[4:]), int(reply[1])
 
     def _claim(
         self,
@@ -414,7 +503,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         except RCacheError as exc:
             return self._failed(spec.name, "get", exc, spec.policy)
         self.breaker.success()
-        return self._claimed(token, reply)
+        return self._claimed(token, reply, spec)
 
     async def _aclaim(
         self,
@@ -434,7 +523,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         except RCacheError as exc:
             return self._failed(spec.name, "get", exc, spec.policy)
         self.breaker.success()
-        return self._claimed(token, reply)
+        return self._claimed(token, reply, spec)
 
     def _store_args(
         self,
@@ -472,6 +561,13 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         try:
             result = self._sync.run(lambda c: self._store_script(c, keys, args))
         except RCacheError as exc:
+            if data and _may_answer(exc):
+                # The write failed but Redis may still answer a small one (an oversized
+                # value closes the connection: proto-max-bulk-len): give up the lease
+                # now, or the next caller waits the whole lease (issue 14 item 8).
+                keys, args = self._store_args(key, stamp_keys, token, b"", stamps, spec)
+                with contextlib.suppress(RCacheError):
+                    self._sync.run(lambda c: self._store_script(c, keys, args))
             return self._failed(spec.name, "set", exc, spec.policy)
         self.breaker.success()
         self._stored(spec, result)
@@ -494,6 +590,12 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 lambda c: self._store_script.acall(c, keys, args)
             )
         except RCacheError as exc:
+            if data and _may_answer(exc):  # see _store
+                keys, args = self._store_args(key, stamp_keys, token, b"", stamps, spec)
+                with contextlib.suppress(RCacheError):
+                    await self._async.run(
+                        lambda c: self._store_script.acall(c, keys, args)
+                    )
             return self._failed(spec.name, "set", exc, spec.policy)
         self.breaker.success()
         self._stored(spec, result)
@@ -505,35 +607,58 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         )
         return bool(reply == 1)
 
-    def _wait_ready(self, key: str, timeout: float) -> None:
-        """Block until the computation of ``key`` signals, or ``timeout`` seconds."""
+    def _wait_ready(self, key: str, timeout: float) -> bool:
+        """Block until the computation of ``key`` signals, or ``timeout`` seconds.
+
+        False if Redis did not answer within ``timeout`` plus a small margin (hung or
+        cut off): the caller's budget must not wait on a socket timeout (item 4).
+        """
         timeout = max(0.001, min(timeout, MAX_BLOCK))
         if self.is_memory:  # fakeredis does not block: poll the in-process store
             time.sleep(min(timeout, 0.01))
-            return
+            return True
         ready = key + ":ready"
         try:
-            # Redis >= 6 accepts a fractional timeout; redis-py's stub says int
-            self._sync.blocking_client.blmove(ready, ready, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+            command_within(
+                self._sync.blocking_client,
+                timeout + _BLOCK_MARGIN,
+                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
+            )
+        except RedisTimeoutError:
+            return False
         except Exception:
             time.sleep(min(timeout, 0.05))  # the next claim reports the error
+        return True
 
-    async def _await_ready(self, key: str, timeout: float) -> None:
+    async def _await_ready(self, key: str, timeout: float) -> bool:
         timeout = max(0.001, min(timeout, MAX_BLOCK))
         if self.is_memory:
             await asyncio.sleep(min(timeout, 0.01))
-            return
+            return True
         ready = key + ":ready"
         try:
-            await self._async.blocking_client.blmove(
-                ready,
-                ready,
-                timeout,  # type: ignore[arg-type]
-                "LEFT",
-                "RIGHT",
+            await acommand_within(
+                self._async.blocking_client,
+                timeout + _BLOCK_MARGIN,
+                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
             )
+        except RedisTimeoutError:
+            return False
         except Exception:
             await asyncio.sleep(min(timeout, 0.05))
+        return True
+
+    def _hung(self, spec: Any) -> Any:
+        """A wait got no reply at all: count it as unavailability (breaker, metrics,
+        policy) and return BYPASS, so that the caller computes without Redis."""
+        return self._failed(
+            spec.name,
+            "get",
+            BackendUnavailableError(
+                f"Redis at {self._spec.describe()} did not answer a wait in time"
+            ),
+            spec.policy,
+        )
 
     # -- explicit operations ----------------------------------------------------------
 
@@ -613,37 +738,51 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
         Deletes the tags' version stamps; entries that recorded the old stamps read as
         misses from then on and expire by their TTL. No tag sets, no KEYS, no SCAN.
-        Returns how many tags had a stamp.
+        Returns how many tags had a stamp. A call that starts after this returns never
+        joins a computation of this process that began before it (read your own
+        invalidations); computations elsewhere store nothing under the old stamps.
         """
         keys = [self.tag_key(t) for t in tags]
         if not keys:
             return 0
-        if not self.breaker.allow():
-            self._skipped(self.name, "delete", self.on_backend_error)
-            return 0
         try:
-            n = self._sync.run(lambda c: c.delete(*keys))
-        except RCacheError as exc:
-            self._failed(self.name, "delete", exc, self.on_backend_error)
-            return 0
-        self.breaker.success()
-        return int(n)
+            if not self.breaker.allow():
+                self._skipped(self.name, "delete", self.on_backend_error)
+                return 0
+            try:
+                n = self._sync.run(lambda c: c.delete(*keys))
+            except RCacheError as exc:
+                self._failed(self.name, "delete", exc, self.on_backend_error)
+                return 0
+            self.breaker.success()
+            return int(n)
+        finally:
+            self._detach_tags(keys)
 
     async def ainvalidate_tags(self, *tags: str) -> int:
         """Async twin of :meth:`invalidate_tags`."""
         keys = [self.tag_key(t) for t in tags]
         if not keys:
             return 0
-        if not self.breaker.allow():
-            self._skipped(self.name, "delete", self.on_backend_error)
-            return 0
         try:
-            n = await self._async.run(lambda c: c.delete(*keys))
-        except RCacheError as exc:
-            self._failed(self.name, "delete", exc, self.on_backend_error)
-            return 0
-        self.breaker.success()
-        return int(n)
+            if not self.breaker.allow():
+                self._skipped(self.name, "delete", self.on_backend_error)
+                return 0
+            try:
+                n = await self._async.run(lambda c: c.delete(*keys))
+            except RCacheError as exc:
+                self._failed(self.name, "delete", exc, self.on_backend_error)
+                return 0
+            self.breaker.success()
+            return int(n)
+        finally:
+            self._detach_tags(keys)
+
+    def _detach_tags(self, stamp_keys: list[str]) -> None:
+        """Detach this process's in-flight computations under these tag stamps."""
+        for spec in list(self._specs):
+            if spec.tags:
+                spec.detach(stamp_keys=stamp_keys)
 
     # -- batches: one round trip each ---------------------------------------------------
 
@@ -894,6 +1033,10 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         :param ttl: how long entries live (seconds, ``"10m"``, timedelta).
         :param key: a template over parameter names (``"user:{user_id}"``, stored as
             ``{prefix}:k:user:42``) or a callable taking the function's arguments.
+            Fields keep their type and never run into each other: ints and
+            identifier-like strings as written, other strings JSON-quoted
+            (``user:"1"``), other values as a JSON array; a separator must follow every
+            field but the last.
         :param ignore: parameter names left out of the key (``("self", "session")``).
         :param name: the function's cache name: its key namespace and its label in
             metrics and logs (default: module.qualname). Functions given the same name
@@ -1007,6 +1150,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 refresh_runner=refresh_runner,
             )
             self.metrics.register_cache(spec.name)
+            self._specs.add(spec)
             if inspect.iscoroutinefunction(func):
                 return AsyncCached(spec)
             return SyncCached(spec)
@@ -1049,6 +1193,13 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             )
 
         return decorate
+
+
+def _may_answer(exc: RCacheError) -> bool:
+    """Is a second, small command worth sending after ``exc``? Not after a timeout:
+    Redis is hung, and another attempt would only add its socket timeout."""
+    original = getattr(exc, "original", None)
+    return not isinstance(original, (TimeoutError, RedisTimeoutError))
 
 
 def _check_policy(policy: object) -> None:

@@ -8,12 +8,20 @@ A call, in round trips:
 
 * **hit**: one ``MGET`` of the value and its version stamps (function + tags); stampede
   protection costs nothing here (cashews ``lock=True`` pays three round trips per hit).
+  Freshness is judged by Redis's clock (read with the value every few seconds by
+  ``cache_read.lua``, extrapolated monotonically in between), never the host's.
 * **miss**: concurrent callers in this process share one computation (single flight);
   across processes the first caller takes a lease (``cache_claim.lua``), computes and
   stores (``cache_store.lua``: rejected if a stamp changed meanwhile, then the lease is
   given up and waiters are woken). The others block on ``BLMOVE`` of a signal list,
   each wait capped at the lease's remaining PTTL, and re-read: no polling (dogpile's
-  distributed lock polls every 100 ms; cashews spins on SET NX).
+  distributed lock polls every 100 ms; cashews spins on SET NX). A wait that gets no
+  reply from Redis within its budget (Redis hung) computes without the cache.
+
+Read-your-invalidations in this process: ``invalidate_tags()``, ``fn.invalidate()`` and
+``fn.invalidate_all()`` detach the in-flight computations of what they invalidated, so a
+caller that starts after they return never joins a computation that began before; a
+detached computation still answers the callers that joined it, but does not store.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from rcache._cache import BYPASS, Cache
 from rcache._config import BackendErrorPolicy
 from rcache._exceptions import LockNotAcquiredError, SerializationError
 from rcache._freshness import EARLY, EXPIRED, FRESH, STALE, Freshness, stamp_blob
-from rcache._keys import KeyBuilder
+from rcache._keys import KeyBuilder, Template
 from rcache._serializers import Envelope, encode_envelope
 
 __all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
@@ -47,9 +55,21 @@ RefreshRunner = Callable[[Callable[[], Any]], Any]
 class _Flight:
     """One in-process computation that concurrent callers of the same key share."""
 
-    __slots__ = ("error", "event", "followers", "future", "result", "value")
+    __slots__ = (
+        "detached",
+        "error",
+        "event",
+        "followers",
+        "future",
+        "result",
+        "stamp_keys",
+        "value",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, stamp_keys: list[str]) -> None:
+        self.stamp_keys = stamp_keys
+        # set by an invalidation: new callers no longer join, the result is not stored
+        self.detached = False
         self.event: threading.Event | None = None
         self.future: asyncio.Future[Any] | None = None
         self.followers = 0  # callers waiting on this flight (observability, tests)
@@ -79,16 +99,45 @@ class CachedSpec:
     flights_lock: threading.Lock = field(default_factory=threading.Lock)
     refreshing: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    aflights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
-        field(default_factory=weakref.WeakKeyDictionary)
-    )
+    aflights: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, dict[str, _Flight]
+    ] = field(default_factory=weakref.WeakKeyDictionary)
 
     def __post_init__(self) -> None:
         self._fn_stamp = f"{self.cache.prefix}:s:f:{self.name}"
         self._tag_has_fields = any("{" in t for t in self.tags)
+        # fields encoded as in key templates: type-preserving, delimiter-safe (item 10)
+        self._tag_templates = [Template(t) for t in self.tags]
         self._static_stamps = [self._fn_stamp] + [
             self.cache.tag_key(t) for t in self.tags
         ]
+
+    def detach(self, key: str | None = None, stamp_keys: Sequence[str] = ()) -> None:
+        """Detach the in-flight computations of ``key``, or of any of ``stamp_keys``, or
+        (neither given) all of this function's: callers that start from now on begin a
+        new computation instead of joining one that began before an invalidation
+        (issue 14 item 7). Called after the invalidation reached Redis."""
+        wanted = set(stamp_keys)
+
+        def hit(k: str, keys: list[str]) -> bool:
+            if key is not None:
+                return k == key
+            return not wanted or not wanted.isdisjoint(keys)
+
+        with self.flights_lock:
+            for k, flight in list(self.flights.items()):
+                if hit(k, flight.stamp_keys):
+                    flight.detached = True
+                    del self.flights[k]
+            # asyncio flights live on their loops (other threads, maybe); loops are
+            # registered under flights_lock, and an item is deleted only if it is still
+            # the flight we detach
+            for aflights in list(self.aflights.values()):
+                for k, aflight in list(aflights.items()):
+                    if hit(k, aflight.stamp_keys):
+                        aflight.detached = True
+                        if aflights.get(k) is aflight:
+                            del aflights[k]
 
     # -- pure helpers -----------------------------------------------------------------
 
@@ -97,7 +146,7 @@ class CachedSpec:
             return self._static_stamps
         bound = self.keys.bind(args, kwargs)
         return [self._fn_stamp] + [
-            self.cache.tag_key(t.format_map(bound)) for t in self.tags
+            self.cache.tag_key(t.render(bound)) for t in self._tag_templates
         ]
 
     def entry(self, rows: Sequence[bytes | None]) -> Envelope | None:
@@ -130,6 +179,7 @@ class CachedSpec:
                 compute_time=compute_time,
                 fresh_for=self.ttl,
                 stamp=stamp_blob(stamps),
+                now=self.cache._server_now(),  # Redis's clock, not ours (item 6)
             )
         except SerializationError as exc:
             if self.on_unserializable == "skip":
@@ -142,6 +192,14 @@ class CachedSpec:
                 f"{self.cache.serializer.name} serializer cannot store ({exc}); return "
                 "plain data, choose another serializer, or pass on_unserializable='skip'"
             ) from None
+
+    def detached(self, flight: _Flight | None) -> bool:
+        """Was this computation detached by an invalidation (then it must not store)?
+        Counted as cache_store.lua counts a write that an invalidation raced."""
+        if flight is None or not flight.detached:
+            return False
+        self.cache.metrics.cache_error(self.name, "set", "InvalidatedDuringLoad")
+        return True
 
     def skipped(self) -> None:
         """Count a call made while the breaker is open (raises under "raise")."""
@@ -231,18 +289,19 @@ class SyncCached(_Base):
         """Read; on a miss compute (under the cross-process lease if stampede=True)."""
         spec = self._spec
         cache = spec.cache
-        rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
-        if rows is BYPASS:
+        got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
+        if got is BYPASS:
             spec.count("miss", flight)
             return self._compute(args, kwargs)[0]
+        now, rows = got
         env = spec.entry(rows)
-        state = spec.freshness.classify(env, time.time())
+        state = spec.freshness.classify(env, now)
         if state == FRESH:
             spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
             spec.count("hit", flight)
-            return self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
+            return self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
         if state == STALE:
             spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
@@ -314,7 +373,7 @@ class SyncCached(_Base):
             cache._leases.remove(lease)
             cache._store(key, stamp_keys, token, b"", stamps, spec)  # give up the lease
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
-                fallback, time.time()
+                fallback, cache._server_now()
             ):
                 if count:
                     spec.count("stale", flight)
@@ -325,8 +384,14 @@ class SyncCached(_Base):
         cache._leases.remove(lease)
         if count:
             spec.count("miss", flight)
-        data = spec.encode(value, elapsed, stamps)
-        cache._store(key, stamp_keys, token, data or b"", stamps, spec)
+        data = None
+        try:
+            if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
+                data = spec.encode(value, elapsed, stamps)
+        finally:
+            # every path gives up the lease, an unserializable result too: otherwise
+            # the next caller waits the whole lease (issue 14 item 8)
+            cache._store(key, stamp_keys, token, data or b"", stamps, spec)
         return value
 
     def _single_flight(
@@ -346,7 +411,7 @@ class SyncCached(_Base):
             found = spec.flights.get(key)
             leader = found is None
             if found is None:
-                flight = spec.flights[key] = _Flight()
+                flight = spec.flights[key] = _Flight(stamp_keys)
             else:
                 flight = found
                 flight.followers += 1
@@ -369,7 +434,8 @@ class SyncCached(_Base):
             raise
         finally:
             with spec.flights_lock:
-                spec.flights.pop(key, None)
+                if spec.flights.get(key) is flight:  # not a newer one (after a detach)
+                    del spec.flights[key]
                 event = flight.event
             if event is not None:
                 event.set()
@@ -405,13 +471,16 @@ class SyncCached(_Base):
                     key, stamp_keys, args, kwargs, (token, stamps), fallback,
                     count=True, flight=flight,
                 )  # fmt: skip
-            cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005))
-            rows = cache._mget_raw([key, *stamp_keys], spec.name, spec.policy)
-            if rows is BYPASS:
+            if not cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
+                cache._hung(spec)  # raises under on_backend_error="raise"
                 spec.count("miss", flight)
                 return self._compute(args, kwargs)[0]
-            env = spec.entry(rows)
-            if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+            got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
+            if got is BYPASS:
+                spec.count("miss", flight)
+                return self._compute(args, kwargs)[0]
+            env = spec.entry(got[1])
+            if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
                 # another process computed it while this call waited
                 spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
@@ -423,6 +492,7 @@ class SyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         env: Envelope,
+        flight: _Flight | None = None,
     ) -> Any:
         """XFetch chose this caller: recompute now if it wins the lease, else serve."""
         spec = self._spec
@@ -430,7 +500,9 @@ class SyncCached(_Base):
         got = spec.cache._claim(key, stamp_keys, token, spec)
         if got is BYPASS or not got[1]:
             return env.value
-        return self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
+        return self._load(
+            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
+        )
 
     def _refresh_in_background(
         self,
@@ -477,15 +549,25 @@ class SyncCached(_Base):
         return self._load(key, spec.stamp_keys(args, kwargs), args, kwargs, None, None)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """Delete the entry for these arguments; True if one was there."""
+        """Delete the entry for these arguments; True if one was there.
+
+        A call of these arguments that starts after this returns computes afresh; it
+        never joins a computation in this process that began before (see module doc).
+        """
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
-        return spec.cache._delete_raw(key, spec.name, spec.policy)
+        try:
+            return spec.cache._delete_raw(key, spec.name, spec.policy)
+        finally:
+            spec.detach(key=key)
 
     def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
-        return spec.cache._delete_raw(spec._fn_stamp, spec.name, spec.policy)
+        try:
+            return spec.cache._delete_raw(spec._fn_stamp, spec.name, spec.policy)
+        finally:
+            spec.detach()
 
 
 class AsyncCached(_Base):
@@ -527,18 +609,19 @@ class AsyncCached(_Base):
     ) -> Any:
         spec = self._spec
         cache = spec.cache
-        rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
-        if rows is BYPASS:
+        got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
+        if got is BYPASS:
             spec.count("miss", flight)
             return (await self._compute(args, kwargs))[0]
+        now, rows = got
         env = spec.entry(rows)
-        state = spec.freshness.classify(env, time.time())
+        state = spec.freshness.classify(env, now)
         if state == FRESH:
             spec.count("hit", flight)
             return env.value  # type: ignore[union-attr]
         if state == EARLY:
             spec.count("hit", flight)
-            return await self._early(key, stamp_keys, args, kwargs, env)  # type: ignore[arg-type]
+            return await self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
         if state == STALE:
             spec.count("stale", flight)
             self._refresh_in_background(key, stamp_keys, args, kwargs)
@@ -606,7 +689,7 @@ class AsyncCached(_Base):
                 cache._astore(key, stamp_keys, token, b"", stamps, spec)
             )
             if isinstance(exc, Exception) and spec.freshness.usable_on_error(
-                fallback, time.time()
+                fallback, cache._server_now()
             ):
                 if count:
                     spec.count("stale", flight)
@@ -617,8 +700,15 @@ class AsyncCached(_Base):
         cache._leases.remove(lease)
         if count:
             spec.count("miss", flight)
-        data = spec.encode(value, elapsed, stamps)
-        await cache._astore(key, stamp_keys, token, data or b"", stamps, spec)
+        data = None
+        try:
+            if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
+                data = spec.encode(value, elapsed, stamps)
+        finally:
+            # every path gives up the lease (item 8), shielded as above
+            await asyncio.shield(
+                cache._astore(key, stamp_keys, token, data or b"", stamps, spec)
+            )
         return value
 
     async def _single_flight(
@@ -632,7 +722,8 @@ class AsyncCached(_Base):
         loop = asyncio.get_running_loop()
         flights = spec.aflights.get(loop)
         if flights is None:
-            flights = spec.aflights[loop] = {}
+            with spec.flights_lock:  # once per loop; detach() iterates the loops
+                flights = spec.aflights.setdefault(loop, {})
         found: _Flight | None = flights.get(key)
         if found is not None:
             future = found.future
@@ -655,7 +746,7 @@ class AsyncCached(_Base):
                 return await self._single_flight(key, stamp_keys, args, kwargs)
             spec.shared(found.result)
             return value
-        flight = _Flight()
+        flight = _Flight(stamp_keys)
         future = flight.future = loop.create_future()
         flights[key] = flight
         try:
@@ -673,7 +764,8 @@ class AsyncCached(_Base):
             future.set_result(value)
             return value
         finally:
-            flights.pop(key, None)
+            if flights.get(key) is flight:  # not a newer one (after a detach)
+                del flights[key]
 
     async def _distributed(
         self,
@@ -706,13 +798,16 @@ class AsyncCached(_Base):
                     key, stamp_keys, args, kwargs, (token, stamps), fallback,
                     count=True, flight=flight,
                 )  # fmt: skip
-            await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005))
-            rows = await cache._amget_raw([key, *stamp_keys], spec.name, spec.policy)
-            if rows is BYPASS:
+            if not await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
+                cache._hung(spec)  # raises under on_backend_error="raise"
                 spec.count("miss", flight)
                 return (await self._compute(args, kwargs))[0]
-            env = spec.entry(rows)
-            if spec.freshness.classify(env, time.time()) in (FRESH, EARLY, STALE):
+            got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
+            if got is BYPASS:
+                spec.count("miss", flight)
+                return (await self._compute(args, kwargs))[0]
+            env = spec.entry(got[1])
+            if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
                 # another process computed it while this call waited
                 spec.count("coalesced", flight)
                 return env.value  # type: ignore[union-attr]
@@ -724,13 +819,16 @@ class AsyncCached(_Base):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         env: Envelope,
+        flight: _Flight | None = None,
     ) -> Any:
         spec = self._spec
         token = secrets.token_hex(8)
         got = await spec.cache._aclaim(key, stamp_keys, token, spec)
         if got is BYPASS or not got[1]:
             return env.value
-        return await self._load(key, stamp_keys, args, kwargs, (token, got[2]), env)
+        return await self._load(
+            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
+        )
 
     def _refresh_in_background(
         self,
@@ -779,12 +877,19 @@ class AsyncCached(_Base):
         )
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """Delete the entry for these arguments; True if one was there."""
+        """Delete the entry for these arguments; True if one was there (see the sync
+        twin: later callers never join an earlier computation)."""
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
-        return await spec.cache._adelete_raw(key, spec.name, spec.policy)
+        try:
+            return await spec.cache._adelete_raw(key, spec.name, spec.policy)
+        finally:
+            spec.detach(key=key)
 
     async def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
-        return await spec.cache._adelete_raw(spec._fn_stamp, spec.name, spec.policy)
+        try:
+            return await spec.cache._adelete_raw(spec._fn_stamp, spec.name, spec.policy)
+        finally:
+            spec.detach()

@@ -15,6 +15,11 @@ that keeps it around for the stale windows::
 * **stale** (stale-while-revalidate): after ``fresh_until``, for ``stale`` seconds,
   callers get the old value at once and one refresh runs in the background.
 * **stale_if_error**: if recomputation raises, the old value is served for that long.
+
+Every ``now`` here is Redis's clock, never a client's wall clock: the hit read returns
+Redis ``TIME`` with the value (``cache_read.lua``) and envelopes are dated from the
+``TIME`` of the claim that preceded the computation, carried forward by the monotonic
+clock. Readers and writers whose clocks disagree by an hour still agree on freshness.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ STALE: Final = "stale"
 EXPIRED: Final = "expired"
 MISS: Final = "miss"
 State = Literal["fresh", "early", "stale", "expired", "miss"]
+#: how far in the future an entry's creation time may lie before it is refused: the
+#: server-clock estimate of a writer is off by a round trip at most
+FUTURE_SLACK: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,10 @@ class Freshness:
         now: float,
         rand: Callable[[], float] = random.random,
     ) -> State:
-        if env is None:
+        if env is None or env.created_at > now + FUTURE_SLACK:
+            # an entry dated in the future was written by a clock that runs ahead (rcache
+            # dates entries by Redis's clock; an old writer or a foreign one may not):
+            # never trust it as fresh (issue 14 item 6)
             return MISS
         if now < env.fresh_until:
             if self.beta > 0.0 and env.compute_time > 0.0:

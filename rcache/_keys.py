@@ -16,6 +16,25 @@ Redis key layout (``prefix`` defaults to ``"rcache"``)::
 
 ``{args}`` is the canonical JSON of the bound arguments (it always starts with ``[``), so
 it can never collide with the ``h:`` form or with another function's keys.
+
+Key and tag **templates** (``key="item:{a}:{b}"``, ``tags=["user:{uid}"]``) encode each
+field as unambiguously as default keys, readable for the common cases:
+
+* an ``int`` as its decimal digits: ``user:{uid}`` with 42 gives ``user:42``;
+* a ``str`` of ASCII letters, digits and ``_`` that starts with a letter or ``_`` as it
+  is: ``alice`` gives ``user:alice``;
+* any other ``str`` as a JSON string: ``"1"``, ``"y:z"``, ``"a b"``, ``""``;
+* anything else as a one-element JSON array of its canonical key encoding: ``[1.5]``,
+  ``[true]``, ``[null]``, ``[{"$rc":"tuple","v":[1,2]}]``.
+
+The first character tells the kind, and each kind ends unambiguously, so
+``item:{a}:{b}`` gives different keys for ``("x", "y:z")`` and ``("x:y", "z")``
+(``item:x:"y:z"`` and ``item:"x:y":z``), and ``user("1")`` differs from ``user(1)``
+(cashews formats fields with ``str()``: both collide there). For that, a field other
+than the last must be followed by a character that cannot continue a bare field
+(not a letter, digit or ``_``): ``"{a}{b}"`` is refused at decoration time. To
+invalidate a tag, write it as the template renders it: ``invalidate_tags("user:42")``
+for an int, ``invalidate_tags('user:"1"')`` for the string ``"1"``.
 """
 
 from __future__ import annotations
@@ -24,6 +43,7 @@ import enum
 import hashlib
 import inspect
 import json
+import re
 import string
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -35,6 +55,10 @@ __all__ = ["KeyBuilder", "qualified_name"]
 
 _MAX_PLAIN = 96  # longer encoded arguments are hashed (blake2b-128, hex)
 _SAFE = set(string.printable) - set(" \t\n\r\x0b\x0c")
+# ints beyond sys.get_int_max_str_digits() (4,300 digits) cannot be written in decimal
+_MAX_INT_BITS = 10_000
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CONTINUES = frozenset(string.ascii_letters + string.digits + "_")
 
 
 def qualified_name(fn: Callable[..., Any]) -> str:
@@ -49,8 +73,12 @@ def qualified_name(fn: Callable[..., Any]) -> str:
 def _key_tree(obj: Any) -> Any:
     """Like the JSON value encoder, plus classes, enums and ``__rcache_key__``."""
     t = type(obj)
-    if t is str or t is int or t is float or t is bool or obj is None:
+    if t is str or t is float or t is bool or obj is None:
         return obj
+    if t is int:
+        if obj.bit_length() <= _MAX_INT_BITS:
+            return obj
+        return {"$rc": "int", "v": format(obj, "x")}  # decimal would raise (item 9)
     if t is list:
         return [_key_tree(x) for x in obj]
     if t is tuple:
@@ -69,6 +97,66 @@ def _key_tree(obj: Any) -> Any:
     if hook is not None:
         return {"$rc": "obj", "v": [qualified_name(t), _key_tree(hook())]}
     return _encode_tree(obj)
+
+
+def template_field(value: Any) -> str:
+    """How a template field renders ``value`` (see the module docstring)."""
+    t = type(value)
+    if t is int and value.bit_length() <= _MAX_INT_BITS:
+        return str(value)
+    if t is str:
+        if _BARE.match(value):
+            return value  # type: ignore[no-any-return]
+        return json.dumps(value, ensure_ascii=False)
+    tree = _key_tree(value)
+    return "[" + json.dumps(tree, separators=(",", ":"), sort_keys=True) + "]"
+
+
+class Template:
+    """A key or tag template compiled at decoration time (fields: see module doc)."""
+
+    _formatter = string.Formatter()
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        # (literal, field name or None, is a plain parameter name, conversion, spec)
+        self._parts: list[tuple[str, str | None, bool, str | None, str]] = [
+            (literal, name, name is not None and name.isidentifier(), conv, spec or "")
+            for literal, name, spec, conv in self._formatter.parse(template)
+        ]
+        self.fields = [p[1] for p in self._parts if p[1] is not None]
+
+    def check(self, what: str) -> None:
+        """Refuse a field followed by something that could continue it."""
+        parts = self._parts
+        for i, (_, name, _, _, _) in enumerate(parts):
+            if name is None or i + 1 >= len(parts):
+                continue
+            following, next_name = parts[i + 1][0], parts[i + 1][1]
+            if next_name is None:
+                continue  # the last field: only a fixed suffix follows it
+            if following == "" or following[0] in _CONTINUES:
+                raise ConfigurationError(
+                    f"{what} {self.template!r}: put a separator such as ':' after "
+                    f"{{{name}}}, or two different arguments could give one key"
+                )
+
+    def render(self, bound: Mapping[str, Any]) -> str:
+        out = []
+        for literal, name, plain, conv, spec in self._parts:
+            out.append(literal)
+            if name is None:
+                continue
+            if plain and conv is None and not spec:
+                value = bound[name]
+            else:
+                value = self._formatter.get_field(name, (), bound)[0]
+                if conv is not None:
+                    value = self._formatter.convert_field(value, conv)
+                if spec:
+                    value = format(value, spec)
+            out.append(template_field(value))
+        return "".join(out)
 
 
 class KeyBuilder:
@@ -119,15 +207,15 @@ class KeyBuilder:
         self._n_positional = sum(
             p.kind is p.POSITIONAL_OR_KEYWORD for p in params.values()
         )
-        self._template: str | None = None
+        self._template: Template | None = None
         self._key_fn: Callable[..., str] | None = None
         self._key_prefix = f"{prefix}:c:{self.name}:"
         self._explicit_prefix = f"{prefix}:k:"
         if key is None:
             pass
         elif isinstance(key, str):
-            self._template = key
             self.check_template(key)
+            self._template = Template(key)
         elif callable(key):
             self._key_fn = key
         else:
@@ -157,6 +245,7 @@ class KeyBuilder:
                     f"{what} {template!r} names {head!r}, which {self.name} does not "
                     f"take; its parameters are {list(params)}"
                 )
+        Template(template).check(what)
 
     # -- per call -----------------------------------------------------------------------
 
@@ -188,7 +277,7 @@ class KeyBuilder:
             return self._explicit_prefix + str(self._key_fn(*args, **kwargs))
         bound = self.bind(args, kwargs)
         if self._template is not None:
-            return self._explicit_prefix + self._template.format_map(bound)
+            return self._explicit_prefix + self._template.render(bound)
         return self._key_prefix + self.encode_args(bound)
 
     def encode_args(self, bound: Mapping[str, Any]) -> str:

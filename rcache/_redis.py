@@ -64,6 +64,7 @@ _SCHEMES = ("redis", "rediss", "unix", "memory")
 # Re-exported so that the rest of rcache never imports redis-py itself.
 WatchError = rex.WatchError
 RedisError = rex.RedisError
+RedisTimeoutError = rex.TimeoutError
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     rex.ConnectionError,
     rex.TimeoutError,

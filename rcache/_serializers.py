@@ -134,7 +134,7 @@ def _object_hook(d: dict[str, Any]) -> Any:
         return d
     decoder = _DECODERS.get(tag)
     if decoder is None:
-        raise SerializationError(f"unknown JSON tag {tag!r}")
+        raise SerializationError("unknown JSON tag")  # no text from the data
     return decoder(d["v"])
 
 
@@ -154,13 +154,26 @@ class JsonSerializer:
             raise SerializationError(
                 "cannot serialize a self-referencing value"
             ) from None
-        return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode()
+        except (ValueError, TypeError, RecursionError) as exc:
+            # e.g. an int over sys.get_int_max_str_digits() (4,300) digits: ValueError
+            # (issue 14 item 9); the message would quote the value, so only its type
+            raise SerializationError(
+                f"cannot serialize this value to JSON ({type(exc).__name__})"
+            ) from None
 
     def loads(self, data: bytes) -> Any:
         try:
             return json.loads(data, object_hook=_object_hook)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise SerializationError(f"cannot decode JSON value: {exc}") from None
+        except SerializationError:
+            raise
+        except Exception as exc:
+            # never put the exception's text here: fromisoformat() and friends quote
+            # the stored value, and this message is logged (issue 14 item 13)
+            raise SerializationError(
+                f"cannot decode JSON value ({type(exc).__name__})"
+            ) from None
 
 
 class MsgpackSerializer:
@@ -184,41 +197,84 @@ class MsgpackSerializer:
             raise SerializationError(
                 f"cannot serialize a value of type {exc.args[0].__qualname__} to msgpack"
             ) from None
-        return bytes(self._msgpack.packb(tree, use_bin_type=True))
+        except RecursionError:
+            raise SerializationError(
+                "cannot serialize a self-referencing value"
+            ) from None
+        try:
+            return bytes(self._msgpack.packb(tree, use_bin_type=True))
+        except Exception as exc:  # OverflowError for ints beyond 64 bits, ...
+            raise SerializationError(
+                f"cannot serialize this value to msgpack ({type(exc).__name__})"
+            ) from None
 
     def loads(self, data: bytes) -> Any:
         try:
             return self._msgpack.unpackb(data, raw=False, object_hook=_object_hook)
-        except Exception as exc:
-            raise SerializationError(f"cannot decode msgpack value: {exc}") from None
+        except SerializationError:
+            raise
+        except Exception as exc:  # type only: the text may quote the value (item 13)
+            raise SerializationError(
+                f"cannot decode msgpack value ({type(exc).__name__})"
+            ) from None
 
 
 class PickleSerializer:
     """Pickle, signed with HMAC-SHA256: only for caches no untrusted party can write to.
 
-    ``secret`` is required; values whose signature does not match (tampered, or written
-    with another secret) are refused and read as misses. Pass several secrets as
+    ``secret`` is required: a ``str`` or ``bytes`` of at least 32 bytes (HMAC-SHA256's
+    block of entropy). Values whose signature does not match (tampered, or written with
+    another secret) are refused and read as misses. Pass several secrets as
     ``secret=[new, old]`` to rotate: the first signs, all verify.
+
+    :raises ConfigurationError: for a missing (``None``, e.g. an unset environment
+        variable), short or non-text secret. ``bytes(32)`` would be 32 NUL bytes, so an
+        ``int`` is refused, not taken as a length (issue 14 item 12).
     """
 
     name = "pickle"
     _DIGEST = 32
+    _MIN_SECRET = 32
 
     def __init__(self, secret: str | bytes | list[str | bytes]) -> None:
-        secrets = secret if isinstance(secret, list) else [secret]
-        keys = [s.encode() if isinstance(s, str) else bytes(s) for s in secrets]
-        if not keys or any(len(k) < 16 for k in keys):
-            raise ConfigurationError(
-                "PickleSerializer needs secret= of at least 16 bytes, e.g. "
-                "PickleSerializer(secret=os.environ['RCACHE_SECRET'])"
-            )
+        items = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+        hint = (
+            "e.g. PickleSerializer(secret=os.environ['RCACHE_SECRET']) with a random "
+            'value such as python -c "import secrets; print(secrets.token_hex(32))"'
+        )
+        if not items:
+            raise ConfigurationError(f"PickleSerializer needs a secret= ({hint})")
+        keys: list[bytes] = []
+        for item in items:
+            if item is None:
+                raise ConfigurationError(
+                    "PickleSerializer got secret=None (an unset environment variable?): "
+                    f"pass a str or bytes of at least {self._MIN_SECRET} bytes, {hint}"
+                )
+            if isinstance(item, str):
+                key = item.encode()
+            elif isinstance(item, bytes):
+                key = item
+            else:
+                raise ConfigurationError(
+                    f"PickleSerializer secret= takes str or bytes (or a list of them "
+                    f"to rotate), got {type(item).__name__}: {hint}"
+                )
+            if len(key) < self._MIN_SECRET:
+                raise ConfigurationError(
+                    f"PickleSerializer needs a secret of at least {self._MIN_SECRET} "
+                    f"bytes, got {len(key)}: {hint}"
+                )
+            keys.append(key)
         self._keys = keys
 
     def dumps(self, value: Any) -> bytes:
         try:
             payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise SerializationError(f"cannot pickle value: {exc}") from None
+            raise SerializationError(
+                f"cannot pickle this value ({type(exc).__name__})"
+            ) from None
         return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
 
     def loads(self, data: bytes) -> Any:
@@ -293,7 +349,14 @@ def encode_envelope(
     if value is None:
         flags, payload = FLAG_NONE, b""
     else:
-        payload = serializer.dumps(value)
+        try:
+            payload = serializer.dumps(value)
+        except SerializationError:
+            raise
+        except Exception as exc:  # a third-party serializer may raise anything (item 9)
+            raise SerializationError(
+                f"serializer {serializer.name!r} failed ({type(exc).__name__})"
+            ) from None
     name = serializer.name.encode()
     header = _HEADER.pack(
         _MAGIC, _VERSION, flags, now, compute_time, now + fresh_for, len(stamp)
@@ -302,7 +365,13 @@ def encode_envelope(
 
 
 class UndecodableError(SerializationError):
-    """The bytes in Redis are not an envelope this version and serializer can read."""
+    """The bytes in Redis are not an envelope this version and serializer can read.
+
+    ``reason`` is a short, value-free description for logs: the name of the error
+    that stopped decoding, never its text (which may quote the stored value).
+    """
+
+    reason: str = "corrupt"
 
 
 def decode_envelope(serializer: Serializer, data: bytes) -> Envelope:
@@ -312,9 +381,9 @@ def decode_envelope(serializer: Serializer, data: bytes) -> Envelope:
             _HEADER.unpack_from(data)
         )
     except struct.error:
-        raise UndecodableError("not an rcache envelope (too short)") from None
+        raise _undecodable("not an rcache envelope (too short)", "short") from None
     if magic != _MAGIC or version != _VERSION:
-        raise UndecodableError("not an rcache envelope of a known version")
+        raise _undecodable("not an rcache envelope of a known version", "version")
     pos = _HEADER.size
     stamp = data[pos : pos + slen]
     pos += slen
@@ -322,17 +391,28 @@ def decode_envelope(serializer: Serializer, data: bytes) -> Envelope:
     name = data[pos + 1 : pos + 1 + nlen]
     pos += 1 + nlen
     if name != serializer.name.encode():
-        raise UndecodableError(
+        raise _undecodable(
             f"value written by serializer {name.decode(errors='replace')!r}, "
-            f"cache uses {serializer.name!r}"
+            f"cache uses {serializer.name!r}",
+            "other serializer",
         )
     if flags & FLAG_NONE:
         value = None
     else:
         try:
             value = serializer.loads(data[pos:])
-        except SerializationError as exc:
-            raise UndecodableError(str(exc)) from None
         except Exception as exc:  # a third-party serializer may raise anything
-            raise UndecodableError(f"{type(exc).__name__} while decoding") from None
+            # the innermost error's type, not its text: a custom serializer may quote
+            # the value in its message
+            cause = exc.__context__ if isinstance(exc, SerializationError) else exc
+            raise _undecodable(
+                f"{type(cause or exc).__name__} while decoding",
+                type(cause or exc).__name__,
+            ) from None
     return Envelope(value, created, compute, fresh_until, bytes(stamp))
+
+
+def _undecodable(message: str, reason: str) -> UndecodableError:
+    exc = UndecodableError(message)
+    exc.reason = reason
+    return exc

@@ -17,7 +17,8 @@ local result = -1
 if ARGV[2] ~= '' then
   result = 1
   for i = 4, #KEYS do
-    if redis.call('GET', KEYS[i]) ~= ARGV[i + 1] then
+    -- pcall: a stamp key of another type is a changed stamp, not a script error
+    if redis.pcall('GET', KEYS[i]) ~= ARGV[i + 1] then
       result = 0
       break
     end
@@ -31,7 +32,7 @@ if ARGV[2] ~= '' then
     end
   end
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+if redis.pcall('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
 -- one element that every waiter's BLMOVE rotates: all of them wake, in FIFO order

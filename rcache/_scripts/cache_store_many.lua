@@ -8,7 +8,7 @@
 -- ARGV[3..]   envelope bytes, one per value key
 --
 -- Returns the number of entries stored (0 when rejected).
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+if redis.pcall('GET', KEYS[1]) ~= ARGV[1] then  -- pcall: another type = changed
   return 0
 end
 local px = tonumber(ARGV[2])

@@ -159,3 +159,71 @@ def test_wrong_call_raises_type_error_like_the_function() -> None:
         k.build((1,), {"zzz": 1})
     with pytest.raises(TypeError):
         k.build((1,), {"a": 1})
+
+
+# -- issue 14 item 10: templates encode fields type-preservingly and delimiter-safely --
+
+
+def test_template_fields_do_not_collide() -> None:
+    def item(a: Any, b: Any) -> None: ...
+
+    k = kb(item, key="item:{a}:{b}")
+    assert k.build(("x", "y:z"), {}) != k.build(("x:y", "z"), {})
+    assert k.build(("x", "y:z"), {}) == 'p:k:item:x:"y:z"'
+    assert k.build(("x:y", "z"), {}) == 'p:k:item:"x:y":z'
+
+    def user(uid: Any) -> None: ...
+
+    u = kb(user, key="user:{uid}")
+    keys = [
+        u.build((v,), {})
+        for v in (1, "1", 1.0, True, None, "", "None", "true", (1,), [1], "a b", -1)
+    ]
+    assert len(set(keys)) == len(keys)
+
+
+def test_template_keeps_simple_ints_and_strings_readable() -> None:
+    def user(uid: Any) -> None: ...
+
+    u = kb(user, key="user:{uid}")
+    assert u.build((42,), {}) == "p:k:user:42"
+    assert u.build((-7,), {}) == "p:k:user:-7"
+    assert u.build(("alice",), {}) == "p:k:user:alice"
+    assert u.build(("bob_2",), {}) == "p:k:user:bob_2"
+    assert u.build(("1",), {}) == 'p:k:user:"1"'
+    assert u.build(("a@b.c",), {}) == 'p:k:user:"a@b.c"'
+    assert u.build((1.5,), {}) == "p:k:user:[1.5]"
+    assert u.build((None,), {}) == "p:k:user:[null]"
+
+
+def test_template_fields_need_a_separator() -> None:
+    def g(a: int, b: int) -> None: ...
+
+    # "{a}{b}": (1, 23) and (12, 3) would both give "123"
+    for bad in ("{a}{b}", "{a}x{b}", "{a}0{b}", "{a}_{b}"):
+        with pytest.raises(ConfigurationError, match="separator"):
+            kb(g, key=bad)
+    for good in ("{a}:{b}", "{a}-{b}", "{a}.{b}", "{a}/{b}x", "v{a}@{b}"):
+        k = kb(g, key=good)
+        assert k.build((1, 23), {}) != k.build((12, 3), {})
+        assert k.build((1, -2), {}) != k.build((-1, 2), {})
+
+
+def test_template_attribute_and_format_fields() -> None:
+    class U:
+        uid = 7
+
+    def g(u: Any, n: int) -> None: ...
+
+    k = kb(g, key="u:{u.uid}:{n:03d}")
+    assert k.build((U(), 5), {}) == 'p:k:u:7:"005"'
+
+
+def test_huge_int_arguments_make_keys() -> None:
+    # ints over 4,300 digits raise ValueError from str() and json.dumps (item 9)
+    big = 10**5000
+    k = kb(f)
+    assert k.build((big,), {}) != k.build((big + 1,), {})
+    t = kb(f, key="n:{a}")
+    assert t.build((big,), {}) != t.build((big + 1,), {})
+    assert t.build((big,), {}).startswith('p:k:n:[{"$rc":"int"')

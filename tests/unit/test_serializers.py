@@ -116,3 +116,67 @@ def test_corrupt_payload_is_undecodable() -> None:
     data = encode_envelope(s, {"a": 1}, fresh_for=1)
     with pytest.raises(UndecodableError):
         decode_envelope(s, data[:-2])
+
+
+# -- issue 14 items 9 and 12 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serializer", [JsonSerializer(), MsgpackSerializer()])
+def test_every_encode_failure_is_a_serialization_error(serializer: Any) -> None:
+    for value in (10**5000, {"n": [10**5000]}, 2**70):
+        if isinstance(serializer, JsonSerializer) and value == 2**70:
+            continue  # JSON has no 64-bit limit
+        with pytest.raises(SerializationError) as info:
+            serializer.dumps(value)
+        assert "0000" not in str(info.value)  # no part of the value in the message
+
+
+def test_every_decode_failure_is_undecodable() -> None:
+    s = JsonSerializer()
+    for payload in (b'{"n": 1' + b"1" * 5000 + b"}", b'{"$rc":"dt","v":"SECRETVALUE"}'):
+        data = encode_envelope(s, "x", fresh_for=1)
+        data = data[: -len(b'"x"')] + payload
+        with pytest.raises(UndecodableError) as info:
+            decode_envelope(s, data)
+        assert "SECRETVALUE" not in str(info.value)
+        assert info.value.reason == "ValueError"
+
+
+def test_third_party_serializer_errors_are_mapped() -> None:
+    class Odd:
+        name = "odd"
+
+        def dumps(self, value: Any) -> bytes:
+            raise OverflowError(f"cannot {value}")
+
+        def loads(self, data: bytes) -> Any:
+            raise KeyError(data)
+
+    with pytest.raises(SerializationError, match="OverflowError"):
+        encode_envelope(Odd(), "SECRET", fresh_for=1)
+
+
+@pytest.mark.parametrize(
+    ("secret", "match"),
+    [
+        (32, "str or bytes"),  # bytes(32) would be 32 NUL bytes
+        (None, "secret=None"),
+        ("", "at least 32"),
+        ("x" * 31, "at least 32"),
+        (b"y" * 16, "at least 32"),
+        (["x" * 32, 32], "str or bytes"),
+        (["x" * 32, None], "secret=None"),
+        ([], "needs a secret"),
+        (bytearray(b"z" * 40), "str or bytes"),
+    ],
+)
+def test_pickle_secret_must_be_long_text(secret: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        PickleSerializer(secret=secret)
+
+
+def test_pickle_secret_rotation_and_bytes() -> None:
+    old = PickleSerializer(secret=b"o" * 32)
+    new = PickleSerializer(secret=["n" * 32, b"o" * 32])
+    assert new.loads(old.dumps({"a": 1})) == {"a": 1}
+    assert new.loads(new.dumps((1,))) == (1,)
