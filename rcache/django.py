@@ -60,7 +60,7 @@ from rcache._serializers import (
     resolve_serializer,
 )
 
-__all__ = ["RCacheBackend"]
+__all__ = ["PicklingError", "RCacheBackend"]
 
 _OPTIONS = (
     "breaker",
@@ -78,12 +78,26 @@ _BYPASS: Any = object()
 _INT64 = (-(2**63), 2**63 - 1)
 
 
+class PicklingError(SerializationError, pickle.PicklingError):
+    """A value could not be pickled under ``OPTIONS={"serializer": "pickle"}``.
+
+    Both an :class:`rcache.SerializationError` and a :class:`pickle.PicklingError`,
+    which is what Django's own backends raise for an unpicklable value (its cache tests
+    expect ``pickle.PickleError`` from ``set`` and ``add``).
+    """
+
+
 class _SignedPickle(PickleSerializer):
-    """rcache's signed pickle, letting pickling errors through as Django's own backends
-    do (its suite expects ``pickle.PickleError`` from ``set`` of an unpicklable value)."""
+    """rcache's signed pickle, raising :class:`PicklingError` on unpicklable values."""
 
     def dumps(self, value: Any) -> bytes:
-        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # PicklingError, TypeError, or the object's own error
+            raise PicklingError(
+                f"cannot pickle a value of type {type(value).__qualname__} "
+                f"({type(exc).__name__})"
+            ) from exc
         return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
 
 

@@ -370,3 +370,19 @@ def test_set_with_zero_timeout_still_refuses_an_unserializable_value(
 ) -> None:
     with pytest.raises(rcache.SerializationError):
         make().set("k", object(), 0)
+
+
+def test_unpicklable_value_raises_a_pickle_error_that_is_an_rcache_error(
+    make: Callable[..., RCacheBackend],
+) -> None:
+    import pickle
+    import threading
+
+    from rcache.django import PicklingError
+
+    cache = make(OPTIONS={"prefix": "dp2", "serializer": "pickle"})
+    with pytest.raises(PicklingError) as info:
+        cache.set("lock", threading.Lock())
+    assert isinstance(info.value, pickle.PickleError)  # what Django's backends raise
+    assert isinstance(info.value, rcache.SerializationError)
+    assert cache.add("lock", threading.Lock) is True  # a class pickles by reference
