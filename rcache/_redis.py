@@ -610,6 +610,9 @@ async def adiagnose(client: redis.asyncio.Redis, probe: str) -> str:
     return _check_report(info, int(db or 0))
 
 
+_INCLUDE = re.compile(r"^-- @include (_\w+)$", re.MULTILINE)
+
+
 class LuaScript:
     """A Lua script shipped as package data (``rcache/_scripts/NAME.lua``).
 
@@ -622,10 +625,14 @@ class LuaScript:
         import hashlib
         from importlib import resources
 
+        def read(script: str) -> str:
+            return resources.files("rcache._scripts").joinpath(script).read_text()
+
         if source is None:
-            source = (
-                resources.files("rcache._scripts").joinpath(f"{name}.lua").read_text()
-            )
+            source = read(f"{name}.lua")
+        # Shared preambles (server clock, fences) are written once, in _shared.lua, and
+        # pasted where a script says "-- @include NAME": Redis scripts cannot import.
+        source = _INCLUDE.sub(lambda m: read(f"{m.group(1)}.lua"), source)
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()

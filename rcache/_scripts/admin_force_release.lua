@@ -18,8 +18,8 @@
 -- Every key is in the name's hash tag: one cluster slot.
 -- Returns {tokens, fence}: the tokens of the live holders removed (possibly none) and
 -- the fence counter afterwards (0 when there is none).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 local tokens = {}
 if ARGV[1] == 'zset' then
   tokens = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')

@@ -19,17 +19,7 @@
 --                     misses a wake-up re-checks no later than the lease's end (Redisson)
 --         {2, ms}     free, but reserved for a woken waiter for ms more: retry then
 -- The waiters marker must outlive every waiter's block: extend it, never shorten it.
--- Fences must only grow, but the counter can be lost (a restart without persistence,
--- eviction, FLUSHALL): a missing counter is seeded from the server clock in
--- microseconds, above every fence issued before unless the server clock went back
--- (issue 14: fences restarted at 1 after a SHUTDOWN NOSAVE restart).
-local function next_fence(key)
-  if redis.call('EXISTS', key) == 0 then
-    local t = redis.call('TIME')
-    redis.call('SET', key, t[1] .. string.sub('00000' .. t[2], -6))
-  end
-  return redis.call('INCR', key)
-end
+-- @include _shared
 local function mark_waiting()
   if ARGV[3] ~= '2' and redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then
     redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])

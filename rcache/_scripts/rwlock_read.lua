@@ -11,8 +11,8 @@
 -- wakes too (one release of a writer lets every waiting reader in, one by one).
 -- Returns {1, 0}     acquired (also for a retry that finds its own token)
 --         {0, wait}  blocked; wait = ms until the blocking lease/intent ends
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then

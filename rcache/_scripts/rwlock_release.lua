@@ -12,8 +12,8 @@
 -- Returns  1  released
 --         -1  the lease is gone (expired)
 --          0  the write key holds another token (left untouched)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 local result = 1
 if ARGV[2] == 'w' then
   local cur = redis.call('GET', KEYS[2])

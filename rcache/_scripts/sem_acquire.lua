@@ -9,19 +9,8 @@
 -- Returns {1, fence}   acquired (also when ARGV[1] already holds a permit: a retry; its
 --                      lease is replaced)
 --         {0, wait}    all permits taken; wait = ms until the first lease ends
--- Fences must only grow, but the counter can be lost (a restart without persistence,
--- eviction, FLUSHALL): a missing counter is seeded from the server clock in
--- microseconds, above every fence issued before unless the server clock went back
--- (issue 14: fences restarted at 1 after a SHUTDOWN NOSAVE restart).
-local function next_fence(key)
-  if redis.call('EXISTS', key) == 0 then
-    local t = redis.call('TIME')
-    redis.call('SET', key, t[1] .. string.sub('00000' .. t[2], -6))
-  end
-  return redis.call('INCR', key)
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local ttl = tonumber(ARGV[2])
 local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])

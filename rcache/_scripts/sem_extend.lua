@@ -4,8 +4,8 @@
 -- ARGV[2] new lease in milliseconds, counted from the server's TIME
 -- Returns  1  extended
 --         -1  no such live permit
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score == false or tonumber(score) <= now then
   return -1

@@ -6,8 +6,8 @@
 -- ARGV[3] maximum signals kept in the list
 -- Returns  1  released
 --         -1  no such permit: its lease expired (or it was never granted)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include _shared
+local now = server_ms()
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score == false or tonumber(score) <= now then
   redis.call('ZREM', KEYS[1], ARGV[1])
