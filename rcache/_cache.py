@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import secrets
 import time
@@ -63,6 +64,7 @@ from rcache._serializers import (
     resolve_serializer,
 )
 from rcache._transaction import TransactionMixin
+from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 
 __all__ = ["Cache"]
@@ -105,7 +107,9 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
         in-process, same semantics including Lua). Default: ``$RCACHE_URL``, else
-        ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``.
+        ``$REDIS_URL``, read at first use (not here), else ``redis://127.0.0.1:6379/0``
+        with one WARNING saying so. Settings can also come later, before first use,
+        from :meth:`configure` (or a framework's ``init_app``).
     :param prefix: first part of every Redis key this cache writes.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
@@ -152,6 +156,134 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         name: str | None = None,
         lock_url: str | None = None,
     ) -> None:
+        self._log = RateLimitedLog(cache_log)
+        self._read_script = LuaScript("cache_read")
+        self._claim_script = LuaScript("cache_claim")
+        self._store_script = LuaScript("cache_store")
+        self._renew_script = LuaScript("cache_renew")
+        self._leases = LeaseKeeper(self._renew)
+        # the decorated functions of this cache, whose in-flight computations an
+        # invalidation detaches (read-your-invalidations, item 7)
+        self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
+        # decorated functions' specs -> (took the default ttl, took the default policy),
+        # so that configure() before first use reaches functions decorated at import
+        self._decorated: weakref.WeakKeyDictionary[Any, tuple[bool, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.default_ttl: float | None = None
+        self.metrics: MetricsSink = InMemoryMetrics()
+        self._settings: dict[str, Any] = {}
+        self._apply(
+            url=url,
+            prefix=prefix,
+            ttl=ttl,
+            client=client,
+            async_client=async_client,
+            serializer=serializer,
+            on_backend_error=on_backend_error,
+            retry=retry,
+            breaker=breaker,
+            metrics=metrics,
+            redis_options=redis_options,
+            name=name,
+            lock_url=lock_url,
+        )
+
+    def configure(
+        self,
+        *,
+        url: str | None = None,
+        prefix: str | None = None,
+        ttl: Duration | None = None,
+        client: redis.Redis | None = None,
+        async_client: Callable[[], redis.asyncio.Redis] | None = None,
+        serializer: str | Serializer | None = None,
+        on_backend_error: BackendErrorPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+        metrics: MetricsSink | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        lock_url: str | None = None,
+        force: bool = False,
+    ) -> Cache:
+        """Set options after construction, before first use (e.g. in an app factory).
+
+        ``cache = rcache.Cache()`` at import time, then ``cache.configure(url=...,
+        prefix=...)`` once the settings are known; the parameters are those of
+        :class:`Cache` and ``None`` leaves a setting as it is. Functions already
+        decorated with ``@cache.cached`` follow the new prefix, and the new default
+        ``ttl``/``on_backend_error`` unless they set their own. Lock objects made
+        before ``configure()`` keep the prefix they were made with: create them after
+        configuring, or use ``@cache.locked`` (which makes them per call).
+
+        :param force: allow reconfiguring a cache that has already connected (for
+            tests): its clients are dropped and made again from the new settings.
+        :raises ConfigurationError: the cache was already used and ``force`` is
+            false and a setting changes, or a setting is invalid (nothing is
+            changed then). Configuring the same settings again is a no-op.
+        :returns: the cache, so that ``cache = Cache().configure(...)`` reads well.
+        """
+        settings = self._merged_settings(
+            url=url,
+            prefix=prefix,
+            ttl=ttl,
+            client=client,
+            async_client=async_client,
+            serializer=serializer,
+            on_backend_error=on_backend_error,
+            retry=retry,
+            breaker=breaker,
+            metrics=metrics,
+            redis_options=redis_options,
+            name=name,
+            lock_url=lock_url,
+        )
+        if settings == self._settings:
+            return self  # nothing changes: a second init_app with the same config
+        if self._spec.used and not force:
+            raise ConfigurationError(
+                f"cache {self.name!r} is already in use (connected to "
+                f"{self._spec.describe()}); configure it before its first operation "
+                "(in the app factory or at start-up), or pass force=True in tests"
+            )
+        if self._spec.used:
+            self._sync.close()
+            if isinstance(self._lock_cache, Cache):
+                self._lock_cache.close()
+        self._apply(**settings)
+        return self
+
+    def _merged_settings(self, **given: Any) -> dict[str, Any]:
+        """The current settings with the non-None ones of ``given`` put over them."""
+        settings = {
+            **self._settings,
+            **{k: v for k, v in given.items() if v is not None},
+        }
+        if given["url"] is not None:  # a URL replaces a client given before, and back
+            settings["client"] = None
+        elif given["client"] is not None:
+            settings["url"] = None
+        return settings
+
+    def _apply(
+        self,
+        *,
+        url: str | None,
+        prefix: str,
+        ttl: Duration | None,
+        client: redis.Redis | None,
+        async_client: Callable[[], redis.asyncio.Redis] | None,
+        serializer: str | Serializer,
+        on_backend_error: BackendErrorPolicy,
+        retry: RetryPolicy | None,
+        breaker: BreakerPolicy | None,
+        metrics: MetricsSink | None,
+        redis_options: Mapping[str, Any] | None,
+        name: str | None,
+        lock_url: str | None,
+    ) -> None:
+        """Validate every setting first, then switch to them (all or nothing)."""
         if (
             not isinstance(prefix, str)
             or not prefix
@@ -162,48 +294,81 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 'write prefix="myapp"'
             )
         _check_policy(on_backend_error)
-        self.prefix = prefix
-        self.name = name or prefix
-        self.default_ttl = None if ttl is None else parse_duration(ttl)
-        self.serializer = resolve_serializer(serializer)
-        self.on_backend_error: BackendErrorPolicy = on_backend_error
-        self.retry = retry or RetryPolicy()
-        self._spec = ClientSpec(
+        default_ttl = None if ttl is None else parse_duration(ttl)
+        resolved_serializer = resolve_serializer(serializer)
+        retry_policy = retry or RetryPolicy()
+        spec = ClientSpec(
             url, client=client, async_client=async_client, options=redis_options
         )
-        self._sync = SyncRedis(self._spec, self.retry)
-        self._async = AsyncRedis(self._spec, self.retry)
-        self.metrics: MetricsSink = (
-            metrics if metrics is not None else InMemoryMetrics()
+        sink: MetricsSink = metrics if metrics is not None else self.metrics
+        circuit = CircuitBreaker(breaker or BreakerPolicy())
+        # Locks on their own server (issue 14: eviction on a cache server took a held
+        # lock): a lock-only Cache with the same prefix, options and metrics.
+        lock_cache = (
+            None
+            if lock_url is None
+            else Cache(
+                lock_url,
+                prefix=prefix,
+                retry=retry_policy,
+                metrics=sink,
+                redis_options=redis_options,
+                name=name or prefix,
+            )
         )
-        self.breaker = CircuitBreaker(breaker or BreakerPolicy())
-        self.breaker.on_change = self._breaker_changed
-        self._log = RateLimitedLog(cache_log)
-        self._explicit_prefix = f"{prefix}:k:"
-        self._tag_prefix = f"{prefix}:s:t:"
-        self._read_script = LuaScript("cache_read")
-        self._claim_script = LuaScript("cache_claim")
-        self._store_script = LuaScript("cache_store")
-        self._renew_script = LuaScript("cache_renew")
-        self._leases = LeaseKeeper(self._renew)
+        self._settings = {
+            "url": url,
+            "prefix": prefix,
+            "ttl": ttl,
+            "client": client,
+            "async_client": async_client,
+            "serializer": serializer,
+            "on_backend_error": on_backend_error,
+            "retry": retry,
+            "breaker": breaker,
+            "metrics": metrics,
+            "redis_options": redis_options,
+            "name": name,
+            "lock_url": lock_url,
+        }
+        self._lock_cache = lock_cache
+        self.prefix = prefix
+        self.name = name or prefix
+        self.default_ttl = default_ttl
+        self.serializer = resolved_serializer
+        self.on_backend_error: BackendErrorPolicy = on_backend_error
+        self.retry = retry_policy
+        self._spec = spec
         # (Redis's clock minus time.monotonic(), when measured) from the last TIME
         # seen: freshness follows Redis's clock, not this host's (issue 14 item 6)
         self._clock: tuple[float, float] | None = None
-        # the decorated functions of this cache, whose in-flight computations an
-        # invalidation detaches (read-your-invalidations, item 7)
-        self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sync = SyncRedis(spec, retry_policy)
+        self._async = AsyncRedis(spec, retry_policy)
+        self.metrics = sink
+        self.breaker = circuit
+        self.breaker.on_change = self._breaker_changed
+        self._explicit_prefix = f"{prefix}:k:"
+        self._tag_prefix = f"{prefix}:s:t:"
         self.metrics.register_cache(self.name)
-        if lock_url is not None:
-            # Locks on their own server (issue 14: eviction on a cache server took a
-            # held lock): a lock-only Cache with the same prefix, options and metrics.
-            self._lock_cache = Cache(
-                lock_url,
-                prefix=prefix,
-                retry=self.retry,
-                metrics=self.metrics,
-                redis_options=redis_options,
-                name=self.name,
-            )
+        for dep, (ttl_default, policy_default) in list(self._decorated.items()):
+            self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
+
+    def _track(self, spec: Any, *, ttl_default: bool, policy_default: bool) -> None:
+        self._decorated[spec] = (ttl_default, policy_default)
+
+    def _rebase(self, spec: Any, *, ttl_default: bool, policy_default: bool) -> None:
+        """Point a decorated function's spec at the current settings."""
+        spec.keys.rebase(self.prefix)
+        if ttl_default and self.default_ttl is not None:
+            spec.ttl = self.default_ttl
+            if hasattr(spec, "freshness"):
+                spec.freshness = dataclasses.replace(
+                    spec.freshness, ttl=self.default_ttl
+                )
+        if policy_default:
+            spec.policy = self.on_backend_error
+        spec.__post_init__()  # stamp keys derive from the prefix
+        self.metrics.register_cache(spec.name)
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
@@ -284,9 +449,11 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         env = self._envelope(name, raw)
         return _MISSING if env is None else env.value
 
-    def _envelope(self, name: str, raw: bytes) -> Envelope | None:
+    def _envelope(
+        self, name: str, raw: bytes, serializer: Serializer | None = None
+    ) -> Envelope | None:
         try:
-            return decode_envelope(self.serializer, raw)
+            return decode_envelope(serializer or self.serializer, raw)
         except UndecodableError as exc:
             self._undecodable(name, exc)
             return None
@@ -1118,6 +1285,8 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         if refresh_runner is not None and not callable(refresh_runner):
             raise ConfigurationError("refresh_runner= takes a callable: runner(job)")
 
+        localns = caller_namespace()  # where classes named in annotations may live
+
         def decorate(func: Any) -> Any:
             from rcache._decorated import AsyncCached, CachedSpec, SyncCached
 
@@ -1134,6 +1303,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             )
             for tag in tag_list:
                 keys.check_template(tag, what="tag")
+            typed = typed_values(func, name or keys.name, self.serializer, localns)
             spec = CachedSpec(
                 cache=self,
                 fn=func,
@@ -1148,8 +1318,12 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 tags=tag_list,
                 stampede=stampede,
                 refresh_runner=refresh_runner,
+                typed=typed,
             )
             self.metrics.register_cache(spec.name)
+            self._track(
+                spec, ttl_default=ttl is None, policy_default=on_backend_error is None
+            )
             self._specs.add(spec)
             if inspect.iscoroutinefunction(func):
                 return AsyncCached(spec)
@@ -1182,7 +1356,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         ignore = tuple(ignore)
 
         def decorate(fn: F) -> F:
-            return make_batch(  # type: ignore[no-any-return]
+            wrapper = make_batch(
                 self,
                 cast("Callable[..., Any]", fn),
                 ttl=seconds,
@@ -1191,6 +1365,12 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 ignore=ignore,
                 policy=policy,
             )
+            self._track(
+                wrapper._spec,
+                ttl_default=ttl is None,
+                policy_default=on_backend_error is None,
+            )
+            return wrapper  # type: ignore[no-any-return]
 
         return decorate
 

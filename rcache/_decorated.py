@@ -43,6 +43,7 @@ from rcache._exceptions import LockNotAcquiredError, SerializationError
 from rcache._freshness import EARLY, EXPIRED, FRESH, STALE, Freshness, stamp_blob
 from rcache._keys import KeyBuilder, Template
 from rcache._serializers import Envelope, encode_envelope
+from rcache._typed import LazyTyped, TypedValues
 
 __all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
 
@@ -94,6 +95,8 @@ class CachedSpec:
     tags: tuple[str, ...] = ()
     stampede: bool = True
     refresh_runner: RefreshRunner | None = None
+    #: decodes values as the return annotation says (rcache._typed), None if untyped
+    typed: TypedValues | LazyTyped | None = None
     # state shared by all bindings of this function in this process
     flights: dict[str, _Flight] = field(default_factory=dict)
     flights_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,7 +157,12 @@ class CachedSpec:
         raw = rows[0]
         if raw is None:
             return None
-        env = self.cache._envelope(self.name, raw)
+        typed = self.typed
+        env = self.cache._envelope(
+            self.name,
+            raw,
+            None if typed is None else typed.serializer(self.cache.serializer),
+        )
         if env is None:
             return None
         stamps = rows[1:]
@@ -172,9 +180,12 @@ class CachedSpec:
             return None
         if self.unless is not None and self.unless(value):
             return None
+        serializer = self.cache.serializer
+        if self.typed is not None:
+            serializer = self.typed.serializer(serializer)
         try:
             return encode_envelope(
-                self.cache.serializer,
+                serializer,
                 value,
                 compute_time=compute_time,
                 fresh_for=self.ttl,
@@ -189,7 +200,7 @@ class CachedSpec:
                 return None
             raise SerializationError(
                 f"{self.name} returned a {type(value).__qualname__} that the "
-                f"{self.cache.serializer.name} serializer cannot store ({exc}); return "
+                f"{serializer.name} serializer cannot store ({exc}); return "
                 "plain data, choose another serializer, or pass on_unserializable='skip'"
             ) from None
 

@@ -172,7 +172,6 @@ class KeyBuilder:
         name: str | None = None,
     ) -> None:
         self.fn = fn
-        self.prefix = prefix
         self.name = name or qualified_name(fn)
         try:
             self.signature = inspect.signature(fn)
@@ -209,8 +208,7 @@ class KeyBuilder:
         )
         self._template: Template | None = None
         self._key_fn: Callable[..., str] | None = None
-        self._key_prefix = f"{prefix}:c:{self.name}:"
-        self._explicit_prefix = f"{prefix}:k:"
+        self.rebase(prefix)
         if key is None:
             pass
         elif isinstance(key, str):
@@ -223,6 +221,12 @@ class KeyBuilder:
                 f"key= must be a template string like 'user:{{user_id}}' or a callable, "
                 f"got {type(key).__name__}"
             )
+
+    def rebase(self, prefix: str) -> None:
+        """Build keys under ``prefix`` (``Cache.configure`` before first use)."""
+        self.prefix = prefix
+        self._key_prefix = f"{prefix}:c:{self.name}:"
+        self._explicit_prefix = f"{prefix}:k:"
 
     def check_template(self, template: str, what: str = "key template") -> None:
         """Raise ConfigurationError unless ``template`` names only parameters."""

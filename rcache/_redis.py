@@ -35,6 +35,7 @@ from rcache._exceptions import (
     ConfigurationError,
     RCacheError,
 )
+from rcache._logging import cache_log
 
 __all__ = [
     "AsyncRedis",
@@ -351,10 +352,64 @@ class ClientSpec:
                 "client= takes a synchronous redis.Redis; pass an asyncio client factory "
                 "as async_client=lambda: redis.asyncio.Redis(...)"
             )
-        self.url = resolve_url(url) if client is None else None
-        self.memory = self.url is not None and self.url.startswith("memory://")
+        if client is None and (
+            url is not None
+            or os.environ.get("RCACHE_URL")
+            or os.environ.get("REDIS_URL")
+        ):
+            # a malformed URL, given or already in the environment, fails here, at
+            # construction; the environment is still read again at first use
+            resolve_url(url)
+        self._url_arg = url
+        self._url: str | None = None
+        #: set when the first client is made: the settings are in use from then on
+        self.used = False
         self._fake_server: Any = None
-        if self.memory:
+
+    @property
+    def url(self) -> str | None:
+        """The URL clients connect to, resolved on first use: the one given, else
+        ``$RCACHE_URL``, else ``$REDIS_URL``, else the local default. None when a user
+        client was given instead."""
+        if self.user_client is not None:
+            return None
+        if self._url is not None:
+            return self._url
+        # not cached before first use: the environment may still change until then
+        return resolve_url(self._url_arg)
+
+    @property
+    def memory(self) -> bool:
+        url = self.url
+        return url is not None and url.startswith("memory://")
+
+    @property
+    def defaulted(self) -> bool:
+        """True when no URL came from the code or the environment."""
+        return (
+            self.user_client is None
+            and self.async_factory is None
+            and not (
+                self._url_arg
+                or os.environ.get("RCACHE_URL")
+                or os.environ.get("REDIS_URL")
+            )
+        )
+
+    def _first_use(self) -> None:
+        """Resolve the URL and make the embedded server on the first client."""
+        if self.user_client is None:
+            self._url = resolve_url(self._url_arg)
+            if self.defaulted:
+                # the run that found this wrote to someone else's server: say so once
+                cache_log.warning(
+                    "rcache: no Redis URL was configured (Cache(url=...), "
+                    "cache.configure(url=...), $RCACHE_URL or $REDIS_URL); "
+                    "connecting to the default %s",
+                    DEFAULT_URL,
+                )
+        self.used = True
+        if self.memory and self._fake_server is None:
             try:
                 import fakeredis
                 import lupa  # noqa: F401 -- Lua is part of the memory:// contract
@@ -371,6 +426,8 @@ class ClientSpec:
         return opts
 
     def sync_client(self, *, blocking: bool = False) -> redis.Redis:
+        if not self.used:
+            self._first_use()
         if self.user_client is not None:
             kwargs = self.user_client.connection_pool.connection_kwargs
             if kwargs.get("decode_responses"):
@@ -389,6 +446,8 @@ class ClientSpec:
         return redis.Redis.from_url(self.url, **self._opts(blocking))
 
     def async_client(self, *, blocking: bool = False) -> redis.asyncio.Redis:
+        if not self.used:
+            self._first_use()
         if self.async_factory is not None:
             return self.async_factory()
         if self.user_client is not None:

@@ -22,6 +22,8 @@ PUBLIC_MODULES = (
     "rcache.django",
     "rcache.metrics",
     "rcache.testing",
+    "rcache.flask",
+    "rcache.fastapi",
     "rcache_celery",
 )
 

@@ -16,6 +16,7 @@ from rcache._decorated import AsyncCached, SyncCached
 NO_TWIN = {
     "cached",
     "cached_batch",
+    "configure",
     "lock",
     "locked",
     "rwlock",
@@ -30,13 +31,10 @@ def test_all_is_sorted_and_complete() -> None:
     for name in rcache.__all__:
         assert hasattr(rcache, name), name
     public = {n for n in dir(rcache) if not n.startswith("_")}
-    # submodules imported as a side effect of importing rcache's own modules are not API
-    assert public - set(rcache.__all__) <= {
-        "annotations",
-        "django",
-        "metrics",
-        "testing",
-    }
+    # public submodules (imported by other tests, never by `import rcache`) are
+    # attributes once imported; they are not names of rcache's own API
+    submodules = {"metrics", "testing", "flask", "fastapi", "django"}
+    assert public - set(rcache.__all__) <= {"annotations", *submodules}
 
 
 def _public_methods(cls: type) -> dict[str, Any]:
@@ -137,3 +135,17 @@ def test_exceptions_form_one_tree_and_pickle() -> None:
     assert isinstance(rcache.LockNotAcquiredError("x"), TimeoutError)
     assert isinstance(rcache.ConfigurationError("x"), ValueError)
     assert issubclass(rcache.BackendUnavailableError, rcache.BackendError)
+
+
+def test_import_rcache_imports_no_framework() -> None:
+    """Integrations are modules behind extras (rcache.flask, rcache.fastapi,
+    rcache.django) or
+    distributions (rcache-celery): the core imports none of them, nor the typed-value
+    libraries, nor prometheus_client."""
+    code = (
+        "import sys, rcache\n"
+        "heavy = {'flask', 'fastapi', 'starlette', 'django', 'celery', 'pydantic',"
+        " 'msgspec', 'prometheus_client', 'werkzeug'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,16 +7,41 @@ import time
 from typing import Any
 
 from flask import Flask, jsonify, request
-from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from rcache.metrics import make_wsgi_app
+from rcache.flask import FlaskCache, serve_metrics
 
-from .store import OutOfStockError, buy, product, seed, top_products, update_product
+from . import settings
+from .store import (
+    OutOfStockError,
+    buy,
+    cache,
+    product,
+    search,
+    seed,
+    top_products,
+    update_product,
+)
 from .tasks import build_report, sync_user
+
+web = FlaskCache(cache)  # the Flask side of the shop's cache
 
 
 def create_app() -> Flask:
     app = Flask("shop")
+    app.config["RCACHE_URL"] = settings.REDIS_URL
+    web.init_app(app)
+
+    @app.get("/search")
+    @web.cached_view(
+        ttl=settings.PRODUCT_TTL, vary=["Accept-Language"], tags=["search"]
+    )
+    def search_page() -> Any:
+        # keyed on ?q=... (and the language): /search?q=a and /search?q=b differ
+        start = time.perf_counter()
+        found = search(request.args.get("q", ""))
+        return jsonify(
+            products=found, ms=round((time.perf_counter() - start) * 1000, 2)
+        )
 
     @app.get("/product/<int:product_id>")
     def product_page(product_id: int) -> Any:
@@ -61,9 +86,7 @@ def create_app() -> Flask:
 
     # /metrics: rcache's Prometheus metrics; sums all workers when gunicorn runs with
     # PROMETHEUS_MULTIPROC_DIR set (see gunicorn.conf.py)
-    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, {"/metrics": make_wsgi_app()}
-    )
+    serve_metrics(app)
     return app
 
 

@@ -19,7 +19,9 @@ from rcache.metrics import PrometheusMetrics
 from . import settings
 
 metrics = PrometheusMetrics()  # the default prometheus_client registry
-cache = rcache.Cache(settings.REDIS_URL, prefix="shop", metrics=metrics)
+# No URL here: the web app's init_app sets it from app.config, and the Celery worker's
+# cache reads $REDIS_URL at first use.
+cache = rcache.Cache(prefix="shop", metrics=metrics)
 db = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
 
 CATEGORIES = {"books": [1, 2], "games": [3]}
@@ -63,6 +65,14 @@ def top_products(category: str) -> list[dict[str, Any]]:
     return [json.loads(r) for r in rows if r]
 
 
+def search(text: str) -> list[dict[str, Any]]:
+    """Products whose name contains ``text`` (slow on purpose; the web view caches it)."""
+    time.sleep(settings.SLOW_QUERY)
+    rows = [db.get(f"shopdb:product:{pid}") for pid in SEED]
+    found = [json.loads(r) for r in rows if r]
+    return [r for r in found if text.lower() in r["name"].lower()]
+
+
 def update_product(product_id: int, **changes: Any) -> dict[str, Any]:
     """Edit a product under a lock (two admins never interleave their read-modify-write),
     then invalidate the product's tag: one DEL, whatever the number of cached pages."""
@@ -72,7 +82,8 @@ def update_product(product_id: int, **changes: Any) -> dict[str, Any]:
         row = json.loads(db.get(f"shopdb:product:{product_id}") or "{}")
         row.update(changes)
         db.set(f"shopdb:product:{product_id}", json.dumps(row))
-    cache.invalidate_tags(f"product:{product_id}")
+    # the product's own entries, and the search pages, which may list it
+    cache.invalidate_tags(f"product:{product_id}", "search")
     return row
 
 

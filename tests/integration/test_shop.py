@@ -157,3 +157,20 @@ def test_metrics_show_what_just_happened(shop: Any) -> None:
     assert (
         value('rcache_lock_releases_total{lock="product-edit",result="released"}') >= 1
     )
+
+
+def test_search_page_cached_per_query_string(shop: Any) -> None:
+    client, store, _ = shop
+    first = client.get("/search?q=data").get_json()
+    again = client.get("/search?q=data").get_json()
+    other = client.get("/search?q=factorio").get_json()
+    assert [p["name"] for p in first["products"]] == [
+        "Designing Data-Intensive Applications"
+    ]
+    assert first["ms"] >= 300  # the slow search ran
+    assert again == first  # the same response, replayed from Redis
+    assert [p["name"] for p in other["products"]] == ["Factorio"]
+    # editing a product drops the search pages (tag "search")
+    client.post("/admin/product/2", json={"name": "DDIA"})
+    assert client.get("/search?q=data").get_json()["products"] == []
+    assert store.cache.prefix == "shop"
