@@ -31,6 +31,7 @@ SECTIONS = [
     ("Metrics overhead", "bench_metrics.py", []),
     ("Celery", "bench_celery.py", []),
     ("FastAPI: a cached Pydantic-model hit", "bench_frameworks.py", []),
+    ("Django cache backends", "bench_django.py", []),
 ]
 
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Modules whose ``__all__`` is the public API.
 PUBLIC_MODULES = (
     "rcache",
+    "rcache.django",
     "rcache.metrics",
     "rcache.testing",
     "rcache.flask",

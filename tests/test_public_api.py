@@ -138,7 +138,8 @@ def test_exceptions_form_one_tree_and_pickle() -> None:
 
 
 def test_import_rcache_imports_no_framework() -> None:
-    """Integrations are modules behind extras (rcache.flask, rcache.fastapi) or
+    """Integrations are modules behind extras (rcache.flask, rcache.fastapi,
+    rcache.django) or
     distributions (rcache-celery): the core imports none of them, nor the typed-value
     libraries, nor prometheus_client."""
     code = (
