@@ -888,6 +888,14 @@ class AsyncRedis:
     async def run(
         self, op: Callable[[redis.asyncio.Redis], Awaitable[T]], *, retry: bool = True
     ) -> T:
+        asked = _cancel_requests()
+        result = await self._run(op, retry)
+        _raise_if_cancelled(asked)  # a cancellation redis-py swallowed (see there)
+        return result
+
+    async def _run(
+        self, op: Callable[[redis.asyncio.Redis], Awaitable[T]], retry: bool
+    ) -> T:
         client = self.client
         try:
             return await op(client)
@@ -1064,6 +1072,28 @@ def command_within(
         pool.release(conn)
 
 
+def _cancel_requests() -> int:
+    """How many times the current task was asked to cancel and did not uncancel
+    (``Task.cancelling()``, Python >= 3.11; 0 on 3.10, where this cannot be told)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return 0 if cancelling is None else int(cancelling())
+
+
+def _raise_if_cancelled(asked: int) -> None:
+    """Deliver a cancellation that was requested since ``asked`` but never raised.
+
+    Before Python 3.12, ``asyncio.wait_for`` returns the inner result when the
+    caller's cancellation and the inner completion land in the same loop turn
+    (CPython gh-86296), and redis-py wraps every send's ``drain()`` (and the connect
+    handshake) in it: a cancelled lock acquire then went on to BLPOP and took the lock
+    when the holder's lease ran out, 10 s later. The callers undo by token what the
+    call may have done, as for any cancellation.
+    """
+    if _cancel_requests() > asked:
+        raise asyncio.CancelledError
+
+
 async def acommand_within(
     client: redis.asyncio.Redis,
     limit: float | None,
@@ -1083,12 +1113,16 @@ async def acommand_within(
             return await asyncio.wait_for(reply, max(limit, 0.001))
         except asyncio.TimeoutError:
             raise rex.TimeoutError(f"no reply from Redis within {limit}s") from None
+    asked = _cancel_requests()
     pool: Any = client.connection_pool
     conn: Any = await pool.get_connection()
     try:
+        _raise_if_cancelled(asked)
         await conn.send_command(*args)
         if on_sent is not None:
             on_sent()
+        # before the read: a swallowed cancellation must not wait out a BLPOP
+        _raise_if_cancelled(asked)
         wait = conn.socket_timeout if limit is None else max(limit, 0.001)
         try:
             return await asyncio.wait_for(

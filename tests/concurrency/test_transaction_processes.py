@@ -1,10 +1,13 @@
 """N real processes decrement one stock through cache.transaction / cache.update.
 
 Each worker (tests/concurrency/txworkers.py, started with subprocess) waits for a start
-token so that all of them contend at once, then performs M decrements and reports its
-TransactionStats. The final stock must be exactly initial - N*M (no lost update, no
-double apply), and WATCH conflicts must have happened and been retried (otherwise the
-test proved nothing about concurrency). Sync and async workers run side by side.
+token, then performs M decrements and reports its TransactionStats. The final stock must
+be exactly initial - N*M (no lost update, no double apply), and WATCH conflicts must have
+happened and been retried (otherwise the test proved nothing about concurrency). Sync
+and async workers run side by side. The conflict is certain, not a matter of scheduling
+(which a loaded 2-core box did not give): one sync and one async "holder" keep their
+first WATCH open until another worker has written the key, and the other workers wait
+for those holds before they start.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ WORKER = Path(__file__).with_name("txworkers.py")
 M = 60  # decrements per process
 MODES_TX = ["tx", "tx", "atx", "atx"]
 MODES_UPDATE = ["update", "update", "aupdate", "aupdate"]
+HOLDERS = {0, 2}  # one sync and one async worker (see the module docstring)
 
 
 def _run_workers(
@@ -36,12 +40,21 @@ def _run_workers(
 ) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), mode, url, key, str(M)],
+            [
+                sys.executable,
+                str(WORKER),
+                mode,
+                url,
+                key,
+                str(M),
+                "hold" if i in HOLDERS else "go",
+                str(len(HOLDERS)),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for mode in modes
+        for i, mode in enumerate(modes)
     ]
     try:
         # Every worker BLPOPs one token: they start within microseconds of each other.
@@ -67,6 +80,8 @@ def _check(results: list[dict[str, Any]], modes: list[str]) -> int:
         # Every run of the function either committed or hit a conflict (no transient
         # errors on a healthy local server).
         assert r["attempts"] == r["commits"] + r["conflicts"] + r["transient_retries"]
+        if r["role"] == "hold":  # its first EXEC met another worker's write
+            assert r["conflicts"] > 0, f"the holder's EXEC was not refused: {r}"
     conflicts = int(sum(r["conflicts"] for r in results))
     assert conflicts > 0, "no WATCH conflict happened: the test did not contend"
     return conflicts
