@@ -865,6 +865,27 @@ async def test_cancelled_waiting_writer_withdraws_its_intent(
     await reader.arelease()
 
 
+async def test_a_cancelled_waiting_acquire_never_goes_on_to_take_the_lock(
+    cache: rcache.Cache,
+) -> None:
+    """Cancel a waiting acquire after 0, 1, 2, ... loop turns, so that one of the
+    cancellations lands in the turn where redis-py's send completes: there, before
+    Python 3.12, asyncio.wait_for returned normally (CPython gh-86296) and the waiter
+    went on to BLPOP, taking the lock when the holder's lease ran out."""
+    holder = cache.lock("cancel-sweep", ttl=10)
+    assert await holder.aacquire()
+    for turns in range(60):
+        task = asyncio.ensure_future(cache.lock("cancel-sweep").aacquire(timeout=None))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        # a swallowed cancellation leaves the task blocked in BLPOP: not done in time
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done, f"cancelled after {turns} loop turns, the acquire kept waiting"
+        assert task.cancelled(), f"after {turns} turns: {task.result()!r}"
+    await holder.arelease()
+
+
 # -- fair mode ------------------------------------------------------------------------
 
 
