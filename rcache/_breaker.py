@@ -5,6 +5,11 @@ retry storm (cache.md §4: peers pay a connect attempt per call; redis-py 8.1 bl
 about 4 s per call). Closed -> open after ``failures`` consecutive unavailability errors;
 open -> half-open after ``reset_after`` seconds, when exactly one caller probes; the probe's
 success closes the breaker, its failure re-opens it with the delay doubled (capped).
+
+Behind Sentinel (``steady()`` true) the delay is not doubled: the outage is a failover
+that ends when the sentinels promote a replica, typically 2-3 s after the kill, and a
+doubled schedule (probes at 1, 3, 7 s) served a failover done at 3.1 s only at 7 s. A
+probe there costs a sentinel query and a connect, so one per ``reset_after`` is cheap.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 
 class CircuitBreaker:
     def __init__(
-        self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic
+        self,
+        policy: BreakerPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        steady: Callable[[], bool] = lambda: False,
     ) -> None:
         self.policy = policy
         self._clock = clock
+        self._steady = steady  # asked on a failed probe only: off the hot path
         self._lock = threading.Lock()
         self._failures = 0
         self._state = CLOSED
@@ -69,7 +78,8 @@ class CircuitBreaker:
             self._failures += 1
             if self._state == HALF_OPEN:
                 self._probing = False
-                self._delay = min(self._delay * 2, self.policy.max_reset_after)
+                if not self._steady():
+                    self._delay = min(self._delay * 2, self.policy.max_reset_after)
                 self._open()
             elif self._state == CLOSED and self._failures >= self.policy.failures:
                 self._open()

@@ -309,7 +309,10 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             url, client=client, async_client=async_client, options=redis_options
         )
         sink: MetricsSink = metrics if metrics is not None else self.metrics
-        circuit = CircuitBreaker(breaker or BreakerPolicy())
+        # behind Sentinel, probe every reset_after: a failover ends at once (_breaker)
+        circuit = CircuitBreaker(
+            breaker or BreakerPolicy(), steady=lambda: spec.sentinel
+        )
         # Locks on their own server (issue 14: eviction on a cache server took a held
         # lock): a lock-only Cache with the same prefix, options and metrics.
         lock_cache = (

@@ -134,7 +134,8 @@ class BreakerPolicy:
     After ``failures`` consecutive unavailability errors the breaker opens: cache reads and
     writes are skipped at once (a few microseconds) for ``reset_after`` seconds, then one
     probe is let through; its success closes the breaker, a failure opens it again with the
-    delay doubled up to ``max_reset_after``.
+    delay doubled up to ``max_reset_after`` (behind Sentinel, not doubled: a failover
+    ends when a replica is promoted, and the next probe should follow at once).
     """
 
     failures: int = 2

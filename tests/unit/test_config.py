@@ -121,6 +121,25 @@ def test_breaker_opens_probes_and_closes() -> None:
     assert changes == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
 
 
+def test_breaker_behind_sentinel_probes_every_reset_after() -> None:
+    """No doubling when steady() (a Sentinel primary): a failover done at 3.1 s is
+    probed at 4 s, not at 7 s (probes at 1, 3, 7 s with doubling)."""
+    clock = Clock()
+    b = CircuitBreaker(
+        BreakerPolicy(failures=1, reset_after=1.0), clock, steady=lambda: True
+    )
+    b.failure()
+    for _ in range(5):
+        assert not b.allow()
+        clock.now += 1.0
+        assert b.allow()  # a probe every reset_after
+        b.failure()
+    clock.now += 1.0
+    assert b.allow()
+    b.success()
+    assert b.state == CLOSED
+
+
 def test_breaker_success_resets_the_failure_count() -> None:
     b = CircuitBreaker(BreakerPolicy(failures=2), Clock())
     b.failure()
