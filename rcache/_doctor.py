@@ -252,9 +252,10 @@ def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
                 Check(
                     "persistence",
                     "warn",
-                    f"{what}: a restart loses held locks and fence counters{lost} "
-                    "(a fence can then be issued twice); for locks that "
-                    "guard correctness use AOF (appendfsync always)",
+                    f"{what}: a restart loses held locks{lost}, so a second "
+                    "holder can be granted a lock the first still holds (fences "
+                    "still rise: a lost counter restarts from the server clock); "
+                    "for locks that guard correctness use AOF (appendfsync always)",
                 )
             )
 
