@@ -275,6 +275,10 @@ class PickleSerializer:
             raise SerializationError(
                 f"cannot pickle this value ({type(exc).__name__})"
             ) from None
+        return self._sign(payload)
+
+    def _sign(self, payload: bytes) -> bytes:
+        """The stored form: HMAC-SHA256 of ``payload`` under the first secret, then it."""
         return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
 
     def loads(self, data: bytes) -> Any:

@@ -98,7 +98,7 @@ class _SignedPickle(PickleSerializer):
                 f"cannot pickle a value of type {type(value).__qualname__} "
                 f"({type(exc).__name__})"
             ) from exc
-        return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
+        return self._sign(payload)
 
 
 def _pickle_keys() -> list[bytes]:
