@@ -616,10 +616,13 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self.breaker.success()
         return rows
 
-    def _clock_known(self) -> bool:
-        """Was Redis's clock read recently enough to extrapolate it?"""
+    def _clock_offset(self) -> float | None:
+        """Redis's clock minus time.monotonic(), while Redis's clock was read recently
+        enough to extrapolate it; None: read TIME again. (One call on the hit path.)"""
         clock = self._clock
-        return clock is not None and time.monotonic() - clock[1] < _CLOCK_RESYNC
+        if clock is not None and time.monotonic() - clock[1] < _CLOCK_RESYNC:
+            return clock[0]
+        return None
 
     def _read_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
         """(Redis's time in s, [value, *stamps]) in one round trip, or BYPASS.
@@ -629,11 +632,12 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         """
         if not self.breaker.allow():
             return self._skipped(name, "get", policy)
+        offset = self._clock_offset()
         try:
-            if self._clock_known():
+            if offset is not None:
                 rows = self._sync.run(lambda c: c.mget(keys))
                 self.breaker.success()
-                return self._server_now(), rows
+                return time.monotonic() + offset, rows
             reply = self._sync.run(lambda c: self._read_script(c, keys, []))
         except RCacheError as exc:
             return self._failed(name, "get", exc, policy)
@@ -645,11 +649,12 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     ) -> Any:
         if not self.breaker.allow():
             return self._skipped(name, "get", policy)
+        offset = self._clock_offset()
         try:
-            if self._clock_known():
+            if offset is not None:
                 rows = await self._async.run(lambda c: c.mget(keys))
                 self.breaker.success()
-                return self._server_now(), rows
+                return time.monotonic() + offset, rows
             reply = await self._async.run(
                 lambda c: self._read_script.acall(c, keys, [])
             )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rcache._exceptions import RCacheError
+from rcache._redis import _text
 
 if TYPE_CHECKING:
     from rcache._cache import Cache
@@ -106,10 +107,6 @@ def _policy_check(policy: str, maxmemory: int | None) -> Check:
     return Check("maxmemory-policy", status, f"{policy}: {meaning}")  # type: ignore[arg-type]
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _command(args: tuple[Any, ...]) -> Any:
     def op(client: Any) -> Any:
         return client.execute_command(*args)
@@ -128,7 +125,7 @@ def _config(cache: Cache, pattern: str) -> dict[str, str]:
         items = list(reply.items())
     else:  # a flat [name, value, ...] list
         items = list(zip(reply[::2], reply[1::2], strict=True))
-    return {_s(k): _s(v) for k, v in items}
+    return {_text(k): _text(v) for k, v in items}
 
 
 def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
@@ -252,9 +249,10 @@ def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
                 Check(
                     "persistence",
                     "warn",
-                    f"{what}: a restart loses held locks and fence counters{lost} "
-                    "(a fence can then be issued twice); for locks that "
-                    "guard correctness use AOF (appendfsync always)",
+                    f"{what}: a restart loses held locks{lost}, so a second "
+                    "holder can be granted a lock the first still holds (fences "
+                    "still rise: a lost counter restarts from the server clock); "
+                    "for locks that guard correctness use AOF (appendfsync always)",
                 )
             )
 
@@ -276,20 +274,20 @@ def _sentinel_masters(cache: Cache) -> str:
     for entry in entries:
         if not isinstance(entry, dict):
             entry = dict(zip(entry[::2], entry[1::2], strict=False))
-        fields = {_s(k): _s(v) for k, v in entry.items()}
+        fields = {_text(k): _text(v) for k, v in entry.items()}
         out.append(f"{fields.get('name')} at {fields.get('ip')}:{fields.get('port')}")
     return ", ".join(out)
 
 
 def _acl_check(cache: Cache) -> Check:
     try:
-        user = _s(_run(cache, "ACL", "WHOAMI"))
+        user = _text(_run(cache, "ACL", "WHOAMI"))
     except RCacheError as exc:
         return Check("acl", "info", f"ACL WHOAMI refused ({exc}); permissions unknown")
     denied = []
     try:
         for cmd in _needed(cache.prefix):
-            reply = _s(_run(cache, "ACL", "DRYRUN", user, *cmd))
+            reply = _text(_run(cache, "ACL", "DRYRUN", user, *cmd))
             if reply != "OK":
                 denied.append(_label(cmd))
     except RCacheError as exc:

@@ -20,14 +20,22 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from rcache._config import BackendErrorPolicy, Duration, parse_duration
 from rcache._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from rcache._cache import Cache
 
 __all__ = [
     "CACHEABLE_METHODS",
     "Lazy",
+    "check_metrics_path",
     "check_vary",
+    "check_view_options",
+    "lazy_cached",
+    "request_cacheable",
     "request_signature",
     "response_cacheable",
     "wants_no_store",
@@ -75,6 +83,11 @@ def wants_no_store(cache_control: str | None) -> bool:
     return "no-store" in _directives(cache_control)
 
 
+def request_cacheable(method: str, cache_control: str | None) -> bool:
+    """True when a request may be served from (and stored in) the cache."""
+    return method in CACHEABLE_METHODS and not wants_no_store(cache_control)
+
+
 def response_cacheable(
     status: int, headers: Iterable[tuple[str, str]], streamed: bool = False
 ) -> bool:
@@ -108,6 +121,34 @@ def request_signature(
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def check_view_options(
+    ttl: Duration | None,
+    vary: Iterable[str],
+    tags: Iterable[str],
+    decorator: str,
+    example_tag: str,
+) -> tuple[tuple[str, ...], list[str]]:
+    """Decoration-time checks of a view decorator's options: the vary names and the
+    tag list, or ConfigurationError (a bad ttl fails here, not at the first request)."""
+    vary_names = check_vary(vary)
+    if ttl is not None:
+        parse_duration(ttl)
+    tag_list = [tags] if isinstance(tags, str) else list(tags)
+    for tag in tag_list:
+        if "{" in tag or "}" in tag:
+            raise ConfigurationError(
+                f"{decorator} tags are fixed names, got {tag!r}: write "
+                f"tags=[{example_tag!r}] and invalidate with cache.invalidate_tags(...)"
+            )
+    return vary_names, tag_list
+
+
+def check_metrics_path(path: str) -> None:
+    """``serve_metrics(path=...)`` takes a path such as ``/metrics``."""
+    if not path.startswith("/") or path == "/":
+        raise ConfigurationError(f"path must look like '/metrics', got {path!r}")
+
+
 def stored_headers(headers: Iterable[tuple[str, str]]) -> list[list[str]]:
     return [[k, v] for k, v in headers if k.lower() not in _HOP_BY_HOP]
 
@@ -133,3 +174,30 @@ class Lazy(Generic[T]):
                     self._value = self._build()
                 value = self._value
         return value
+
+
+def lazy_cached(
+    cache: Cache,
+    render: Callable[..., Any],
+    *,
+    ttl: Duration | None,
+    label: str,
+    tags: list[str],
+    on_backend_error: BackendErrorPolicy | None,
+    stampede: bool,
+) -> Lazy[Any]:
+    """``render(signature, call)`` cached (``call`` left out of the key), built now when
+    a ttl is known, else at the first request (see :class:`Lazy`)."""
+
+    def build() -> Any:
+        return cache.cached(
+            ttl=ttl,
+            name=label,
+            ignore=("call",),
+            cache_none=False,
+            tags=tags,
+            on_backend_error=on_backend_error,
+            stampede=stampede,
+        )(render)
+
+    return Lazy(build, eager=ttl is not None or cache.default_ttl is not None)

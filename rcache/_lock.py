@@ -1146,10 +1146,14 @@ def _check_budget(attempts: int, deadline: float | None) -> None:
 
 
 def _socket_timeout(client: Any) -> float | None:
-    """The client's socket timeout (None: none, or not a redis-py pool client)."""
-    pool = getattr(client, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", None)
-    timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+    """The client's socket timeout (None: none, or not a redis-py client). Read through
+    connection_kwargs(), which also knows cluster clients (they have no pool): without
+    it a lock wait on Redis Cluster had no I/O cap while the server hung."""
+    try:
+        kwargs = connection_kwargs(client)
+    except AttributeError:  # a pool without connection settings (a test double)
+        return None
+    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
     return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
 
 

@@ -773,28 +773,25 @@ def _async_kwargs(
     return out
 
 
-def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
-    return tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts - 1)
+def _retry_options(policy: RetryPolicy) -> dict[str, Any]:
+    """When to stop, how long to wait and what to retry: one rule for both drivers."""
+    return {
+        "stop": tenacity.stop_after_attempt(policy.attempts - 1)
         | tenacity.stop_after_delay(policy.max_time),
-        wait=tenacity.wait_random_exponential(
+        "wait": tenacity.wait_random_exponential(
             multiplier=policy.backoff, max=policy.max_backoff
         ),
-        retry=tenacity.retry_if_exception(_transient),
-        reraise=True,
-    )
+        "retry": tenacity.retry_if_exception(_transient),
+        "reraise": True,
+    }
+
+
+def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
+    return tenacity.Retrying(**_retry_options(policy))
 
 
 def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
-    return tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(policy.attempts - 1)
-        | tenacity.stop_after_delay(policy.max_time),
-        wait=tenacity.wait_random_exponential(
-            multiplier=policy.backoff, max=policy.max_backoff
-        ),
-        retry=tenacity.retry_if_exception(_transient),
-        reraise=True,
-    )
+    return tenacity.AsyncRetrying(**_retry_options(policy))
 
 
 class SyncRedis:

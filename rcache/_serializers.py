@@ -109,6 +109,18 @@ def _encode_tree(obj: Any) -> Any:
     raise _Unsupported(t)
 
 
+def _tree(value: Any, fmt: str) -> Any:
+    """``_encode_tree(value)``, its failures as SerializationError (JSON and msgpack)."""
+    try:
+        return _encode_tree(value)
+    except _Unsupported as exc:
+        raise SerializationError(
+            f"cannot serialize a value of type {exc.args[0].__qualname__} to {fmt}"
+        ) from None
+    except RecursionError:
+        raise SerializationError("cannot serialize a self-referencing value") from None
+
+
 def _tuple(v: Any) -> Any:
     return tuple(v)
 
@@ -144,16 +156,7 @@ class JsonSerializer:
     name = "json"
 
     def dumps(self, value: Any) -> bytes:
-        try:
-            tree = _encode_tree(value)
-        except _Unsupported as exc:
-            raise SerializationError(
-                f"cannot serialize a value of type {exc.args[0].__qualname__} to JSON"
-            ) from None
-        except RecursionError:
-            raise SerializationError(
-                "cannot serialize a self-referencing value"
-            ) from None
+        tree = _tree(value, "JSON")
         try:
             return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode()
         except (ValueError, TypeError, RecursionError) as exc:
@@ -191,16 +194,7 @@ class MsgpackSerializer:
         self._msgpack = msgpack
 
     def dumps(self, value: Any) -> bytes:
-        try:
-            tree = _encode_tree(value)
-        except _Unsupported as exc:
-            raise SerializationError(
-                f"cannot serialize a value of type {exc.args[0].__qualname__} to msgpack"
-            ) from None
-        except RecursionError:
-            raise SerializationError(
-                "cannot serialize a self-referencing value"
-            ) from None
+        tree = _tree(value, "msgpack")
         try:
             return bytes(self._msgpack.packb(tree, use_bin_type=True))
         except Exception as exc:  # OverflowError for ints beyond 64 bits, ...
@@ -275,6 +269,10 @@ class PickleSerializer:
             raise SerializationError(
                 f"cannot pickle this value ({type(exc).__name__})"
             ) from None
+        return self._sign(payload)
+
+    def _sign(self, payload: bytes) -> bytes:
+        """The stored form: HMAC-SHA256 of ``payload`` under the first secret, then it."""
         return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
 
     def loads(self, data: bytes) -> Any:

@@ -60,6 +60,7 @@ from rcache._redis import (
     LuaScript,
     RedisError,
     WatchError,
+    _text,
     map_error,
 )
 from rcache._serializers import UndecodableError, decode_envelope, encode_envelope
@@ -615,10 +616,6 @@ class Script:
     async def aload(self) -> str:
         """Async twin of :meth:`load`."""
         return _text(await self._async.run(lambda c: c.script_load(self.source)))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # -- the mixin -----------------------------------------------------------------------

@@ -55,7 +55,6 @@ from rcache._serializers import (
     PickleSerializer,
     Serializer,
     UndecodableError,
-    decode_envelope,
     encode_envelope,
     resolve_serializer,
 )
@@ -98,7 +97,7 @@ class _SignedPickle(PickleSerializer):
                 f"cannot pickle a value of type {type(value).__qualname__} "
                 f"({type(exc).__name__})"
             ) from exc
-        return hmac.new(self._keys[0], payload, hashlib.sha256).digest() + payload
+        return self._sign(payload)
 
 
 def _pickle_keys() -> list[bytes]:
@@ -361,16 +360,13 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
 
     def _load(self, raw: bytes) -> Any:
         """The value in ``raw``, or _MISSING if it cannot be read (counted, logged)."""
-        if raw[:2] != b"rc":
-            try:
-                return int(raw)
-            except ValueError:
-                exc = UndecodableError("neither an rcache envelope nor an integer")
-        else:
-            try:
-                return decode_envelope(self._cache.serializer, raw).value
-            except UndecodableError as err:
-                exc = err
+        if raw[:2] == b"rc":
+            envelope = self._cache._envelope(self._name, raw)
+            return _MISSING if envelope is None else envelope.value
+        try:
+            return int(raw)
+        except ValueError:
+            exc = UndecodableError("neither an rcache envelope nor an integer")
         self._cache._undecodable(self._name, exc)
         return _MISSING
 

@@ -53,16 +53,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rcache._cache import Cache
-from rcache._config import BackendErrorPolicy, Duration, parse_duration
+from rcache._config import BackendErrorPolicy, Duration
 from rcache._exceptions import ConfigurationError
 from rcache._http import (
-    CACHEABLE_METHODS,
-    Lazy,
-    check_vary,
+    check_metrics_path,
+    check_view_options,
+    lazy_cached,
+    request_cacheable,
     request_signature,
     response_cacheable,
     stored_headers,
-    wants_no_store,
 )
 from rcache._keys import qualified_name
 from rcache._serializers import JsonSerializer, Serializer
@@ -168,16 +168,9 @@ def cached_response(
         request, when neither ``ttl=`` nor the cache (configured by the lifespan)
         gives a ttl.
     """
-    vary_names = check_vary(vary)
-    if ttl is not None:
-        parse_duration(ttl)  # a bad ttl fails here, not at the first request
-    tag_list = [tags] if isinstance(tags, str) else list(tags)
-    for tag in tag_list:
-        if "{" in tag or "}" in tag:
-            raise ConfigurationError(
-                f"cached_response tags are fixed names, got {tag!r}: write "
-                "tags=['items'] and invalidate with cache.invalidate_tags(...)"
-            )
+    vary_names, tag_list = check_view_options(
+        ttl, vary, tags, "cached_response", "items"
+    )
     localns = caller_namespace()
 
     def decorate(endpoint: F) -> F:
@@ -230,19 +223,14 @@ def cached_response(
             ).encode()
             return b"r" + _HEADER.pack(len(head)) + head + bytes(result.body)
 
-        def build() -> Any:
-            return cache.cached(
-                ttl=ttl,
-                name=label,
-                ignore=("call",),
-                cache_none=False,
-                tags=tag_list,
-                on_backend_error=on_backend_error,
-                stampede=stampede,
-            )(render)
-
-        cached_render = Lazy(
-            build, eager=ttl is not None or cache.default_ttl is not None
+        cached_render = lazy_cached(
+            cache,
+            render,
+            ttl=ttl,
+            label=label,
+            tags=tag_list,
+            on_backend_error=on_backend_error,
+            stampede=stampede,
         )
 
         def decode(data: bytes) -> Any:
@@ -273,8 +261,8 @@ def cached_response(
                     f"{label}: cached_response found no Request among the endpoint's "
                     "arguments: use it on FastAPI/Starlette endpoints"
                 )
-            if request.method not in CACHEABLE_METHODS or wants_no_store(
-                request.headers.get("cache-control")
+            if not request_cacheable(
+                request.method, request.headers.get("cache-control")
             ):
                 return await endpoint(*args, **kwargs)
             key = request_signature(
@@ -351,8 +339,7 @@ def serve_metrics(app: Any, path: str = "/metrics", registry: Any = None) -> Non
     """
     from rcache.metrics import make_asgi_app
 
-    if not path.startswith("/") or path == "/":
-        raise ConfigurationError(f"path must look like '/metrics', got {path!r}")
+    check_metrics_path(path)
     endpoint = _ASGIEndpoint(make_asgi_app(registry))
     base = path.rstrip("/")
     for p in (base, base + "/"):

@@ -46,16 +46,16 @@ from typing import Any, TypeVar
 import flask
 
 from rcache._cache import Cache
-from rcache._config import BackendErrorPolicy, Duration, parse_duration
+from rcache._config import BackendErrorPolicy, Duration
 from rcache._exceptions import ConfigurationError
 from rcache._http import (
-    CACHEABLE_METHODS,
-    Lazy,
-    check_vary,
+    check_metrics_path,
+    check_view_options,
+    lazy_cached,
+    request_cacheable,
     request_signature,
     response_cacheable,
     stored_headers,
-    wants_no_store,
 )
 from rcache._keys import qualified_name
 
@@ -151,16 +151,9 @@ class FlaskCache:
             bad ttl, vary or tag; at the first request, when neither ``ttl=`` nor the
             cache (``RCACHE_TTL``) gives a ttl.
         """
-        vary_names = check_vary(vary)
-        if ttl is not None:
-            parse_duration(ttl)  # a bad ttl fails here, not at the first request
-        tag_list = [tags] if isinstance(tags, str) else list(tags)
-        for tag in tag_list:
-            if "{" in tag or "}" in tag:
-                raise ConfigurationError(
-                    f"cached_view tags are fixed names, got {tag!r}: write "
-                    "tags=['products'] and invalidate with cache.invalidate_tags(...)"
-                )
+        vary_names, tag_list = check_view_options(
+            ttl, vary, tags, "cached_view", "products"
+        )
 
         def decorate(view: F) -> F:
             if inspect.iscoroutinefunction(view):
@@ -184,26 +177,21 @@ class FlaskCache:
                     "b": response.get_data(),
                 }
 
-            def build() -> Any:
-                return self.cache.cached(
-                    ttl=ttl,
-                    name=label,
-                    ignore=("call",),
-                    cache_none=False,
-                    tags=tag_list,
-                    on_backend_error=on_backend_error,
-                    stampede=stampede,
-                )(render)
-
-            cached_render = Lazy(
-                build, eager=ttl is not None or self.cache.default_ttl is not None
+            cached_render = lazy_cached(
+                self.cache,
+                render,
+                ttl=ttl,
+                label=label,
+                tags=tag_list,
+                on_backend_error=on_backend_error,
+                stampede=stampede,
             )
 
             @functools.wraps(view)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 request = flask.request
-                if request.method not in CACHEABLE_METHODS or wants_no_store(
-                    request.headers.get("Cache-Control")
+                if not request_cacheable(
+                    request.method, request.headers.get("Cache-Control")
                 ):
                     return view(*args, **kwargs)
                 signature = request_signature(
@@ -247,8 +235,7 @@ def serve_metrics(
 
     from rcache.metrics import make_wsgi_app
 
-    if not path.startswith("/") or path == "/":
-        raise ConfigurationError(f"path must look like '/metrics', got {path!r}")
+    check_metrics_path(path)
     app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, {path.rstrip("/"): make_wsgi_app(registry)}
     )

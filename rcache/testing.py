@@ -665,14 +665,7 @@ class RedisSentinel:
             if port == old_port:
                 return None
             server = next(s for s in self.servers if s.port == port)
-            client = server.client(socket_timeout=1)
-            try:
-                role = _cmd(client, "ROLE")
-            except redis.RedisError:
-                return None
-            finally:
-                client.close()
-            return server if role[0] in (b"master", "master") else None
+            return server if _role(server) == "master" else None
 
         result: RedisServer = wait_until(
             promoted, timeout=timeout, interval=0.02, message="a sentinel failover"
@@ -828,24 +821,13 @@ class RedisCluster:
             for c in clients:
                 c.close()
 
-    def _role(self, node: RedisServer) -> str | None:
-        if not node.running:
-            return None
-        client = node.client(socket_timeout=1)
-        try:
-            return str(_text(_cmd(client, "ROLE")[0]))
-        except redis.RedisError:
-            return None
-        finally:
-            client.close()
-
     def primaries(self) -> list[RedisServer]:
         """The live nodes that are primaries now."""
-        return [n for n in self.nodes if self._role(n) == "master"]
+        return [n for n in self.nodes if _role(n) == "master"]
 
     def replicas(self) -> list[RedisServer]:
         """The live nodes that are replicas now."""
-        return [n for n in self.nodes if self._role(n) == "slave"]
+        return [n for n in self.nodes if _role(n) == "slave"]
 
     def node_for(self, key: str | bytes) -> RedisServer:
         """The live primary serving ``key``'s slot."""
@@ -921,7 +903,7 @@ class RedisCluster:
         finally:
             client.close()
         wait_until(
-            lambda: self._role(replica) == "master",
+            lambda: _role(replica) == "master",
             timeout=timeout,
             message="CLUSTER FAILOVER",
         )
@@ -942,6 +924,19 @@ class RedisCluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _role(node: RedisServer) -> str | None:
+    """``"master"`` or ``"slave"`` (ROLE), or None for a node that does not answer."""
+    if not node.running:
+        return None
+    client = node.client(socket_timeout=1)
+    try:
+        return str(_text(_cmd(client, "ROLE")[0]))
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
 
 
 def _text(value: Any) -> Any:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rcache._admin import _scan, escape_glob
+from rcache._admin import _scan, _text, escape_glob
 
 if TYPE_CHECKING:
     from rcache import Cache
@@ -51,10 +51,6 @@ class TaskGuard:
     state: str
     remaining: float
     key: str
-
-
-def _text(raw: bytes | str) -> str:
-    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
 
 
 def _guards(prefix: str, keys: Sequence[bytes]) -> list[tuple[str, str, str]]:
