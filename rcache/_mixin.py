@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rcache._config import RetryPolicy
+    from rcache._flow import AsyncDriver, SyncDriver
     from rcache._keys import KeySpace
     from rcache._metrics import MetricsSink
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
@@ -27,3 +28,5 @@ class CacheBase:
     _spec: ClientSpec
     _sync: SyncRedis
     _async: AsyncRedis
+    _driver: SyncDriver
+    _adriver: AsyncDriver
