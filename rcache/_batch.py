@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rcache._config import BackendErrorPolicy
+from rcache._decorated import Owner
 from rcache._exceptions import ConfigurationError
 from rcache._keys import KeyBuilder
 from rcache._policy import Guard
@@ -30,7 +31,7 @@ class BatchSpec:
 
     def __init__(
         self,
-        cache: Any,
+        cache: Owner,
         fn: Callable[..., Any],
         keys: KeyBuilder,
         ids_param: str,
@@ -71,7 +72,7 @@ class BatchSpec:
             put=Guard(name, "set", policy),
             ids_param=self.ids_param,
             ttl=ttl,
-            fn_stamp=f"{cache.prefix}:s:f:{name}",
+            fn_stamp=cache.keyspace.function_stamp(name),
         )
         cache.metrics.register_cache(name)
 
@@ -85,10 +86,7 @@ class BatchSpec:
         """(ids, bound arguments, one key per id)."""
         bound = self.keys.bind(args, kwargs)
         ids = list(bound[self.ids_param])
-        keys = [
-            self.keys._key_prefix + self.keys.encode_args({**bound, self.ids_param: i})
-            for i in ids
-        ]
+        keys = [self.keys.value_key({**bound, self.ids_param: i}) for i in ids]
         return ids, bound, keys
 
 
@@ -105,13 +103,13 @@ class _BatchBase:
 class SyncCachedBatch(_BatchBase):
     def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         spec = self._spec
-        return spec.cache._driver.drive(batch(spec.bt, *spec.plan(args, kwargs)))  # type: ignore[no-any-return]
+        return spec.cache._driver.drive(batch(spec.bt, *spec.plan(args, kwargs)))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> int:
         """Delete the entries of these ids; returns how many existed."""
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
-        return spec.cache._driver.drive(  # type: ignore[no-any-return]
+        return spec.cache._driver.drive(
             delete(keys, spec.delete_guard, spec.cache.metrics)
         )
 
@@ -130,13 +128,13 @@ class AsyncCachedBatch(_BatchBase):
 
     async def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         spec = self._spec
-        return await spec.cache._adriver.drive(batch(spec.bt, *spec.plan(args, kwargs)))  # type: ignore[no-any-return]
+        return await spec.cache._adriver.drive(batch(spec.bt, *spec.plan(args, kwargs)))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> int:
         """Delete the entries of these ids; returns how many existed."""
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
-        return await spec.cache._adriver.drive(  # type: ignore[no-any-return]
+        return await spec.cache._adriver.drive(
             delete(keys, spec.delete_guard, spec.cache.metrics)
         )
 
@@ -148,7 +146,7 @@ class AsyncCachedBatch(_BatchBase):
 
 
 def make_batch(
-    cache: Any,
+    cache: Owner,
     fn: Callable[..., Any],
     *,
     ttl: float | None,

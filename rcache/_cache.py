@@ -48,7 +48,7 @@ from rcache._exceptions import (
     RCacheError,
 )
 from rcache._flow import AsyncDriver, Flow, Run, SyncDriver
-from rcache._keys import KeyBuilder
+from rcache._keys import KeyBuilder, KeySpace
 from rcache._lease import LeaseKeeper
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
@@ -103,7 +103,8 @@ class Cache(LockMixin, TransactionMixin):
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
         ``init_app``).
-    :param prefix: first part of every Redis key this cache writes.
+    :param prefix: first part of every Redis key this cache writes; ``cache.keyspace``
+        (a :class:`rcache.spi.KeySpace`) names each of them.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
     :param client: a ``redis.Redis`` to use instead of a URL (also
@@ -347,8 +348,9 @@ class Cache(LockMixin, TransactionMixin):
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self._explicit_prefix = f"{prefix}:k:"
-        self._tag_prefix = f"{prefix}:s:t:"
+        self.keyspace = KeySpace(prefix)
+        self._explicit_prefix = self.keyspace.explicit_prefix
+        self._tag_prefix = self.keyspace.tag_prefix
         self.metrics.register_cache(self.name)
         for decorated in list(self._decorated):
             decorated.rebase()
@@ -618,7 +620,7 @@ class Cache(LockMixin, TransactionMixin):
         :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
         :raises BackendError: any other error reply.
         """
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return self._sync.run(lambda c: diagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -626,7 +628,7 @@ class Cache(LockMixin, TransactionMixin):
 
     async def acheck(self) -> str:
         """Async twin of :meth:`check`."""
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
         except RCacheError as exc:

@@ -52,7 +52,14 @@ from rcache._readthrough import (
 )
 from rcache._typed import LazyTyped, TypedValues
 
-__all__ = ["REFRESH_WORKERS", "AsyncCached", "CachedSpec", "RefreshPool", "SyncCached"]
+__all__ = [
+    "REFRESH_WORKERS",
+    "AsyncCached",
+    "CachedSpec",
+    "Owner",
+    "RefreshPool",
+    "SyncCached",
+]
 
 _UNBOUND: Any = object()
 #: what a cancelled leader hands its followers: "not an answer, fetch yourself"
@@ -118,7 +125,7 @@ class RefreshPool:
             job()  # a refresh flow catches and logs its own errors
 
 
-class _Owner(Host, Protocol):
+class Owner(Host, Protocol):
     """What a decorated function reads of its Cache (a :class:`~rcache.Cache` is one)."""
 
     prefix: str
@@ -140,7 +147,7 @@ class CachedSpec:
 
     def __init__(
         self,
-        cache: _Owner,
+        cache: Owner,
         fn: Callable[..., Any],
         options: CachedOptions,
         keys: KeyBuilder,
@@ -178,7 +185,7 @@ class CachedSpec:
             ttl = self.rt.freshness.ttl
         policy = o.on_backend_error or cache.on_backend_error
         name = self.name
-        self._fn_stamp = f"{cache.prefix}:s:f:{name}"
+        self._fn_stamp = cache.keyspace.function_stamp(name)
         self._static_stamps = [self._fn_stamp] + [cache.tag_key(t) for t in o.tags]
         self.delete_guard = Guard(name, "delete", policy)
         self.rt = ReadThrough(

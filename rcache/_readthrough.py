@@ -60,6 +60,7 @@ from rcache._freshness import (
     Freshness,
     stamp_blob,
 )
+from rcache._keys import KeySpace
 from rcache._logging import RateLimitedLog
 from rcache._metrics import MetricsSink
 from rcache._policy import BYPASS, Failures, Guard
@@ -138,6 +139,7 @@ class Host(Protocol):
 
     metrics: MetricsSink
     serializer: Serializer
+    keyspace: KeySpace
     _clock: ServerClock
     _failures: Failures
     _log: RateLimitedLog
@@ -305,16 +307,6 @@ class ReadThrough(_Reader):
     #: decodes values as the return annotation says (rcache._typed), None if untyped
     typed: TypedValues | LazyTyped | None = None
 
-    # -- keys ------------------------------------------------------------------------
-
-    @staticmethod
-    def lease_key(key: str) -> str:
-        return key + ":lease"
-
-    @staticmethod
-    def ready_key(key: str) -> str:
-        return key + ":ready"
-
     # -- reading ---------------------------------------------------------------------
 
     def serializer(self) -> Serializer:
@@ -355,9 +347,8 @@ class ReadThrough(_Reader):
         """``cache_claim``: take the lease (or, ``take_lease`` False, only read the
         stamps, creating missing ones)."""
         fr = self.freshness
-        keys = CACHE_CLAIM.keys(
-            self.lease_key(call.key), self.ready_key(call.key), call.stamp_keys
-        )
+        ks = self.host.keyspace
+        keys = CACHE_CLAIM.keys(ks.lease(call.key), ks.ready(call.key), call.stamp_keys)
         args = CACHE_CLAIM.args(
             token,
             fr.lease_ttl if take_lease else None,
@@ -372,10 +363,8 @@ class ReadThrough(_Reader):
         """``cache_store`` of ``data`` (b"": only give up the lease), a must-finish
         step: a cancellation must not leave the lease for the next caller to wait out."""
         fr = self.freshness
-        key = call.key
-        keys = CACHE_STORE.keys(
-            key, self.lease_key(key), self.ready_key(key), call.stamp_keys
-        )
+        key, ks = call.key, self.host.keyspace
+        keys = CACHE_STORE.keys(key, ks.lease(key), ks.ready(key), call.stamp_keys)
 
         def args(data: bytes) -> list[Any]:
             return CACHE_STORE.args(token, data, fr.redis_ttl_ms, fr.lease_ttl, stamps)
@@ -552,7 +541,8 @@ def load(
             return (yield from _without_cache(rt, call, flight, count))
         claim = (token, rt.claimed(got).stamps)
     token, stamps = claim
-    lease = hooks.hold(rt.lease_key(call.key), token, rt.freshness.lease_ttl, leased)
+    lease_key = rt.host.keyspace.lease(call.key)
+    lease = hooks.hold(lease_key, token, rt.freshness.lease_ttl, leased)
     try:
         value, elapsed = yield from compute(rt, call)
     except BaseException as exc:
@@ -613,7 +603,7 @@ def _distributed(
                 )
             )
         budget = min(remaining, claim.lease_pttl / 1000.0 + 0.005)
-        if not (yield Block(rt.ready_key(call.key), budget)):
+        if not (yield Block(rt.host.keyspace.ready(call.key), budget)):
             rt.host._failures.hung(rt.get)  # raises under on_backend_error="raise"
             return (yield from _without_cache(rt, call, flight))
         seen = yield from look(rt, call)
@@ -725,9 +715,9 @@ class Batch(_Reader):
 
     def stamp_claim(self) -> Command:
         """``cache_claim`` without a lease: read the function's stamp, creating it."""
-        key = self.fn_stamp
+        key, ks = self.fn_stamp, self.host.keyspace
         return CACHE_CLAIM.command(
-            CACHE_CLAIM.keys(key + ":lease", key + ":ready", [key]),
+            CACHE_CLAIM.keys(ks.lease(key), ks.ready(key), [key]),
             CACHE_CLAIM.args(
                 secrets.token_hex(8), None, ttl_ms(self.ttl), [secrets.token_hex(8)]
             ),
