@@ -453,3 +453,40 @@ async def test_cancelled_leader_does_not_cancel_its_followers(
         await leader
     assert await asyncio.wait_for(follower, 10) == 7  # fetched for itself
     assert len(calls) == 2
+
+
+def test_many_stale_keys_refresh_on_a_bounded_number_of_threads(
+    cache: rcache.Cache,
+) -> None:
+    """50 keys going stale together start at most REFRESH_WORKERS refresh threads
+    (before: one thread per stale key), and every key is still refreshed."""
+    from rcache._decorated import REFRESH_WORKERS
+
+    version = {"v": 1}
+    gate = threading.Event()
+
+    @cache.cached(ttl=0.3, stale=30)
+    def f(x: int) -> int:
+        if version["v"] > 1:
+            gate.wait(10)  # hold the refreshes so that they pile up
+        return version["v"] * 1000 + x
+
+    for x in range(50):
+        assert f(x) == 1000 + x
+    wait_past_fresh(cache, f.key_for(49))
+    version["v"] = 2
+    before = {t for t in threading.enumerate() if t.name == "rcache-refresh"}
+    for x in range(50):
+        assert f(x) == 1000 + x  # stale: served at once, one refresh queued per key
+    started = [
+        t
+        for t in threading.enumerate()
+        if t.name == "rcache-refresh" and t not in before
+    ]
+    assert 1 <= len(started) <= REFRESH_WORKERS
+    gate.set()
+    wait_until(
+        lambda: all(f(x) == 2000 + x for x in range(50)),
+        timeout=15,
+        message="every stale key refreshed",
+    )
