@@ -129,47 +129,32 @@ def test_refresh_runner_is_pluggable(cache: rcache.Cache) -> None:
     assert f() != first
 
 
-def test_stale_if_error_sync(cache: rcache.Cache) -> None:
+async def test_stale_if_error(cache: rcache.Cache, mode: Any) -> None:
     fail = {"on": False}
 
-    @cache.cached(ttl=0.2, stale_if_error=30)
+    @mode.cached(cache, ttl=0.2, stale_if_error=30)
     def f() -> str:
         if fail["on"]:
             raise ConnectionError("database down")
         return "good"
 
-    assert f() == "good"
+    assert await mode(f) == "good"
     fail["on"] = True
     wait_past_fresh(cache, f.key_for())
-    assert f() == "good"  # served from the last value, error swallowed
+    assert await mode(f) == "good"  # served from the last value, error swallowed
 
-    @cache.cached(ttl=0.2)
+    @mode.cached(cache, ttl=0.2)
     def g() -> str:
         if fail["on"]:
             raise ConnectionError("database down")
         return "good"
 
     fail["on"] = False
-    g()
+    await mode(g)
     fail["on"] = True
     wait_until(lambda: cache._sync.client.get(g.key_for()) is None, timeout=10)
     with pytest.raises(ConnectionError):
-        g()
-
-
-async def test_stale_if_error_async(cache: rcache.Cache) -> None:
-    fail = {"on": False}
-
-    @cache.cached(ttl=0.2, stale_if_error=30)
-    async def f() -> str:
-        if fail["on"]:
-            raise ConnectionError("down")
-        return "good"
-
-    assert await f() == "good"
-    fail["on"] = True
-    wait_past_fresh(cache, f.key_for())
-    assert await f() == "good"
+        await mode(g)
 
 
 def test_early_refresh_recomputes_before_expiry(cache: rcache.Cache) -> None:
