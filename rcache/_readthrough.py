@@ -50,7 +50,16 @@ from rcache._exceptions import (
     LockNotAcquiredError,
     SerializationError,
 )
-from rcache._flow import Block, Command, Compute, Critical, Flow, Run
+from rcache._flow import (
+    AsyncDriver,
+    Block,
+    Command,
+    Compute,
+    Critical,
+    Flow,
+    Run,
+    SyncDriver,
+)
 from rcache._freshness import (
     EARLY,
     EXPIRED,
@@ -131,6 +140,28 @@ class ServerClock:
         if seen is not None and self._mono() - seen[1] < CLOCK_RESYNC:
             return seen[0]
         return None
+
+
+class Mget(Command):
+    """``MGET keys`` on the main client: the read of every hit. A plain slots class,
+    not a frozen dataclass: it is made once per call (0.2 against 0.7 us here)."""
+
+    __slots__ = ("guard", "keys")
+
+    def __init__(self, keys: list[str], guard: Guard) -> None:
+        self.keys = keys
+        self.guard = guard
+
+    def __repr__(self) -> str:
+        return f"Mget({self.keys!r})"
+
+    def run(self, driver: SyncDriver) -> Any:
+        keys = self.keys
+        return driver.redis.run(lambda c: c.mget(keys))
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        keys = self.keys
+        return await driver.redis.run(lambda c: c.mget(keys))
 
 
 class Host(Protocol):
@@ -243,9 +274,9 @@ class _Loading:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.elapsed = time.perf_counter() - self.start
-        result = "success" if kind is None else "failure"
-        self.rt.host.metrics.cache_load(self.rt.name, result, self.elapsed)
+        self.elapsed = self.rt.loaded(
+            self.start, "success" if kind is None else "failure"
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -265,7 +296,7 @@ class _Reader:
         ``cache_read``, which adds Redis TIME to the same round trip."""
         offset = self.host._clock.offset()
         if offset is not None:
-            return Run(lambda c: c.mget(keys), self.get), offset
+            return Mget(keys, self.get), offset
         return CACHE_READ.command(keys, (), self.get), None
 
     def rows(
@@ -324,6 +355,10 @@ class ReadThrough(_Reader):
         if reply is BYPASS:
             return BYPASS
         now, rows = self.rows(reply, offset)
+        return self.judge(rows, now)
+
+    def judge(self, rows: Sequence[bytes | None], now: float) -> tuple[Any, str]:
+        """(the entry in ``rows`` or None, its freshness state at ``now``)."""
         env = self.entry(rows)
         return env, self.freshness.classify(env, now)
 
@@ -332,13 +367,24 @@ class ReadThrough(_Reader):
         raw = rows[0]
         if raw is None:
             return None
-        env = decode(self.host, self.name, raw, self.serializer())
-        if env is None:
+        typed = self.typed
+        serializer = self.host.serializer
+        try:
+            env = decode_envelope(
+                serializer if typed is None else typed.serializer(serializer), raw
+            )
+        except UndecodableError as exc:
+            undecodable(self.host.metrics, self.host._log, self.name, exc)
             return None
         stamps = rows[1:]
-        if any(s is None for s in stamps) or env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
-            # invalidated (a stamp was deleted) or computed under old stamps
+        if None in stamps:  # invalidated: a stamp was deleted
             return None
+        if len(stamps) == 1:  # the function's stamp alone: stamp_blob([s]) is s
+            stamp = stamps[0]
+            if len(stamp) <= 255 and env.stamp == stamp:  # type: ignore[arg-type]
+                return env
+        if env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
+            return None  # computed under old stamps
         return env
 
     # -- claiming and storing ----------------------------------------------------------
@@ -458,6 +504,13 @@ class ReadThrough(_Reader):
     def loading(self) -> _Loading:
         """``with rt.loading(): value = fn(...)`` times and counts a computation."""
         return _Loading(self)
+
+    def loaded(self, start: float, result: str) -> float:
+        """Count a computation that began at ``start`` (perf_counter) and ended now
+        (``result`` "success" or "failure"); returns how long it took."""
+        elapsed = time.perf_counter() - start
+        self.host.metrics.cache_load(self.name, result, elapsed)
+        return elapsed
 
 
 # -- flows -------------------------------------------------------------------------------

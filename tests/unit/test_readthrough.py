@@ -38,6 +38,7 @@ from rcache._readthrough import (
     Batch,
     Call,
     Flight,
+    Mget,
     ReadThrough,
     ServerClock,
     batch,
@@ -135,6 +136,8 @@ def kind(command: Command) -> str:
         return "block"
     if isinstance(command, Compute):
         return "compute"
+    if isinstance(command, Mget):
+        return "mget"
     if isinstance(command, Run):
         return "run"
     raise AssertionError(command)
@@ -194,7 +197,7 @@ def test_clock_known_reads_with_a_plain_mget() -> None:
     drive(read_through(rt, CALL, hooks), [("read", read(entry(7)))])
     host.mono.now += 1.0  # within the resync period: Redis's clock is extrapolated
     command, offset = rt.reading(CALL)
-    assert kind(command) == "run" and offset is not None
+    assert kind(command) == "mget" and offset is not None
     assert rt.seen([entry(8), *STAMPS], offset)[0].value == 8
     host.mono.now += 60.0  # too long ago: read TIME again
     assert kind(rt.reading(CALL)[0]) == "read"
@@ -313,7 +316,7 @@ def test_wait_then_coalesced_value_from_another_process() -> None:
         ("read", read(None)),
         ("claim", claim(False, pttl=2000)),
         ("block", True),
-        ("run", [entry(7), *STAMPS]),  # woken: re-read (the clock is known: MGET)
+        ("mget", [entry(7), *STAMPS]),  # woken: re-read (the clock is known: MGET)
     ]
     assert drive(read_through(rt, CALL, hooks), steps) == 7
     assert gets(host, "coalesced") == 1
@@ -338,7 +341,7 @@ def test_wait_timeout_computes_or_raises(on_wait_timeout: str) -> None:
     flow.send(read(None))
     assert kind(flow.send(claim(False, pttl=5000))) == "block"
     host.mono.now += 2.0  # the wait's budget is spent
-    assert kind(flow.send(True)) == "run"  # woken, but the value is not there
+    assert kind(flow.send(True)) == "mget"  # woken, but the value is not there
     if on_wait_timeout == "raise":
         assert kind(flow.send([None, *STAMPS])) == "claim"
         with pytest.raises(LockNotAcquiredError, match="wait=1s"):
