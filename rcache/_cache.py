@@ -827,7 +827,8 @@ class Cache(LockMixin, TransactionMixin):
             ``lease_ttl``); then ``on_wait_timeout``: ``"compute"`` itself (default) or
             ``"raise"`` LockNotAcquiredError.
         :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
-            task); default a daemon thread (sync) or an asyncio task (async).
+            task); default a pool of at most 4 daemon threads per Cache (sync; named
+            ``rcache-refresh``) or an asyncio task (async).
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,
             ignore list or a non-callable.
         """
