@@ -37,10 +37,10 @@ from typing import Any, Protocol
 from rcache._breaker import CircuitBreaker
 from rcache._config import BackendErrorPolicy, CachedOptions
 from rcache._flow import AsyncDriver, SyncDriver
-from rcache._freshness import FRESH, Freshness
+from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder, Template
 from rcache._lease import LeaseKeeper
-from rcache._policy import BYPASS, Guard
+from rcache._policy import Guard
 from rcache._readthrough import (
     Call,
     Flight,
@@ -404,15 +404,9 @@ class SyncCached(_Base):
         offset = clock.offset()
         if offset is not None:
             rows = driver.execute(Mget([key, *stamp_keys], rt.get))
-            if rows is BYPASS:
-                seen = BYPASS
-            else:
-                env = rt.entry(rows)
-                state = rt.freshness.classify(env, clock.monotonic() + offset)
-                if state is FRESH:
-                    rt.count("hit", flight)
-                    return env.value  # type: ignore[union-attr]
-                seen = env, state
+            fresh, seen = rt.hit(rows, clock.monotonic() + offset, flight)
+            if fresh:
+                return seen
         call = Call(key, stamp_keys, args, kwargs)
         return driver.drive(read_through(rt, call, spec.hooks, flight, seen))
 
@@ -543,15 +537,9 @@ class AsyncCached(_Base):
         offset = clock.offset()
         if offset is not None:
             rows = await adriver.execute(Mget([key, *stamp_keys], rt.get))
-            if rows is BYPASS:
-                seen = BYPASS
-            else:
-                env = rt.entry(rows)
-                state = rt.freshness.classify(env, clock.monotonic() + offset)
-                if state is FRESH:
-                    rt.count("hit", flight)
-                    return env.value  # type: ignore[union-attr]
-                seen = env, state
+            fresh, seen = rt.hit(rows, clock.monotonic() + offset, flight)
+            if fresh:
+                return seen
         call = Call(key, stamp_keys, args, kwargs)
         return await adriver.drive(read_through(rt, call, spec.hooks, flight, seen))
 

@@ -357,6 +357,21 @@ class ReadThrough(_Reader):
         now, rows = self.rows(reply, offset)
         return self.judge(rows, now)
 
+    def hit(self, rows: Any, now: float, flight: Flight | None) -> tuple[bool, Any]:
+        """Judge an MGET's reply (or BYPASS) read at ``now``: (True, the value) for a
+        fresh entry, the call counted as a hit; else (False, what :func:`read_through`
+        goes on with). The warm hit of the wrappers, without a flow."""
+        if rows is BYPASS:
+            return False, BYPASS
+        env = self.entry(rows)
+        state = self.freshness.classify(env, now)
+        if state is FRESH:
+            self.host.metrics.cache_get(self.name, "hit")
+            if flight is not None:
+                flight.result = "hit"
+            return True, env.value  # type: ignore[union-attr]
+        return False, (env, state)
+
     def judge(self, rows: Sequence[bytes | None], now: float) -> tuple[Any, str]:
         """(the entry in ``rows`` or None, its freshness state at ``now``)."""
         env = self.entry(rows)

@@ -709,3 +709,14 @@ def test_refresh_pool_runs_every_job_on_a_bounded_number_of_threads() -> None:
         time.sleep(0.01)  # poll interval
     pool.submit(lambda: None)  # and start again on demand
     assert pool.threads == 1
+
+
+def test_the_wrappers_warm_hit_judges_without_a_flow() -> None:
+    rt, host, _ = make(stale=30.0)
+    flight = Flight(CALL.stamp_keys)
+    assert rt.hit([entry(7), *STAMPS], NOW, flight) == (True, 7)
+    assert flight.result == "hit" and gets(host, "hit") == 1
+    fresh, seen = rt.hit([entry(7, created=NOW - 61), *STAMPS], NOW, None)
+    assert not fresh and seen[0].value == 7 and seen[1] == "stale"  # for the flow
+    assert rt.hit(BYPASS, NOW, None) == (False, BYPASS)
+    assert gets(host, "hit") == 1  # only the fresh one counted here
