@@ -204,3 +204,30 @@ def test_msgpack_skips_the_hook_only_without_tags() -> None:
     s = MsgpackSerializer()
     assert s.loads(s.dumps({"a": (1, 2)})) == {"a": (1, 2)}
     assert s.loads(s.dumps({"a": [1, {"b": "$rc"}]})) == {"a": [1, {"b": "$rc"}]}
+
+
+# -- in-memory metrics ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tally", ["c", "lock"])
+def test_in_memory_counts_stay_exact_across_threads(
+    tally: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from rcache import _metrics
+
+    if tally == "lock":  # as on an interpreter without the C tally
+        monkeypatch.setattr(_metrics, "_TALLY", None)
+    m = _metrics.InMemoryMetrics()
+
+    def work() -> None:
+        for _ in range(20_000):
+            m.cache_get("f", "hit")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.count("cache_gets", "f", "hit") == 160_000
