@@ -125,6 +125,15 @@ class Template:
             for literal, name, spec, conv in self._formatter.parse(template)
         ]
         self.fields = [p[1] for p in self._parts if p[1] is not None]
+        #: the rendered text when the template has no field (render() returns it)
+        self.fixed: str | None = None if self.fields else template
+        # fields that are plain parameter names, without conversion or format spec:
+        # render() reads them from the bound arguments directly (the common case)
+        self._plain = all(
+            plain and conv is None and not spec
+            for _, name, plain, conv, spec in self._parts
+            if name is not None
+        )
 
     def check(self, what: str) -> None:
         """Refuse a field followed by something that could continue it."""
@@ -142,6 +151,16 @@ class Template:
                 )
 
     def render(self, bound: Mapping[str, Any]) -> str:
+        """The template with each field's value encoded (see the module docstring)."""
+        if self.fixed is not None:
+            return self.fixed
+        if self._plain:
+            return "".join(
+                [
+                    literal if name is None else literal + template_field(bound[name])
+                    for literal, name, _, _, _ in self._parts
+                ]
+            )
         out = []
         for literal, name, plain, conv, spec in self._parts:
             out.append(literal)

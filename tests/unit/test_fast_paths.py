@@ -12,6 +12,7 @@ import json
 import math
 import random
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -231,3 +232,35 @@ def test_in_memory_counts_stay_exact_across_threads(
     for t in threads:
         t.join()
     assert m.count("cache_gets", "f", "hit") == 160_000
+
+
+# -- templates ----------------------------------------------------------------------------
+
+
+def _render_general(t: Any, bound: dict[str, Any]) -> str:
+    fixed, plain = t.fixed, t._plain
+    t.fixed, t._plain = None, False
+    try:
+        return str(t.render(bound))
+    finally:
+        t.fixed, t._plain = fixed, plain
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["users", "user:{x}", "{x}", "a:{x}:b:{y}:c", "{x}:{y}", "f:{x!r}", "g:{x:>4}"],
+)
+def test_template_fast_render_equals_the_general_render(template: str) -> None:
+    from rcache._keys import Template
+
+    def outcome(render: Callable[[Any, dict[str, Any]], str], bound: Any) -> Any:
+        try:
+            return render(t, bound)
+        except (ValueError, TypeError) as exc:  # e.g. format(b"x", ">4"), the same
+            return type(exc)
+
+    t = Template(template)
+    rnd = random.Random(3)
+    for _ in range(2_000):
+        bound = {"x": _scalar(rnd), "y": _scalar(rnd)}
+        assert outcome(Template.render, bound) == outcome(_render_general, bound)
