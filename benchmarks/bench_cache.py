@@ -37,7 +37,7 @@ import redis
 import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RoundTrips, commandstats, table
+from _common import RoundTrips, commandstats, load_note, table
 
 import rcache
 from rcache.testing import RedisServer
@@ -626,7 +626,8 @@ def main() -> None:
     opts = parser.parse_args()
     opts.reps = opts.reps or 5
     opts.calls = opts.calls or (1000 if opts.quick else 3000)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"load": [load_note()]}
+    print(f"Start: {results['load'][0]}")
     with RedisServer() as server:
         client = server.client()
         hdr = [
@@ -711,8 +712,10 @@ def main() -> None:
 
 def _print_targets(results: dict[str, Any]) -> None:
     results["targets"] = target_rows(results)
+    results["load"].append(load_note())
     print("\n### Issue 13 targets (this run)\n")
     print(table(results["targets"], TARGET_HEADER))
+    print(f"\nStart: {results['load'][0]}; end: {results['load'][1]}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import redis.connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import commandstats, table
+from _common import commandstats, load_note, table
 
 import rcache
 from rcache.testing import RedisServer
@@ -274,6 +274,7 @@ def main() -> None:
             f"redis-server {info['redis_version']} on loopback; Python "
             f"{sys.version.split()[0]}; {versions}; {os.cpu_count()} CPUs\n"
         )
+        print(f"Start: {load_note()}\n")
         lat = uncontended(server.url, args.iterations, args.reps)
         raw = lat["raw 2x GET"]
         rows = [
@@ -293,7 +294,7 @@ def main() -> None:
                 for impl in IMPLS
                 if not impl.startswith("rcache")
             )
-            print("Issue 13 target (this run)")
+            print(f"Issue 13 target (this run; {load_note()})")
             print(
                 table(
                     [
