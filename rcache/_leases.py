@@ -124,7 +124,7 @@ class Renewable:
         self.lost_reason = ""
         self.deadline = 0.0
         self.next_renew = _INF
-        self.renew_until = None if max_hold is None else time.monotonic() + max_hold
+        self.renew_until = None if max_hold is None else sent + max_hold
         #: Registered with a renewer (set and cleared under the renewer's lock): a
         #: reply that comes after ``remove`` is ignored.
         self.active = False

@@ -4,7 +4,11 @@ client renews a lease, how many threads it takes, idle exit and fork."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +17,8 @@ import redis
 import redis.asyncio
 
 import rcache
-from rcache.testing import RedisServer
+from rcache import _leases
+from rcache.testing import RedisServer, wait_until
 
 
 async def _apoll(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
@@ -78,3 +83,144 @@ async def test_async_computation_lease_is_renewed_through_the_async_client(
         client.close()
         await cache.aclose()
         cache.close()
+
+
+def _threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def _renewals(cache: rcache.Cache, lock: str) -> int:
+    return cache.metrics.count("lock_renewals", lock, "renewed")  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_one_renewer_thread_for_every_lease_of_the_process(
+    redis_server: RedisServer, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Three Caches (one of them with its locks on a lock-only Cache), each holding a
+    # sync and an async lock and computing a sync and an async function at once: all
+    # their leases are renewed, by one renewer thread.
+    caches = [
+        rcache.Cache(redis_url, prefix="p0"),
+        rcache.Cache(redis_url, prefix="p1"),
+        rcache.Cache(redis_url, prefix="p2", lock_url=redis_url),
+    ]
+    release = threading.Event()
+    arelease = asyncio.Event()
+    computing: list[Any] = []
+    for cache in caches:
+
+        @cache.cached(ttl=60, lease_ttl=0.3, name="sync")
+        def compute(x: int) -> int:
+            release.wait(10)
+            return x
+
+        @cache.cached(ttl=60, lease_ttl=0.3, name="async")
+        async def acompute(x: int) -> int:
+            await arelease.wait()
+            return x
+
+        computing.append(asyncio.create_task(acompute(1)))
+        computing.append(asyncio.create_task(asyncio.to_thread(compute, 2)))
+    held = threading.Event()
+
+    def hold() -> None:  # a lock belongs to the thread that took it
+        with contextlib.ExitStack() as stack:
+            for cache in caches:
+                stack.enter_context(cache.lock("sync", ttl=0.3))
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    alocks = [cache.lock("async", ttl=0.3) for cache in caches]
+    try:
+        await _apoll(held.is_set)
+        for alock in alocks:
+            await alock.__aenter__()
+        await _apoll(lambda: len(_lease_keys(redis_client)) == 6)
+        leases = {key: redis_client.get(key) for key in _lease_keys(redis_client)}
+        # Every lease outlives several TTLs (renewed by lease_ttl / 3) ...
+        await _apoll(
+            lambda: all(_renewals(c, n) >= 4 for c in caches for n in ("sync", "async"))
+        )
+        assert {key: redis_client.get(key) for key in leases} == leases
+        for cache in caches:
+            for name in ("sync", "async"):
+                assert redis_client.exists(f"{cache.prefix}:l:{{{name}}}") == 1
+        # ... and one thread renews them all.
+        assert len(_threads("rcache-lock-renewer")) == 1
+        assert _threads("rcache-lease-keeper") == []
+        assert _threads("rcache-celery-renewer") == []
+    finally:
+        release.set()
+        arelease.set()
+        assert sorted(await asyncio.gather(*computing)) == [1, 1, 1, 2, 2, 2]
+        await asyncio.to_thread(holder.join, 10)
+        for alock in alocks:
+            await alock.__aexit__(None, None, None)
+        for cache in caches:
+            await cache.aclose()
+            cache.close()
+
+
+def _child_renews(url: str, parent_renewer: int, report: Any) -> None:
+    # The parent's renewer thread does not exist here: this process starts its own,
+    # which renews the child's lock and computation leases.
+    try:
+        cache = rcache.Cache(url, prefix="child")
+        renewer = _leases.get_renewer()
+        assert id(renewer) != parent_renewer
+        assert len(renewer) == 0  # none of the parent's leases
+        done = threading.Event()
+
+        @cache.cached(ttl=60, lease_ttl=0.3, name="f")
+        def compute() -> int:
+            done.wait(10)
+            return 1
+
+        worker = threading.Thread(target=compute)
+        client = redis.Redis.from_url(url)
+        with cache.lock("child", ttl=0.3):
+            worker.start()
+            wait_until(lambda: len(renewer) == 2, 10, message="the computation lease")
+            (key,) = wait_until(lambda: _lease_keys(client), 10, message="lease key")
+            token = client.get(key)
+            renewed = _renewals(cache, "child")
+            wait_until(
+                lambda: _renewals(cache, "child") >= renewed + 4,
+                10,
+                message="child renewals",
+            )
+            assert client.get(key) == token  # renewed past several lease TTLs
+            assert len(_threads("rcache-lock-renewer")) == 1
+        client.close()
+        done.set()
+        worker.join(10)
+        report.put("ok")
+    except BaseException as exc:  # reported to the parent, which asserts
+        report.put(repr(exc))
+
+
+def test_forked_child_starts_its_own_renewer(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    cache = rcache.Cache(redis_url, prefix="parent")
+    lock = cache.lock("parent", ttl=0.3)
+    with lock:  # the parent's renewer thread runs while it forks
+        parent = _leases.get_renewer()
+        assert lock.lease in parent._leases
+        ctx = multiprocessing.get_context("fork")
+        report = ctx.Queue()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            child = ctx.Process(
+                target=_child_renews, args=(redis_url, id(parent), report)
+            )
+            child.start()
+        assert report.get(timeout=30) == "ok"
+        child.join(10)
+        assert child.exitcode == 0
+        lock.ensure_held()  # the parent's lease was renewed meanwhile, by the parent
+        assert _leases.get_renewer() is parent
+    assert redis_client.exists("parent:l:{parent}") == 0
+    cache.close()
