@@ -85,15 +85,29 @@ _INF = float("inf")
 class Renewable:
     """A lease as the renewer sees it: how to renew it, when, and whom to tell.
 
-    ``command`` renews it (reply 1: still ours, anything else: lost) through ``driver``,
-    a ``SyncDriver``, or an ``AsyncDriver`` run on ``loop`` (the loop the lease was
-    taken on). ``sent`` is the monotonic time at which the call that took the lease was
+    ``command`` renews it (reply 1: still ours, anything else: lost) through ``driver``:
+    a ``SyncDriver``, or an ``AsyncDriver`` with ``loop``, the loop the lease was taken
+    on. ``sent`` is the monotonic time at which the call that took the lease was
     sent; ``renew=False`` only watches the deadline (for ``on_lost``) without renewing.
     ``on_renewed()`` runs after each renewal, ``on_lost(reason)`` once, both in a renewer
     thread (an async lease's on its loop): keep them short. Subclasses (a lock's
     ``Lease``) may override :meth:`_renew_command`, :meth:`_confirmed` and
     :meth:`_mark_lost` instead of passing callables.
     """
+
+    # Defaults as class attributes: a lock creates a lease on every acquisition, and an
+    # attribute not set per instance costs nothing there.
+    loop: asyncio.AbstractEventLoop | None = None
+    renew_until: float | None = None
+    lost = False
+    lost_reason = ""
+    #: Registered with a renewer (set and cleared under the renewer's lock): a reply
+    #: that comes after ``remove`` is ignored.
+    active = False
+    log: logging.Logger = lock_log
+    _command: Command | None = None
+    _on_renewed: Callable[[], object] | None = None
+    _on_lost: Callable[[str], object] | None = None
 
     def __init__(
         self,
@@ -106,31 +120,26 @@ class Renewable:
         renew: bool = True,
         max_hold: float | None = None,
         name: str = "",
-        log: logging.Logger = lock_log,
+        log: logging.Logger | None = None,
         on_renewed: Callable[[], object] | None = None,
         on_lost: Callable[[str], object] | None = None,
     ) -> None:
-        if (loop is None) != isinstance(driver, SyncDriver):
-            raise ValueError(
-                "a SyncDriver without a loop, or an AsyncDriver and a loop"
-            )
         self.driver = driver
-        self.loop = loop
         self.ttl = ttl
         self.renew = renew
         self.name = name
-        self.log = log
-        self.lost = False
-        self.lost_reason = ""
-        self.deadline = 0.0
-        self.next_renew = _INF
-        self.renew_until = None if max_hold is None else sent + max_hold
-        #: Registered with a renewer (set and cleared under the renewer's lock): a
-        #: reply that comes after ``remove`` is ignored.
-        self.active = False
-        self._command = command
-        self._on_renewed = on_renewed
-        self._on_lost = on_lost
+        if loop is not None:
+            self.loop = loop
+        if max_hold is not None:
+            self.renew_until = sent + max_hold
+        if log is not None:
+            self.log = log
+        if command is not None:
+            self._command = command
+        if on_renewed is not None:
+            self._on_renewed = on_renewed
+        if on_lost is not None:
+            self._on_lost = on_lost
         self._renewed(sent)
 
     def _renewed(self, sent: float, ttl: float | None = None) -> None:

@@ -241,7 +241,6 @@ class Lease(Renewable):
             renew=renew,
             max_hold=owner.max_hold,
             name=owner.name,
-            log=lock_log,
         )
         self.owner = owner
         self.metrics_name = owner.metrics_name

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from rcache._exceptions import BackendUnavailableError, RCacheError
-from rcache._flow import AsyncDriver, Command, Eval, SyncDriver
+from rcache._flow import Command, Eval, SyncDriver
 from rcache._leases import LeaseRenewer, Renewable
 from rcache._redis import LuaScript
 from rcache.testing import wait_until
@@ -293,17 +293,6 @@ def test_a_renewal_that_did_not_run_is_retried() -> None:
         renewer.step()
     assert 1.0 < lease.next_renew < 1.5  # not stuck "in flight" forever
     assert not lease.lost
-
-
-def test_an_async_driver_needs_its_loop() -> None:
-    clock = Clock()
-    adriver = AsyncDriver(cast(Any, None), cast(Any, None))
-    with pytest.raises(ValueError, match="loop"):
-        Renewable(adriver, ttl=1, sent=0, command=Scripted(clock))
-    with pytest.raises(ValueError, match="loop"):
-        Renewable(
-            _driver(), ttl=1, sent=0, command=Scripted(clock), loop=cast(Any, object())
-        )
 
 
 def _threads(name: str) -> list[threading.Thread]:
