@@ -379,7 +379,7 @@ class LeaseRenewer:
                 self._renew_sync(driver, leases)
             finally:
                 for lease in leases:
-                    if lease.next_renew == _INF and not lease.lost:
+                    if lease.next_renew == _INF and lease.active and not lease.lost:
                         self._failed(lease, RCacheError("renewal did not run"))
                 with self._cond:
                     self._cond.notify()  # next renewal times changed
