@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
     from rcache._redis import LuaScript
 
-__all__ = ["KeyLeases", "LeaseRenewer", "Renewable", "get_renewer"]
+__all__ = ["KeyLeases", "LeaseRenewer", "Renewable", "get_renewer", "keep"]
 
 #: A thread (renewer or IO) exits after this long with nothing to do; a new one starts
 #: on demand.
@@ -475,6 +475,35 @@ class _Drivers(Protocol):
     _adriver: AsyncDriver
 
 
+def keep(
+    owner: _Drivers,
+    command: Command,
+    *,
+    ttl: float,
+    loop: asyncio.AbstractEventLoop | None = None,
+    name: str = "",
+    log: logging.Logger | None = None,
+    on_renewed: Callable[[], object] | None = None,
+    on_lost: Callable[[str], object] | None = None,
+) -> Renewable:
+    """Renew a lease just taken (now) by running ``command`` through ``owner``'s sync
+    driver, or its async one on ``loop`` (the running loop of an async holder), until
+    ``get_renewer().remove(lease)`` or its loss."""
+    lease = Renewable(
+        owner._driver if loop is None else owner._adriver,
+        ttl=ttl,
+        sent=time.monotonic(),
+        command=command,
+        loop=loop,
+        name=name,
+        log=log,
+        on_renewed=on_renewed,
+        on_lost=on_lost,
+    )
+    get_renewer().add(lease)
+    return lease
+
+
 class KeyLeases:
     """Leases held as ``key = token``, renewed by ``script`` (KEYS[1] the key, ARGV the
     token and the TTL in ms; reply 1 while the key holds the token) through ``owner``'s
@@ -499,18 +528,7 @@ class KeyLeases:
         if not held:
             return None
         command = Eval(self._script, [key], [token, ttl_ms(ttl)])
-        driver = self._owner._driver if loop is None else self._owner._adriver
-        lease = Renewable(
-            driver,
-            ttl=ttl,
-            sent=time.monotonic(),
-            command=command,
-            loop=loop,
-            name=key,
-            log=self._log,
-        )
-        get_renewer().add(lease)
-        return lease
+        return keep(self._owner, command, ttl=ttl, loop=loop, name=key, log=self._log)
 
     def remove(self, lease: Renewable | None) -> None:
         """Stop renewing ``lease`` (a no-op for None)."""

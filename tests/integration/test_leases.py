@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 
 import rcache
-from rcache import _leases
+from rcache import _leases, spi
 from rcache.testing import RedisServer, wait_until
 
 
@@ -223,4 +223,50 @@ def test_forked_child_starts_its_own_renewer(
         lock.ensure_held()  # the parent's lease was renewed meanwhile, by the parent
         assert _leases.get_renewer() is parent
     assert redis_client.exists("parent:l:{parent}") == 0
+    cache.close()
+
+
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+
+
+async def test_spi_renew_lease_in_both_modes(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # An integration's own lease: renewed by rcache's renewer until stop_renewing, in
+    # sync mode from the renewer thread, in async mode on this loop.
+    cache = rcache.Cache(redis_url, prefix="spi")
+    script = spi.LuaScript("renew", source=_RENEW)
+    renewed: list[str] = []
+    lost: list[str] = []
+    leases = {}
+    for mode, loop in (("sync", None), ("async", asyncio.get_running_loop())):
+        key = cache.keyspace.explicit(mode)
+        redis_client.set(key, "me", px=300)
+        leases[key] = spi.renew_lease(
+            cache,
+            script,
+            [key],
+            ["me", 300],
+            ttl=0.3,
+            loop=loop,
+            name=mode,
+            on_renewed=lambda mode=mode: renewed.append(mode),
+            on_lost=lost.append,
+        )
+    await _apoll(lambda: renewed.count("sync") >= 4 and renewed.count("async") >= 4)
+    assert all(redis_client.get(key) == b"me" for key in leases)  # past 4 TTLs
+    sync_key, async_key = leases
+    redis_client.set(async_key, "other")  # taken over: the next renewal finds out
+    await _apoll(lambda: lost)
+    assert lost == ["Redis no longer holds its token (expired or taken over)"]
+    assert leases[async_key].lost
+    assert spi.stop_renewing(leases[async_key]) is True
+    assert spi.stop_renewing(leases[sync_key]) is False
+    before = renewed.count("sync")
+    await _apoll(lambda: not redis_client.exists(sync_key))  # runs out once stopped
+    assert renewed.count("sync") <= before + 1  # at most one reply was in flight
+    await cache.aclose()
     cache.close()

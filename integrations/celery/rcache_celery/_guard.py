@@ -26,15 +26,19 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from rcache._config import ttl_ms
-from rcache._flow import Eval
-from rcache._leases import Renewable, get_renewer
-from rcache._redis import LuaScript
+from rcache.spi import (
+    LuaScript,
+    RenewedLease,
+    packaged_script,
+    renew_lease,
+    run,
+    run_script,
+    stop_renewing,
+    ttl_ms,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -56,10 +60,7 @@ log = logging.getLogger("rcache.celery")
 
 
 def _script(name: str) -> LuaScript:
-    source = (
-        resources.files("rcache_celery").joinpath(f"_scripts/{name}.lua").read_text()
-    )
-    return LuaScript(name, source=source)
+    return packaged_script("rcache_celery", f"_scripts/{name}.lua")
 
 
 class _Scripts:
@@ -103,7 +104,7 @@ class Guard:
 
     @property
     def marker(self) -> str:
-        return f"{self.key}:r:{self.task_id}"
+        return self.cache.keyspace.run_marker(self.key, self.task_id)
 
 
 def _decode(value: Any) -> str:
@@ -115,7 +116,7 @@ def begin(guard: Guard, lease: float, *, acquire: bool) -> tuple[int, str]:
     script = SCRIPTS[BEGIN]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, ttl_ms(lease), "1" if acquire else "0"]
-    code, holder = guard.cache._sync.run(lambda c: script(c, keys, args))
+    code, holder = run_script(guard.cache, script, keys, args)
     return int(code), _decode(holder)
 
 
@@ -124,20 +125,20 @@ def finish(guard: Guard, state: str, ttl: float) -> bool:
     script = SCRIPTS[FINISH]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, state, ttl_ms(ttl)]
-    return bool(guard.cache._sync.run(lambda c: script(c, keys, args)))
+    return bool(run_script(guard.cache, script, keys, args))
 
 
 def release(cache: Cache, key: str, value: str) -> bool:
     """Compare-and-delete a plain guard key."""
     script = SCRIPTS[RELEASE]
-    return bool(cache._sync.run(lambda c: script(c, [key], [value])))
+    return bool(run_script(cache, script, [key], [value]))
 
 
 def renew_once(guard: Guard, lease: float) -> bool:
     script = SCRIPTS[RENEW]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, ttl_ms(lease)]
-    return bool(guard.cache._sync.run(lambda c: script(c, keys, args), retry=False))
+    return bool(run_script(guard.cache, script, keys, args, retry=False))
 
 
 def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
@@ -146,7 +147,7 @@ def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
     def op(c: redis.Redis) -> Any:
         return c.set(key, value, nx=True, get=True, px=ttl_ms(ttl))
 
-    existing = cache._sync.run(op)
+    existing = run(cache, op)
     return None if existing is None else _decode(existing)
 
 
@@ -166,7 +167,7 @@ class Renewer:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self._leases: dict[int, Renewable] = {}
+        self._leases: dict[int, RenewedLease] = {}
         self._lock = threading.Lock()
         self._next = 0
 
@@ -184,34 +185,29 @@ class Renewer:
                 reason,
             )
 
-        keys = [guard.key, guard.marker]
-        renewal = Renewable(
-            guard.cache._driver,
+        renewed = renew_lease(
+            guard.cache,
+            SCRIPTS[RENEW],
+            [guard.key, guard.marker],
+            [guard.task_id, ttl_ms(lease)],
             ttl=lease,
-            sent=time.monotonic(),
-            command=Eval(
-                SCRIPTS[RENEW], keys, [guard.task_id, ttl_ms(lease)], retry=False
-            ),
+            retry=False,
             name=guard.key,
-            log=log,
+            logger=log,
             on_renewed=lambda: metrics.lock_renewal(label, "renewed"),
             on_lost=lost,
         )
         with self._lock:
             self._next += 1
             handle = self._next
-            self._leases[handle] = renewal
-        get_renewer().add(renewal)
+            self._leases[handle] = renewed
         return handle
 
     def remove(self, handle: int) -> bool:
         """Stop renewing; True if the lease was lost while it was renewed."""
         with self._lock:
-            renewal = self._leases.pop(handle, None)
-        if renewal is None:
-            return False
-        get_renewer().remove(renewal)
-        return renewal.lost
+            renewed = self._leases.pop(handle, None)
+        return renewed is not None and stop_renewing(renewed)
 
 
 _renewer: Renewer | None = None
