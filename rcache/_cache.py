@@ -7,7 +7,6 @@ every decision with the pure core (keys, envelope, failure policy); they differ 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import inspect
@@ -21,7 +20,17 @@ import redis
 import redis.asyncio
 import redis.cluster
 
-from rcache._admin import AdminMixin
+from rcache._admin import (
+    DEFAULT_BATCH,
+    DEFAULT_SAMPLE,
+    CacheStats,
+    ClearResult,
+    LockInfo,
+    OnBatch,
+    clear_flow,
+    locks_flow,
+    stats_flow,
+)
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     BackendErrorPolicy,
@@ -33,27 +42,24 @@ from rcache._config import (
 )
 from rcache._exceptions import (
     BackendError,
-    BackendMisconfiguredError,
-    BackendUnavailableError,
     ConfigurationError,
     RCacheError,
 )
+from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
-from rcache._keys import KeyBuilder
-from rcache._lease import LeaseKeeper
+from rcache._keys import KeyBuilder, KeySpace
+from rcache._leases import KeyLeases
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
+from rcache._policy import BYPASS, MISSING, Failures, Guard
 from rcache._redis import (
-    MAX_BLOCK,
     AsyncRedis,
     ClientSpec,
     LuaScript,
     RedisTimeoutError,
     SyncRedis,
-    acommand_within,
     adiagnose,
-    command_within,
     diagnose,
 )
 from rcache._serializers import (
@@ -68,26 +74,13 @@ from rcache._transaction import TransactionMixin
 from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 
-__all__ = ["Cache"]
+__all__ = ["BYPASS", "Cache"]
 
 _POLICIES = ("bypass", "raise")
-#: how much longer than its own timeout a blocking wait may take before Redis counts
-#: as hung (a blocked BLMOVE normally answers within a few ms of its timeout)
-_BLOCK_MARGIN = 0.25
 #: how long Redis's clock is extrapolated with time.monotonic() before it is read again
 #: (monotonic clocks drift by ppm and stop while a VM is suspended)
 _CLOCK_RESYNC = 10.0
 _UNSERIALIZABLE = ("raise", "skip")
-
-
-class _Bypass:
-    """The backend was skipped or failed and the policy says to carry on without it."""
-
-    __slots__ = ()
-
-
-BYPASS: Any = _Bypass()
-_MISSING: Any = object()
 
 
 class _CachedDecorator(Protocol):
@@ -103,7 +96,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache(LockMixin, TransactionMixin, AdminMixin):
+class Cache(LockMixin, TransactionMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -116,7 +109,8 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
         ``init_app``).
-    :param prefix: first part of every Redis key this cache writes.
+    :param prefix: first part of every Redis key this cache writes; ``cache.keyspace``
+        (a :class:`rcache.spi.KeySpace`) names each of them.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
     :param client: a ``redis.Redis`` to use instead of a URL (also
@@ -168,8 +162,9 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._read_script = LuaScript("cache_read")
         self._claim_script = LuaScript("cache_claim")
         self._store_script = LuaScript("cache_store")
-        self._renew_script = LuaScript("cache_renew")
-        self._leases = LeaseKeeper(self._renew)
+        # computation leases, renewed by the process's lease renewer through this
+        # cache's sync driver, or its async one on the computing loop
+        self._leases = KeyLeases(LuaScript("cache_renew"), self, cache_log)
         # the decorated functions of this cache, whose in-flight computations an
         # invalidation detaches (read-your-invalidations, item 7)
         self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -357,9 +352,15 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._async = AsyncRedis(spec, retry_policy)
         self.metrics = sink
         self.breaker = circuit
-        self.breaker.on_change = self._breaker_changed
-        self._explicit_prefix = f"{prefix}:k:"
-        self._tag_prefix = f"{prefix}:s:t:"
+        self._failures = Failures(circuit, sink, spec.describe, self._log)
+        self.breaker.on_change = lambda state: self._failures.breaker_changed(
+            state, self.name
+        )
+        self._driver = SyncDriver(self._sync, self._failures)
+        self._adriver = AsyncDriver(self._async, self._failures)
+        self.keyspace = KeySpace(prefix)
+        self._explicit_prefix = self.keyspace.explicit_prefix
+        self._tag_prefix = self.keyspace.tag_prefix
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
@@ -410,57 +411,13 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
     # -- failure policy (shared by both drivers) --------------------------------------
 
-    def _breaker_changed(self, state: int) -> None:
-        self.metrics.breaker_state(state, self.name)
-        if state == 1:
-            cache_log.warning(
-                "rcache: Redis at %s is unavailable; cache bypassed until it answers again",
-                self._spec.describe(),
-            )
-        elif state == 0:
-            cache_log.warning(
-                "rcache: Redis at %s answers again; caching resumed",
-                self._spec.describe(),
-            )
-
     def _skipped(self, name: str, operation: str, policy: BackendErrorPolicy) -> Any:
-        self.metrics.cache_error(name, operation, "CircuitOpen")
-        if policy == "raise":
-            raise BackendUnavailableError(
-                f"Redis at {self._spec.describe()} is unavailable (circuit breaker open)"
-            )
-        return BYPASS
+        return self._failures.skipped(Guard(name, operation, policy))
 
     def _failed(
         self, name: str, operation: str, exc: RCacheError, policy: BackendErrorPolicy
     ) -> Any:
-        # Only unreachability opens the breaker: a wrong password or database is not
-        # an outage, and bypassing Redis for it would hide the cause behind "open".
-        if isinstance(exc, BackendUnavailableError):
-            self.breaker.failure()
-        original = getattr(exc, "original", None) or exc
-        self.metrics.cache_error(name, operation, type(original).__name__)
-        if policy == "raise":
-            raise exc
-        # str(exc) is the server's error text (map_error strips echoed arguments),
-        # never a value
-        if isinstance(exc, BackendMisconfiguredError):
-            self._log.error(
-                "misconfigured:" + operation,
-                "rcache: cache %s for %s failed: %s; carrying on without the cache",
-                operation,
-                name,
-                exc,
-            )
-        else:
-            self._log.warning(
-                operation,
-                "rcache: cache %s for %s failed (%s); carrying on without the cache",
-                operation,
-                name,
-                exc,
-            )
-        return BYPASS
+        return self._failures.failed(Guard(name, operation, policy), exc)
 
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
         self.metrics.cache_error(name, "decode", "UndecodableError")
@@ -475,9 +432,9 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         )
 
     def _decode(self, name: str, raw: bytes) -> Any:
-        """The cached value, or _MISSING when ``raw`` cannot be decoded."""
+        """The cached value, or MISSING when ``raw`` cannot be decoded."""
         env = self._envelope(name, raw)
-        return _MISSING if env is None else env.value
+        return MISSING if env is None else env.value
 
     def _envelope(
         self, name: str, raw: bytes, serializer: Serializer | None = None
@@ -508,113 +465,6 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         return self._tag_prefix + tag
 
     # -- raw operations: one sync/async pair each -------------------------------------
-
-    def _get_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        try:
-            raw = self._sync.run(lambda c: c.get(key))
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return raw
-
-    async def _aget_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        try:
-            raw = await self._async.run(lambda c: c.get(key))
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return raw
-
-    def _set_raw(
-        self, key: str, data: bytes, ttl: float, name: str, policy: BackendErrorPolicy
-    ) -> bool:
-        if not self.breaker.allow():
-            self._skipped(name, "set", policy)
-            return False
-        try:
-            self._sync.run(lambda c: c.set(key, data, px=ttl_ms(ttl)))
-        except RCacheError as exc:
-            self._failed(name, "set", exc, policy)
-            return False
-        self.breaker.success()
-        self.metrics.cache_put(name)
-        return True
-
-    async def _aset_raw(
-        self, key: str, data: bytes, ttl: float, name: str, policy: BackendErrorPolicy
-    ) -> bool:
-        if not self.breaker.allow():
-            self._skipped(name, "set", policy)
-            return False
-        try:
-            await self._async.run(lambda c: c.set(key, data, px=ttl_ms(ttl)))
-        except RCacheError as exc:
-            self._failed(name, "set", exc, policy)
-            return False
-        self.breaker.success()
-        self.metrics.cache_put(name)
-        return True
-
-    def _delete_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> bool:
-        if not self.breaker.allow():
-            self._skipped(name, "delete", policy)
-            return False
-        try:
-            n = self._sync.run(lambda c: c.delete(key))
-        except RCacheError as exc:
-            self._failed(name, "delete", exc, policy)
-            return False
-        self.breaker.success()
-        if n:
-            self.metrics.cache_removal(name)
-        return bool(n)
-
-    async def _adelete_raw(
-        self, key: str, name: str, policy: BackendErrorPolicy
-    ) -> bool:
-        if not self.breaker.allow():
-            self._skipped(name, "delete", policy)
-            return False
-        try:
-            n = await self._async.run(lambda c: c.delete(key))
-        except RCacheError as exc:
-            self._failed(name, "delete", exc, policy)
-            return False
-        self.breaker.success()
-        if n:
-            self.metrics.cache_removal(name)
-        return bool(n)
-
-    def _mget(self, client: Any, keys: list[str]) -> Any:
-        # On a cluster, get_many's keys span slots: redis-py splits the read per slot
-        # (not atomic; a hit path needing atomicity is refused on clusters anyway).
-        return client.mget_nonatomic(keys) if self._spec.cluster else client.mget(keys)
-
-    def _mget_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        try:
-            rows = self._sync.run(lambda c: self._mget(c, keys))
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return rows
-
-    async def _amget_raw(
-        self, keys: list[str], name: str, policy: BackendErrorPolicy
-    ) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        try:
-            rows = await self._async.run(lambda c: self._mget(c, keys))
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return rows
 
     def _clock_offset(self) -> float | None:
         """Redis's clock minus time.monotonic(), while Redis's clock was read recently
@@ -669,7 +519,8 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [ks.lease(key), ks.ready(key), *stamp_keys]
         args: list[Any] = [
             token,
             ttl_ms(fr.lease_ttl) if take_lease else 0,
@@ -742,7 +593,8 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         spec: Any,
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key, key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [key, ks.lease(key), ks.ready(key), *stamp_keys]
         args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
         return keys, args
 
@@ -808,64 +660,18 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._stored(spec, result)
         return result
 
-    def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        reply = self._sync.run(
-            lambda c: self._renew_script(c, [lease_key], [token, px])
-        )
-        return bool(reply == 1)
-
     def _wait_ready(self, key: str, timeout: float) -> bool:
-        """Block until the computation of ``key`` signals, or ``timeout`` seconds.
-
-        False if Redis did not answer within ``timeout`` plus a small margin (hung or
-        cut off): the caller's budget must not wait on a socket timeout (item 4).
-        """
-        timeout = max(0.001, min(timeout, MAX_BLOCK))
-        if self.is_memory:  # fakeredis does not block: poll the in-process store
-            time.sleep(min(timeout, 0.01))
-            return True
-        ready = key + ":ready"
-        try:
-            command_within(
-                self._sync.blocking_client,
-                timeout + _BLOCK_MARGIN,
-                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
-            )
-        except RedisTimeoutError:
-            return False
-        except Exception:
-            time.sleep(min(timeout, 0.05))  # the next claim reports the error
-        return True
+        """Block until the computation of ``key`` signals, or ``timeout`` seconds;
+        False if Redis did not answer in time (see ``_flow.Block``)."""
+        return bool(self._driver.execute(Block(self.keyspace.ready(key), timeout)))
 
     async def _await_ready(self, key: str, timeout: float) -> bool:
-        timeout = max(0.001, min(timeout, MAX_BLOCK))
-        if self.is_memory:
-            await asyncio.sleep(min(timeout, 0.01))
-            return True
-        ready = key + ":ready"
-        try:
-            await acommand_within(
-                self._async.blocking_client,
-                timeout + _BLOCK_MARGIN,
-                *("BLMOVE", ready, ready, "LEFT", "RIGHT", timeout),
-            )
-        except RedisTimeoutError:
-            return False
-        except Exception:
-            await asyncio.sleep(min(timeout, 0.05))
-        return True
+        return bool(
+            await self._adriver.execute(Block(self.keyspace.ready(key), timeout))
+        )
 
     def _hung(self, spec: Any) -> Any:
-        """A wait got no reply at all: count it as unavailability (breaker, metrics,
-        policy) and return BYPASS, so that the caller computes without Redis."""
-        return self._failed(
-            spec.name,
-            "get",
-            BackendUnavailableError(
-                f"Redis at {self._spec.describe()} did not answer a wait in time"
-            ),
-            spec.policy,
-        )
+        return self._failures.hung(Guard(spec.name, "get", spec.policy))
 
     # -- explicit operations ----------------------------------------------------------
 
@@ -887,58 +693,91 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     def _encode(self, value: Any, ttl: float) -> bytes:
         return encode_envelope(self.serializer, value, fresh_for=ttl)
 
+    def _guard(self, operation: str) -> Guard:
+        return Guard(self.name, operation, self.on_backend_error)
+
+    def _found(self, raw: Any) -> Any:
+        """Count a read of an explicit key; the value, or MISSING."""
+        value = (
+            MISSING if raw is None or raw is BYPASS else self._decode(self.name, raw)
+        )
+        self.metrics.cache_get(self.name, "miss" if value is MISSING else "hit")
+        return value
+
+    def _get_flow(self, key: str, default: Any) -> Flow[Any]:
+        full = self._key(key)
+        value = self._found((yield Run(lambda c: c.get(full), self._guard("get"))))
+        return default if value is MISSING else value
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` on a miss (or a bypassed error)."""
-        raw = self._get_raw(self._key(key), self.name, self.on_backend_error)
-        if raw is None or raw is BYPASS:
-            self.metrics.cache_get(self.name, "miss")
-            return default
-        value = self._decode(self.name, raw)
-        if value is _MISSING:
-            self.metrics.cache_get(self.name, "miss")
-            return default
-        self.metrics.cache_get(self.name, "hit")
-        return value
+        return self._driver.drive(self._get_flow(key, default))
 
     async def aget(self, key: str, default: Any = None) -> Any:
         """Async twin of :meth:`get`."""
-        raw = await self._aget_raw(self._key(key), self.name, self.on_backend_error)
-        if raw is None or raw is BYPASS:
-            self.metrics.cache_get(self.name, "miss")
-            return default
-        value = self._decode(self.name, raw)
-        if value is _MISSING:
-            self.metrics.cache_get(self.name, "miss")
-            return default
-        self.metrics.cache_get(self.name, "hit")
-        return value
+        return await self._adriver.drive(self._get_flow(key, default))
+
+    def _set_flow(self, key: str, value: Any, ttl: Duration | None) -> Flow[bool]:
+        seconds = self._ttl(ttl)
+        data = self._encode(value, seconds)
+        full, px = self._key(key), ttl_ms(seconds)
+        done = yield Run(lambda c: c.set(full, data, px=px), self._guard("set"))
+        if done is BYPASS:
+            return False
+        self.metrics.cache_put(self.name)
+        return True
 
     def set(self, key: str, value: Any, ttl: Duration | None = None) -> bool:
         """Store ``value`` (``None`` included) for ``ttl``; False if the write was bypassed.
 
         :raises SerializationError: the serializer cannot encode ``value``.
         """
-        seconds = self._ttl(ttl)
-        data = self._encode(value, seconds)
-        return self._set_raw(
-            self._key(key), data, seconds, self.name, self.on_backend_error
-        )
+        return self._driver.drive(self._set_flow(key, value, ttl))
 
     async def aset(self, key: str, value: Any, ttl: Duration | None = None) -> bool:
         """Async twin of :meth:`set`."""
-        seconds = self._ttl(ttl)
-        data = self._encode(value, seconds)
-        return await self._aset_raw(
-            self._key(key), data, seconds, self.name, self.on_backend_error
-        )
+        return await self._adriver.drive(self._set_flow(key, value, ttl))
+
+    def _delete_flow(self, keys: list[str], guard: Guard) -> Flow[int]:
+        """DEL ``keys`` (full Redis keys): how many existed, 0 if bypassed."""
+        if not keys:
+            return 0
+        n = yield Run(lambda c: c.delete(*keys), guard)
+        if n is BYPASS:
+            return 0
+        return int(n)
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
-        return self._delete_raw(self._key(key), self.name, self.on_backend_error)
+        keys = [self._key(key)]
+        n = self._driver.drive(self._delete_flow(keys, self._guard("delete")))
+        if n:
+            self.metrics.cache_removal(self.name)
+        return bool(n)
 
     async def adelete(self, key: str) -> bool:
         """Async twin of :meth:`delete`."""
-        return await self._adelete_raw(self._key(key), self.name, self.on_backend_error)
+        keys = [self._key(key)]
+        flow = self._delete_flow(keys, self._guard("delete"))
+        n = await self._adriver.drive(flow)
+        if n:
+            self.metrics.cache_removal(self.name)
+        return bool(n)
+
+    def _delete_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> bool:
+        n = self._driver.drive(self._delete_flow([key], Guard(name, "delete", policy)))
+        if n:
+            self.metrics.cache_removal(name)
+        return bool(n)
+
+    async def _adelete_raw(
+        self, key: str, name: str, policy: BackendErrorPolicy
+    ) -> bool:
+        flow = self._delete_flow([key], Guard(name, "delete", policy))
+        n = await self._adriver.drive(flow)
+        if n:
+            self.metrics.cache_removal(name)
+        return bool(n)
 
     def invalidate_tags(self, *tags: str) -> int:
         """Invalidate every entry computed under any of ``tags``: O(1) per tag.
@@ -950,163 +789,100 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         invalidations); computations elsewhere store nothing under the old stamps.
         """
         keys = [self.tag_key(t) for t in tags]
-        if not keys:
-            return 0
         try:
-            if not self.breaker.allow():
-                self._skipped(self.name, "delete", self.on_backend_error)
-                return 0
-            try:
-                n = self._sync.run(lambda c: c.delete(*keys))
-            except RCacheError as exc:
-                self._failed(self.name, "delete", exc, self.on_backend_error)
-                return 0
-            self.breaker.success()
-            return int(n)
+            return self._driver.drive(self._delete_flow(keys, self._guard("delete")))
         finally:
             self._detach_tags(keys)
 
     async def ainvalidate_tags(self, *tags: str) -> int:
         """Async twin of :meth:`invalidate_tags`."""
         keys = [self.tag_key(t) for t in tags]
-        if not keys:
-            return 0
         try:
-            if not self.breaker.allow():
-                self._skipped(self.name, "delete", self.on_backend_error)
-                return 0
-            try:
-                n = await self._async.run(lambda c: c.delete(*keys))
-            except RCacheError as exc:
-                self._failed(self.name, "delete", exc, self.on_backend_error)
-                return 0
-            self.breaker.success()
-            return int(n)
+            return await self._adriver.drive(
+                self._delete_flow(keys, self._guard("delete"))
+            )
         finally:
             self._detach_tags(keys)
 
     def _detach_tags(self, stamp_keys: list[str]) -> None:
         """Detach this process's in-flight computations under these tag stamps."""
+        if not stamp_keys:
+            return
         for spec in list(self._specs):
             if spec.tags:
                 spec.detach(stamp_keys=stamp_keys)
 
     # -- batches: one round trip each ---------------------------------------------------
 
-    def _many_result(self, keys: list[str], rows: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def _mget(self, client: Any, keys: list[str]) -> Any:
+        # On a cluster, get_many's keys span slots: redis-py splits the read per slot
+        # (not atomic; a hit path needing atomicity is refused on clusters anyway).
+        return client.mget_nonatomic(keys) if self._spec.cluster else client.mget(keys)
+
+    def _get_many_flow(self, keys: Iterable[str]) -> Flow[dict[str, Any]]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        full = [self._key(k) for k in keys]
+        rows = yield Run(lambda c: self._mget(c, full), self._guard("get"))
         if rows is BYPASS:
-            return out
+            return {}
+        out: dict[str, Any] = {}
         for key, raw in zip(keys, rows, strict=True):
-            value = _MISSING if raw is None else self._decode(self.name, raw)
-            self.metrics.cache_get(self.name, "miss" if value is _MISSING else "hit")
-            if value is not _MISSING:
+            value = self._found(raw)
+            if value is not MISSING:
                 out[key] = value
         return out
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The present entries among ``keys`` (missing ones are left out), one MGET."""
-        keys = list(keys)
-        if not keys:
-            return {}
-        rows = self._mget_raw(
-            [self._key(k) for k in keys], self.name, self.on_backend_error
-        )
-        return self._many_result(keys, rows)
+        return self._driver.drive(self._get_many_flow(keys))
 
     async def aget_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Async twin of :meth:`get_many`."""
-        keys = list(keys)
-        if not keys:
-            return {}
-        rows = await self._amget_raw(
-            [self._key(k) for k in keys], self.name, self.on_backend_error
-        )
-        return self._many_result(keys, rows)
+        return await self._adriver.drive(self._get_many_flow(keys))
 
-    def _set_many_data(
-        self, mapping: Mapping[str, Any], ttl: Duration | None
-    ) -> tuple[list[tuple[str, bytes]], int]:
-        seconds = self._ttl(ttl)
-        return [
-            (self._key(k), self._encode(v, seconds)) for k, v in mapping.items()
-        ], ttl_ms(seconds)
-
-    def _pipe_set(self, client: Any, items: list[tuple[str, bytes]], px: int) -> Any:
+    @staticmethod
+    def _pipe_set(client: Any, items: list[tuple[str, bytes]], px: int) -> Any:
         pipe = client.pipeline(transaction=False)
         for key, data in items:
             pipe.set(key, data, px=px)
         return pipe.execute()
 
-    def set_many(self, mapping: Mapping[str, Any], ttl: Duration | None = None) -> bool:
-        """Store every item of ``mapping`` for ``ttl``, in one pipelined round trip."""
-        items, px = self._set_many_data(mapping, ttl)
+    def _set_many_flow(
+        self, mapping: Mapping[str, Any], ttl: Duration | None
+    ) -> Flow[bool]:
+        seconds = self._ttl(ttl)
+        items = [(self._key(k), self._encode(v, seconds)) for k, v in mapping.items()]
         if not items:
             return True
-        if not self.breaker.allow():
-            self._skipped(self.name, "set", self.on_backend_error)
+        px = ttl_ms(seconds)
+        done = yield Run(lambda c: self._pipe_set(c, items, px), self._guard("set"))
+        if done is BYPASS:
             return False
-        try:
-            self._sync.run(lambda c: self._pipe_set(c, items, px))
-        except RCacheError as exc:
-            self._failed(self.name, "set", exc, self.on_backend_error)
-            return False
-        self.breaker.success()
         for _ in items:
             self.metrics.cache_put(self.name)
         return True
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: Duration | None = None) -> bool:
+        """Store every item of ``mapping`` for ``ttl``, in one pipelined round trip."""
+        return self._driver.drive(self._set_many_flow(mapping, ttl))
 
     async def aset_many(
         self, mapping: Mapping[str, Any], ttl: Duration | None = None
     ) -> bool:
         """Async twin of :meth:`set_many`."""
-        items, px = self._set_many_data(mapping, ttl)
-        if not items:
-            return True
-        if not self.breaker.allow():
-            self._skipped(self.name, "set", self.on_backend_error)
-            return False
-        try:
-            await self._async.run(lambda c: self._pipe_set(c, items, px))
-        except RCacheError as exc:
-            self._failed(self.name, "set", exc, self.on_backend_error)
-            return False
-        self.breaker.success()
-        for _ in items:
-            self.metrics.cache_put(self.name)
-        return True
+        return await self._adriver.drive(self._set_many_flow(mapping, ttl))
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete ``keys`` in one command; returns how many existed."""
         full = [self._key(k) for k in keys]
-        if not full:
-            return 0
-        if not self.breaker.allow():
-            self._skipped(self.name, "delete", self.on_backend_error)
-            return 0
-        try:
-            n = int(self._sync.run(lambda c: c.delete(*full)))
-        except RCacheError as exc:
-            self._failed(self.name, "delete", exc, self.on_backend_error)
-            return 0
-        self.breaker.success()
-        return n
+        return self._driver.drive(self._delete_flow(full, self._guard("delete")))
 
     async def adelete_many(self, keys: Iterable[str]) -> int:
         """Async twin of :meth:`delete_many`."""
         full = [self._key(k) for k in keys]
-        if not full:
-            return 0
-        if not self.breaker.allow():
-            self._skipped(self.name, "delete", self.on_backend_error)
-            return 0
-        try:
-            n = int(await self._async.run(lambda c: c.delete(*full)))
-        except RCacheError as exc:
-            self._failed(self.name, "delete", exc, self.on_backend_error)
-            return 0
-        self.breaker.success()
-        return n
+        return await self._adriver.drive(self._delete_flow(full, self._guard("delete")))
 
     def ping(self) -> bool:
         """True if Redis answers (never raises; does not touch the breaker).
@@ -1146,7 +922,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
         :raises BackendError: any other error reply.
         """
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return self._sync.run(lambda c: diagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -1154,7 +930,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
     async def acheck(self) -> str:
         """Async twin of :meth:`check`."""
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -1171,6 +947,91 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         await self._async.aclose()
         if isinstance(self._lock_cache, Cache):
             await self._lock_cache.aclose()
+
+    # -- operating: clear, stats, locks (flows in _admin.py) ----------------------------
+
+    def clear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Delete every key under ``{prefix}:`` (SCAN + UNLINK in batches, never KEYS).
+
+        Lock keys and fence counters (``{prefix}:l:*``) and Celery guard keys
+        (``{prefix}:celery:*``) are kept unless ``include_locks=True``: deleting them
+        frees held locks and restarts fences. Safe while the application runs: each
+        batch blocks the server for well under a millisecond.
+
+        :param dry_run: only count what would be deleted.
+        :param batch_size: keys per SCAN page and per UNLINK.
+        :param on_batch: called with the running :class:`ClearResult` after each SCAN
+            page; returning ``False`` stops at that point (``interrupted=True``).
+        :raises BackendError: Redis failed; keys deleted so far stay deleted.
+
+        Example::
+
+            result = cache.clear(dry_run=True)
+            print(result.matched, "keys would be deleted")
+        """
+        return self._driver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    async def aclear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Async twin of :meth:`clear`."""
+        return await self._adriver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    def stats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Count what lives under the prefix: entries per function, tags, locks, memory.
+
+        One SCAN pass (O(keys), in batches) plus ``MEMORY USAGE`` of ``sample`` random
+        keys, from which the namespace's memory is estimated.
+        """
+        return self._driver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    async def astats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Async twin of :meth:`stats`."""
+        return await self._adriver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    def locks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Locks, RW locks and semaphores under the prefix that are held or waited for.
+
+        For each: holders (token, mode, lease left by the server's clock), the fence
+        counter and the waiters Redis records. A snapshot: leases may end meanwhile.
+        """
+        return self._driver.drive(locks_flow(self.prefix, batch_size))
+
+    async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Async twin of :meth:`locks`."""
+        return await self._adriver.drive(locks_flow(self.prefix, batch_size))
 
     # -- decorator --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import inspect
 import os
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -806,6 +806,11 @@ class SyncRedis:
         self._blocking_pid = 0
 
     @property
+    def memory(self) -> bool:
+        """memory:// (fakeredis, in-process: nothing blocks or hangs)."""
+        return self._spec.memory
+
+    @property
     def client(self) -> redis.Redis:
         client = self._client
         if client is None or self._pid != os.getpid():
@@ -864,6 +869,11 @@ class AsyncRedis:
         self._blocking: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
+
+    @property
+    def memory(self) -> bool:
+        """memory:// (see SyncRedis.memory)."""
+        return self._spec.memory
 
     @property
     def blocking_client(self) -> redis.asyncio.Redis:
@@ -984,11 +994,14 @@ _INCLUDE = re.compile(r"^-- @include (_\w+)$", re.MULTILINE)
 
 
 class LuaScript:
-    """A Lua script shipped as package data (``rcache/_scripts/NAME.lua``).
+    """A Lua script: rcache's own (``rcache/_scripts/NAME.lua``) from its ``name``, or
+    any ``source`` (integrations: ``rcache.spi.packaged_script``).
 
     Called with EVALSHA; on NOSCRIPT (a restarted or flushed server) it loads the source
     and retries once, so the next call after a Redis restart still works. The header of
-    every script states its KEYS, ARGV and return codes.
+    every script states its KEYS, ARGV and return codes. A line ``-- @include NAME``
+    pastes the shared preamble ``rcache/_scripts/NAME.lua``. Integrations run it on a
+    cache with ``rcache.spi.run_script``, which maps errors.
     """
 
     def __init__(self, name: str, source: str | None = None) -> None:
@@ -1007,7 +1020,10 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def __call__(self, client: redis.Redis, keys: list[Any], args: list[Any]) -> Any:
+    def __call__(
+        self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """Run on ``client`` (redis-py's errors, unmapped)."""
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
@@ -1015,8 +1031,9 @@ class LuaScript:
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def acall(
-        self, client: redis.asyncio.Redis, keys: list[Any], args: list[Any]
+        self, client: redis.asyncio.Redis, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
+        """Async twin of calling the script, on a ``redis.asyncio.Redis``."""
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:

@@ -1,0 +1,280 @@
+"""Flows and their drivers: every multi-step protocol is written once.
+
+A *flow* is a generator that yields :class:`Command` objects and receives their replies,
+and returns its result (httpx's ``Auth.auth_flow``; tenacity's ``iter()`` loop, which
+yields ``DoAttempt``/``DoSleep`` to a 24-line driver per mode). The flow decides; it
+never does IO. :class:`SyncDriver` and :class:`AsyncDriver` execute its commands. An
+error of a command is thrown into the flow at its ``yield``, so a flow's
+``try``/``finally`` gives up a lease whatever happens; a flow is unit-tested by sending
+it scripted replies, without Redis.
+
+A command knows how to run itself in each mode (``run``/``arun``), so a module can add a
+command without touching the drivers. The drivers hold the one guarded path: a command
+with a :class:`~rcache._policy.Guard` (a cache command) is skipped while the breaker is
+open and its errors go to :class:`~rcache._policy.Failures`; without one (locks,
+transactions) its error raises. Errors are mapped to rcache's tree in ``_redis.py``
+(``SyncRedis.run``/``AsyncRedis.run``), nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from rcache._exceptions import RCacheError
+from rcache._policy import Failures, Guard
+from rcache._redis import (
+    MAX_BLOCK,
+    AsyncRedis,
+    LuaScript,
+    RedisTimeoutError,
+    SyncRedis,
+    acommand_within,
+    command_within,
+)
+
+__all__ = [
+    "AsyncDriver",
+    "Block",
+    "Command",
+    "Compute",
+    "Critical",
+    "Eval",
+    "Flow",
+    "Run",
+    "Sleep",
+    "SyncDriver",
+]
+
+R = TypeVar("R")
+#: A flow: yields commands, receives their replies, returns R.
+Flow = Generator["Command", Any, R]
+
+#: How much longer than its own timeout a blocking wait may take before Redis counts as
+#: hung (a blocked BLMOVE normally answers within a few ms of its timeout).
+_BLOCK_MARGIN = 0.25
+
+
+class Command:
+    """One step a flow asks its driver to take. ``guard`` marks a cache command."""
+
+    __slots__ = ()
+    guard: Guard | None = None
+
+    def run(self, driver: SyncDriver) -> Any:
+        raise NotImplementedError
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Run(Command):
+    """``op(client)`` on the main client: ``lambda c: c.mget(keys)`` serves both modes
+    (the sync client returns the reply, the asyncio one an awaitable)."""
+
+    op: Callable[[Any], Any]
+    guard: Guard | None = None
+    retry: bool = True
+
+    def run(self, driver: SyncDriver) -> Any:
+        return driver.redis.run(self.op, retry=self.retry)
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return await driver.redis.run(self.op, retry=self.retry)
+
+
+@dataclass(frozen=True, slots=True)
+class Eval(Command):
+    """A packaged Lua script (EVALSHA, loading it again after NOSCRIPT)."""
+
+    script: LuaScript
+    keys: Sequence[Any]
+    args: Sequence[Any]
+    guard: Guard | None = None
+    retry: bool = True
+
+    def run(self, driver: SyncDriver) -> Any:
+        script, keys, args = self.script, self.keys, self.args
+        return driver.redis.run(lambda c: script(c, keys, args), retry=self.retry)
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        script, keys, args = self.script, self.keys, self.args
+        return await driver.redis.run(
+            lambda c: script.acall(c, keys, args), retry=self.retry
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Block(Command):
+    """Wait up to ``timeout`` s for a wake-up pushed on the list ``key`` (BLMOVE from
+    and to the same list, so one wake-up wakes every waiter). Replies False when Redis
+    did not answer within the timeout plus a margin (hung or cut off: the caller's
+    budget must not wait on a socket timeout), else True (other errors: the next
+    command reports them)."""
+
+    key: str
+    timeout: float
+
+    def _argv(self) -> tuple[float, tuple[Any, ...]]:
+        timeout = max(0.001, min(self.timeout, MAX_BLOCK))
+        key = self.key
+        return timeout, ("BLMOVE", key, key, "LEFT", "RIGHT", timeout)
+
+    def run(self, driver: SyncDriver) -> bool:
+        timeout, argv = self._argv()
+        if driver.redis.memory:  # fakeredis does not block: poll the in-process store
+            time.sleep(min(timeout, 0.01))
+            return True
+        try:
+            command_within(driver.redis.blocking_client, timeout + _BLOCK_MARGIN, *argv)
+        except RedisTimeoutError:
+            return False
+        except Exception:
+            time.sleep(min(timeout, 0.05))
+        return True
+
+    async def arun(self, driver: AsyncDriver) -> bool:
+        timeout, argv = self._argv()
+        if driver.redis.memory:
+            await asyncio.sleep(min(timeout, 0.01))
+            return True
+        try:
+            await acommand_within(
+                driver.redis.blocking_client, timeout + _BLOCK_MARGIN, *argv
+            )
+        except RedisTimeoutError:
+            return False
+        except Exception:
+            await asyncio.sleep(min(timeout, 0.05))
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep(Command):
+    seconds: float
+
+    def run(self, driver: SyncDriver) -> None:
+        time.sleep(self.seconds)
+
+    async def arun(self, driver: AsyncDriver) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Compute(Command):
+    """Call the user's function (awaited in async mode); its exceptions reach the flow
+    unchanged."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+    def run(self, driver: SyncDriver) -> Any:
+        return self.fn(*self.args, **(self.kwargs or {}))
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return await self.fn(*self.args, **(self.kwargs or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Critical(Command):
+    """A step that must finish once sent (giving up a lease, a release): the async
+    driver shields it from cancellation; the cancellation still reaches the flow."""
+
+    command: Command
+
+    @property
+    def guard(self) -> Guard | None:  # type: ignore[override]
+        return self.command.guard
+
+    def run(self, driver: SyncDriver) -> Any:
+        return self.command.run(driver)
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return await asyncio.shield(self.command.arun(driver))
+
+
+class SyncDriver:
+    """Executes commands with a sync client; ``drive`` runs a flow to its result."""
+
+    __slots__ = ("failures", "redis")
+
+    def __init__(self, redis: SyncRedis, failures: Failures) -> None:
+        self.redis = redis
+        self.failures = failures
+
+    def execute(self, command: Command) -> Any:
+        """The one guarded path of sync mode (see the module docstring)."""
+        guard = command.guard
+        if guard is None:
+            return command.run(self)
+        breaker = self.failures.breaker
+        if not breaker.allow():
+            return self.failures.skipped(guard)
+        try:
+            reply = command.run(self)
+        except RCacheError as exc:
+            return self.failures.failed(guard, exc)
+        breaker.success()
+        return reply
+
+    def drive(self, flow: Flow[R]) -> R:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    command = flow.send(reply)
+                else:
+                    command, error = flow.throw(error), None
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                reply = self.execute(command)
+            except BaseException as exc:
+                reply, error = None, exc
+
+
+class AsyncDriver:
+    """Async twin of :class:`SyncDriver`."""
+
+    __slots__ = ("failures", "redis")
+
+    def __init__(self, redis: AsyncRedis, failures: Failures) -> None:
+        self.redis = redis
+        self.failures = failures
+
+    async def execute(self, command: Command) -> Any:
+        """The one guarded path of async mode (see :meth:`SyncDriver.execute`)."""
+        guard = command.guard
+        if guard is None:
+            return await command.arun(self)
+        breaker = self.failures.breaker
+        if not breaker.allow():
+            return self.failures.skipped(guard)
+        try:
+            reply = await command.arun(self)
+        except RCacheError as exc:
+            return self.failures.failed(guard, exc)
+        breaker.success()
+        return reply
+
+    async def drive(self, flow: Flow[R]) -> R:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    command = flow.send(reply)
+                else:
+                    command, error = flow.throw(error), None
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                reply = await self.execute(command)
+            except BaseException as exc:
+                reply, error = None, exc
