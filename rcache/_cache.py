@@ -30,7 +30,7 @@ from rcache._admin import (
 )
 from rcache._batch import BatchSpec, make_batch
 from rcache._breaker import CircuitBreaker
-from rcache._cache_protocol import CACHE_RENEW, Renewed
+from rcache._cache_protocol import CACHE_RENEW
 from rcache._config import (
     BackendErrorPolicy,
     BreakerPolicy,
@@ -49,7 +49,7 @@ from rcache._exceptions import (
 )
 from rcache._flow import AsyncDriver, Flow, Run, SyncDriver
 from rcache._keys import KeyBuilder, KeySpace
-from rcache._lease import LeaseKeeper
+from rcache._leases import KeyLeases
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
@@ -153,7 +153,9 @@ class Cache(LockMixin, TransactionMixin):
         lock_url: str | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
-        self._leases = LeaseKeeper(self._renew)
+        # computation leases, renewed by the process's lease renewer through this
+        # cache's sync driver, or its async one on the computing loop
+        self._leases = KeyLeases(CACHE_RENEW.script, self, cache_log)
         # background refreshes of stale entries (sync functions): a few threads at most,
         # started on first use
         self._refresher = RefreshPool()
@@ -398,11 +400,6 @@ class Cache(LockMixin, TransactionMixin):
     def tag_key(self, tag: str) -> str:
         """The Redis key of a tag's version stamp."""
         return self._tag_prefix + tag
-
-    def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        keys, args = CACHE_RENEW.keys(lease_key), CACHE_RENEW.args(token, px)
-        reply = self._sync.run(lambda c: CACHE_RENEW.script(c, keys, args))
-        return CACHE_RENEW.parse(reply) is Renewed.RENEWED
 
     # -- explicit operations ----------------------------------------------------------
 

@@ -13,7 +13,7 @@ script               reply
 ``cache_claim``      :class:`Claim` (lease taken?, its PTTL, TIME, repairs, stamps)
 ``cache_store``      :class:`Stored` (1 stored, 0 rejected, -1 released only)
 ``cache_store_many`` the number of entries stored
-``cache_renew``      :class:`Renewed` (1 renewed, 0 lost)
+``cache_renew``      1 renewed, 0 lost (read by ``_leases.KeyLeases``)
 ===================  ===========================================================
 """
 
@@ -39,7 +39,6 @@ __all__ = [
     "CACHE_STORE_MANY",
     "Claim",
     "Read",
-    "Renewed",
     "ScriptSpec",
     "Store",
     "Stored",
@@ -221,34 +220,11 @@ class _StoreManySpec(ScriptSpec):
         return int(reply)
 
 
-# -- cache_renew ---------------------------------------------------------------------
-
-
-class Renewed(IntEnum):
-    """``cache_renew``'s return codes."""
-
-    LOST = 0  #: expired, taken over, or another type
-    RENEWED = 1
-
-
-class _RenewSpec(ScriptSpec):
-    __slots__ = ()
-
-    @staticmethod
-    def keys(lease_key: str) -> list[str]:
-        return [lease_key]
-
-    @staticmethod
-    def args(token: str, px: int) -> list[Any]:
-        return [token, px]
-
-    @staticmethod
-    def parse(reply: Any) -> Renewed:
-        return Renewed(int(reply))
+# -- cache_renew: renewed by rcache._leases.KeyLeases (reply 1 renewed, 0 lost) ------
 
 
 CACHE_READ = _ReadSpec("cache_read")
 CACHE_CLAIM = _ClaimSpec("cache_claim")
 CACHE_STORE = _StoreSpec("cache_store")
 CACHE_STORE_MANY = _StoreManySpec("cache_store_many")
-CACHE_RENEW = _RenewSpec("cache_renew")
+CACHE_RENEW = ScriptSpec("cache_renew")

@@ -39,7 +39,7 @@ from rcache._config import BackendErrorPolicy, CachedOptions
 from rcache._flow import AsyncDriver, SyncDriver
 from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder, Template
-from rcache._lease import LeaseKeeper
+from rcache._leases import KeyLeases
 from rcache._policy import Guard
 from rcache._readthrough import (
     Call,
@@ -136,7 +136,7 @@ class Owner(Host, Protocol):
     breaker: CircuitBreaker
     _driver: SyncDriver
     _adriver: AsyncDriver
-    _leases: LeaseKeeper
+    _leases: KeyLeases
     _refresher: RefreshPool
 
     def tag_key(self, tag: str) -> str: ...
@@ -313,6 +313,11 @@ class _SyncHooks:
 
 class _AsyncHooks(_SyncHooks):
     __slots__ = ()
+
+    def hold(self, lease_key: str, token: str, ttl: float, held: bool) -> Any:
+        # renewed on this loop, by its async client (a blocked loop loses its lease)
+        loop = asyncio.get_running_loop()
+        return self.spec.cache._leases.add(lease_key, token, ttl, held, loop=loop)
 
     def refresh_later(self, call: Call) -> None:
         spec = self.spec
