@@ -391,13 +391,15 @@ class ReadThrough(_Reader):
         except UndecodableError as exc:
             undecodable(self.host.metrics, self.host._log, self.name, exc)
             return None
+        if len(rows) == 2:  # the function's stamp alone: stamp_blob([s]) is s
+            stamp = rows[1]
+            if stamp is None:  # invalidated: the stamp was deleted
+                return None
+            if len(stamp) <= 255:
+                return env if env.stamp == stamp else None
         stamps = rows[1:]
         if None in stamps:  # invalidated: a stamp was deleted
             return None
-        if len(stamps) == 1:  # the function's stamp alone: stamp_blob([s]) is s
-            stamp = stamps[0]
-            if len(stamp) <= 255 and env.stamp == stamp:  # type: ignore[arg-type]
-                return env
         if env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
             return None  # computed under old stamps
         return env
