@@ -102,35 +102,36 @@ class InMemoryMetrics:
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.breaker = 0
         self._lock = threading.Lock()
+        # Each event is one call of this, written in the method itself: a shared
+        # helper taking *event cost a cached hit 12 more bytecodes per event.
+        self._add = _TALLY if _TALLY is not None else self._locked_tally
 
     def count(self, *event: str) -> int:
         """How many times ``event`` (name, then labels) was reported."""
         return self.counts[event]
 
-    def _inc(self, *event: str) -> None:
-        if _TALLY is not None:
-            _TALLY(self.counts, (event,))  # atomic: see _tally
-            return
+    def _locked_tally(self, counts: Any, events: Iterable[tuple[str, ...]]) -> None:
         with self._lock:  # Counter += is not atomic across threads
-            self.counts[event] += 1
+            for event in events:
+                counts[event] += 1
 
     def register_cache(self, cache: str) -> None:
         pass
 
     def cache_get(self, cache: str, result: str) -> None:
-        self._inc("cache_gets", cache, result)
+        self._add(self.counts, (("cache_gets", cache, result),))
 
     def cache_put(self, cache: str) -> None:
-        self._inc("cache_puts", cache)
+        self._add(self.counts, (("cache_puts", cache),))
 
     def cache_removal(self, cache: str) -> None:
-        self._inc("cache_removals", cache)
+        self._add(self.counts, (("cache_removals", cache),))
 
     def cache_load(self, cache: str, result: str, seconds: float) -> None:
-        self._inc("cache_loads", cache, result)
+        self._add(self.counts, (("cache_loads", cache, result),))
 
     def cache_error(self, cache: str, operation: str, error: str) -> None:
-        self._inc("cache_errors", cache, operation, error)
+        self._add(self.counts, (("cache_errors", cache, operation, error),))
 
     def breaker_state(self, state: int, cache: str = "") -> None:
         self.breaker = state
@@ -139,23 +140,23 @@ class InMemoryMetrics:
         pass
 
     def lock_acquire(self, lock: str, result: str) -> None:
-        self._inc("lock_acquires", lock, result)
+        self._add(self.counts, (("lock_acquires", lock, result),))
 
     def lock_wait(self, lock: str, seconds: float) -> None:
-        self._inc("lock_waits", lock)
+        self._add(self.counts, (("lock_waits", lock),))
 
     def lock_held(self, lock: str, seconds: float) -> None:
-        self._inc("lock_holds", lock)
+        self._add(self.counts, (("lock_holds", lock),))
 
     def lock_release(self, lock: str, result: str) -> None:
-        self._inc("lock_releases", lock, result)
+        self._add(self.counts, (("lock_releases", lock, result),))
 
     def lock_renewal(self, lock: str, result: str) -> None:
-        self._inc("lock_renewals", lock, result)
+        self._add(self.counts, (("lock_renewals", lock, result),))
 
     def locks_held_change(self, lock: str, delta: int) -> None:
         with self._lock:
             self.counts[("locks_held", lock)] += delta
 
     def lock_eviction_risk(self, policy: str) -> None:
-        self._inc("lock_eviction_risk", policy)
+        self._add(self.counts, (("lock_eviction_risk", policy),))

@@ -156,12 +156,10 @@ class Mget(Command):
         return f"Mget({self.keys!r})"
 
     def run(self, driver: SyncDriver) -> Any:
-        keys = self.keys
-        return driver.redis.run(lambda c: c.mget(keys))
+        return driver.redis.mget(self.keys)
 
     async def arun(self, driver: AsyncDriver) -> Any:
-        keys = self.keys
-        return await driver.redis.run(lambda c: c.mget(keys))
+        return await driver.redis.mget(self.keys)
 
 
 class Host(Protocol):
@@ -494,10 +492,14 @@ class ReadThrough(_Reader):
         result = leader if leader in ("hit", "stale") else "coalesced"
         self.host.metrics.cache_get(self.name, result)
 
-    def skipped(self) -> None:
-        """Count a call made while the breaker is open (raises under "raise")."""
-        self.host._failures.skipped(self.get)
-        self.host.metrics.cache_get(self.name, "miss")
+    def skipped(self) -> MetricsSink:
+        """Count a call made while the breaker is open (raises under "raise"); returns
+        the sink, where the caller counts its computation."""
+        host = self.host
+        host._failures.skipped(self.get)
+        metrics = host.metrics
+        metrics.cache_get(self.name, "miss")
+        return metrics
 
     def detached(self, flight: Flight | None) -> bool:
         """Was this computation detached by an invalidation (then it must not store)?

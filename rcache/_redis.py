@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import inspect
 import os
 import re
@@ -63,6 +64,14 @@ T = TypeVar("T")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: redis-py's packer when hiredis is installed (the "fast" extra), and hiredis's own
+#: pack function: command_within packs with it directly (see _send).
+_HIREDIS_PACKER: Any = getattr(redis.connection, "HiredisRespSerializer", None)
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # without hiredis, redis-py's packer is the Python one
+    _HIREDIS_PACKER = None
+
 _SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
@@ -794,6 +803,137 @@ def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
     return tenacity.AsyncRetrying(**_retry_options(policy))
 
 
+#: This process's fork generation, bumped in a forked child by an ``os.register_at_fork``
+#: hook that the first client registers (nothing is registered at import). A client
+#: made in an older generation was the parent's. One list read per call where
+#: ``os.getpid()`` was a system call per call (3 per cache hit against the floor's 2).
+_FORKS = [0]
+#: ``os.getpid()``, kept current by the same hook; read by :func:`process_id`
+_PID = [0]
+_WATCHING = [False]
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+    _PID[0] = os.getpid()
+
+
+def _watch_forks() -> None:
+    """Register the fork hook, once per process. Two threads racing here register it
+    twice, which is harmless: a fork then bumps the generation twice."""
+    if not _WATCHING[0]:
+        _PID[0] = os.getpid()
+        if hasattr(os, "register_at_fork"):  # no fork where it is missing (Windows)
+            os.register_at_fork(after_in_child=_forked)
+        _WATCHING[0] = True
+
+
+def process_id() -> int:
+    """``os.getpid()`` without a system call per use (lock tokens and owners)."""
+    if not _WATCHING[0]:
+        _watch_forks()
+    return _PID[0]
+
+
+#: what a first try may raise that run() maps (and retries, when transient)
+_TRIED: tuple[type[BaseException], ...] = (*TRANSIENT, *REDIS_ERRORS)
+
+
+def _retries(policy: RetryPolicy, exc: BaseException, retry: bool) -> bool:
+    """Is ``exc``, raised by a first try, worth the rest of the retry schedule?"""
+    return retry and _transient(exc) and policy.attempts > 1
+
+
+def _direct_sync(client: Any) -> bool:
+    """May :meth:`SyncRedis.mget` read below redis-py's command layer on ``client``?
+    Only a plain ``redis.Redis`` on a plain ``ConnectionPool``. Redis Cluster (no one
+    pool), Sentinel (its pool finds the primary), memory:// (fakeredis), a
+    single-connection client, a client-side cache or an MGET response callback go
+    through the client's ``mget``."""
+    pool = getattr(client, "connection_pool", None)
+    return (
+        type(client) is redis.Redis
+        and type(pool) is redis.ConnectionPool
+        and client.connection is None
+        and getattr(pool, "cache", None) is None
+        and "MGET" not in client.response_callbacks
+    )
+
+
+def _direct_async(client: Any) -> tuple[bool, bool]:
+    """(May :meth:`AsyncRedis.mget` read below ``redis.asyncio``'s command layer on
+    ``client`` (as :func:`_direct_sync`), may it pack with hiredis). redis.asyncio packs
+    in Python with the pool's encoder: hiredis writes the same bytes for UTF-8 text."""
+    pool = getattr(client, "connection_pool", None)
+    direct = (
+        type(client) is redis.asyncio.Redis
+        and type(pool) is redis.asyncio.ConnectionPool
+        and not client.single_connection_client
+        and getattr(pool, "cache", None) is None
+        and "MGET" not in client.response_callbacks
+    )
+    if not direct or _HIREDIS_PACKER is None:
+        return direct, False
+    kwargs = cast(Any, pool).connection_kwargs
+    abstract: Any = redis.asyncio.connection.AbstractConnection
+    try:
+        utf8 = codecs.lookup(kwargs.get("encoding", "utf-8")).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return direct, (
+        utf8
+        and kwargs.get("encoding_errors", "strict") == "strict"
+        and getattr(cast(Any, pool).connection_class, "pack_command", None)
+        is abstract.pack_command
+    )
+
+
+def _read(client: redis.Redis, args: tuple[Any, ...]) -> Any:
+    """Send one command on a pooled connection and read its reply: what redis-py's
+    ``execute_command`` does, without its retry wrapper (off in rcache's clients:
+    rcache retries itself), its closure and its observability recorders. As there, a
+    connection that failed is dropped, never pooled with a reply pending; with
+    redis-py's hiredis packer, hiredis packs directly (the same bytes, without the
+    packer's per-argument generator)."""
+    pool: Any = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        if type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER:
+            conn.send_packed_command([_hiredis_pack(args)])
+        else:
+            conn.send_command(*args)
+        return conn.read_response()
+    except rex.ResponseError:
+        raise  # the server answered: the connection is in sync
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+async def _aread(
+    client: redis.asyncio.Redis, args: tuple[Any, ...], packed: bool
+) -> Any:
+    """Async twin of :func:`_read` (``packed``: hiredis packs, see
+    :func:`_direct_async`). A cancelled read drops its connection."""
+    pool: Any = client.connection_pool
+    conn: Any = await pool.get_connection()
+    try:
+        if packed:
+            await conn.send_packed_command(_hiredis_pack(args))
+        else:
+            await conn.send_command(*args)
+        return await conn.read_response()
+    except rex.ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+
+
 class SyncRedis:
     """Lazily created sync client plus ``run``: error mapping and retries in one place."""
 
@@ -801,9 +941,12 @@ class SyncRedis:
         self._spec = spec
         self._retry = retry
         self._client: redis.Redis | None = None
-        self._pid = 0
+        self._gen = -1  # the fork generation the client was made in
         self._blocking: redis.Redis | None = None
-        self._blocking_pid = 0
+        self._blocking_gen = -1
+        #: (a client, whether mget reads below its command layer), decided once per
+        #: client: a test may put another client in place
+        self._reads: tuple[Any, bool] = (None, False)
 
     @property
     def memory(self) -> bool:
@@ -813,9 +956,10 @@ class SyncRedis:
     @property
     def client(self) -> redis.Redis:
         client = self._client
-        if client is None or self._pid != os.getpid():
+        if client is None or self._gen != _FORKS[0]:
+            _watch_forks()
             client = self._client = self._spec.sync_client()
-            self._pid = os.getpid()
+            self._gen = _FORKS[0]
         return client
 
     @property
@@ -823,9 +967,10 @@ class SyncRedis:
         """A second client for blocking commands (BLMOVE), whose socket timeout outlasts
         the longest block (MAX_BLOCK); the main client keeps its short timeout."""
         client = self._blocking
-        if client is None or self._blocking_pid != os.getpid():
+        if client is None or self._blocking_gen != _FORKS[0]:
+            _watch_forks()
             client = self._blocking = self._spec.sync_client(blocking=True)
-            self._blocking_pid = os.getpid()
+            self._blocking_gen = _FORKS[0]
         return client
 
     def run(self, op: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
@@ -833,14 +978,38 @@ class SyncRedis:
         client = self.client
         try:
             return op(client)
-        except NOT_TRANSIENT as exc:
-            raise map_error(exc) from exc
-        except TRANSIENT as exc:
-            if not retry or self._retry.attempts <= 1:
+        except _TRIED as exc:
+            if not _retries(self._retry, exc, retry):
                 raise map_error(exc) from exc
             first = exc
-        except REDIS_ERRORS as exc:
-            raise map_error(exc) from exc
+        return self._retry_after(first, op, client)
+
+    def mget(self, keys: list[str]) -> Any:
+        """``MGET keys``, the read of every cache hit, on :meth:`run`'s terms (errors
+        mapped; a transient one retried on the same schedule, the failed read being the
+        first attempt). On a plain client it reads below redis-py's command layer
+        (:func:`_read`): ~420 fewer bytecodes a hit, ~20 us here. What that skips is
+        redis-py's OpenTelemetry command metrics, for this read only."""
+        client = self._client
+        if client is None or self._gen != _FORKS[0]:
+            client = self.client
+        reads = self._reads
+        if reads[0] is not client:
+            reads = self._reads = (client, _direct_sync(client))
+        try:
+            if reads[1]:
+                return _read(client, ("MGET", *keys))
+            return client.mget(keys)
+        except _TRIED as exc:
+            if not _retries(self._retry, exc, True):
+                raise map_error(exc) from exc
+            first = exc
+        return self._retry_after(first, lambda c: c.mget(keys), client)
+
+    def _retry_after(
+        self, first: BaseException, op: Callable[[redis.Redis], T], client: redis.Redis
+    ) -> T:
+        """The rest of the retry schedule after a first try failed with ``first``."""
         try:
             return _retrying(self._retry)(op, client)
         except _REDIS_OR_OS_ERRORS as exc:
@@ -855,6 +1024,7 @@ class SyncRedis:
             if self._spec.user_client is not self._blocking:
                 _close_sentinels(self._blocking)
         self._client = self._blocking = None
+        self._reads = (None, False)
 
 
 class AsyncRedis:
@@ -869,6 +1039,9 @@ class AsyncRedis:
         self._blocking: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
+        #: (weak reference to a client, does mget read below its command layer, does
+        #: it pack with hiredis): decided once per client, which lives with its loop
+        self._reads: tuple[Callable[[], Any], bool, bool] = (_nothing, False, False)
 
     @property
     def memory(self) -> bool:
@@ -906,14 +1079,39 @@ class AsyncRedis:
         client = self.client
         try:
             return await op(client)
-        except NOT_TRANSIENT as exc:
-            raise map_error(exc) from exc
-        except TRANSIENT as exc:
-            if not retry or self._retry.attempts <= 1:
+        except _TRIED as exc:
+            if not _retries(self._retry, exc, retry):
                 raise map_error(exc) from exc
             first = exc
-        except REDIS_ERRORS as exc:
-            raise map_error(exc) from exc
+        return await self._retry_after(first, op, client)
+
+    async def mget(self, keys: list[str]) -> Any:
+        """Async twin of :meth:`SyncRedis.mget`; a cancellation that redis-py swallowed
+        is raised as in :meth:`run`, after the connection went back to the pool."""
+        asked = _cancel_requests()
+        client = self.client
+        reads = self._reads
+        if reads[0]() is not client:
+            reads = self._reads = (weakref.ref(client), *_direct_async(client))
+        try:
+            if reads[1]:
+                rows = await _aread(client, ("MGET", *keys), reads[2])
+            else:
+                rows = await client.mget(keys)
+        except _TRIED as exc:
+            if not _retries(self._retry, exc, True):
+                raise map_error(exc) from exc
+            rows = await self._retry_after(exc, lambda c: c.mget(keys), client)
+        _raise_if_cancelled(asked)
+        return rows
+
+    async def _retry_after(
+        self,
+        first: BaseException,
+        op: Callable[[redis.asyncio.Redis], Awaitable[T]],
+        client: redis.asyncio.Redis,
+    ) -> T:
+        """The rest of the retry schedule after a first try failed with ``first``."""
 
         async def attempt() -> T:
             # a coroutine *function*: tenacity would not await a lambda's coroutine
@@ -938,6 +1136,11 @@ class AsyncRedis:
                 if pool is not None:
                     for sentinel in pool.sentinel_manager.sentinels:
                         await sentinel.aclose()
+
+
+def _nothing() -> None:
+    """A dead weak reference's answer (no client decided yet)."""
+    return None
 
 
 _CHECK_SOURCE = (
@@ -1086,15 +1289,22 @@ def command_within(
         pool.release(conn)
 
 
-def _cancel_requests() -> int:
-    """How many times the current task was asked to cancel and did not uncancel
-    (``Task.cancelling()``, Python >= 3.11; 0 on 3.10, where this cannot be told)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return 0 if cancelling is None else int(cancelling())
+def _cancel_requests() -> tuple[Any, int]:
+    """(The current task, how many times it was asked to cancel and did not uncancel):
+    what :func:`_raise_if_cancelled` compares with later. ``Task.cancelling()`` is
+    Python >= 3.11; on 3.10, where this cannot be told, (None, 0). The task is looked
+    up once: ``asyncio.current_task`` is Python code before 3.12."""
+    task: Any = asyncio.current_task()
+    if task is None or not _CAN_TELL:
+        return None, 0
+    return task, task.cancelling()
 
 
-def _raise_if_cancelled(asked: int) -> None:
+#: Task.cancelling() exists (Python >= 3.11)
+_CAN_TELL = hasattr(asyncio.Task, "cancelling")
+
+
+def _raise_if_cancelled(asked: tuple[Any, int]) -> None:
     """Deliver a cancellation that was requested since ``asked`` but never raised.
 
     Before Python 3.12, ``asyncio.wait_for`` returns the inner result when the
@@ -1104,7 +1314,8 @@ def _raise_if_cancelled(asked: int) -> None:
     when the holder's lease ran out, 10 s later. The callers undo by token what the
     call may have done, as for any cancellation.
     """
-    if _cancel_requests() > asked:
+    task, count = asked
+    if task is not None and task.cancelling() > count:
         raise asyncio.CancelledError
 
 
