@@ -62,7 +62,6 @@ import functools
 import inspect
 import os
 import random
-import secrets
 import threading
 import time
 import weakref
@@ -163,6 +162,9 @@ _IO_MARGIN = 0.2
 _SAFE_POLICIES = frozenset({"noeviction"})
 
 _DEFAULT: Any = object()
+#: The clock of leases and waits (a module global, so that flows are unit-tested with a
+#: fake clock, as CircuitBreaker(clock=) is).
+_monotonic = time.monotonic
 _Callback = Callable[["Lease"], object]
 #: Who holds a lease: (process, thread, asyncio task or 0).
 _Owner = tuple[int, int, int]
@@ -533,7 +535,7 @@ class _Eval(Command):
             self.attempts += 1
             limit = cap
             if deadline is not None:
-                now = time.monotonic()
+                now = _monotonic()
                 if self.attempts > 1 and now >= deadline + _IO_MARGIN:
                     raise BackendUnavailableError(
                         "Redis did not answer within the wait's budget"
@@ -728,7 +730,7 @@ class Lease:
         self.fence = fence
         self.ttl = owner.ttl
         self.pid = os.getpid()
-        self.acquired_at = time.monotonic()
+        self.acquired_at = _monotonic()
         self.waited = self.acquired_at - started
         self.lost = False
         self.released = False
@@ -773,7 +775,7 @@ class Lease:
             not self.lost
             and not self.released
             and not self.unconfirmed
-            and time.monotonic() < self.deadline
+            and _monotonic() < self.deadline
         )
 
     def _mark_lost(self, reason: str) -> None:
@@ -794,7 +796,7 @@ class Lease:
 
     def ensure_held(self) -> None:
         """Raise :class:`LockLostError` unless the lease is still held (local check)."""
-        if not self.lost and not self.released and time.monotonic() >= self.deadline:
+        if not self.lost and not self.released and _monotonic() >= self.deadline:
             self._mark_lost("its lease ran out without a successful renewal")
         if not self.held:
             state = "release sent, unconfirmed" if self.unconfirmed else "released"
@@ -957,15 +959,17 @@ class _LeasedLock:
         env: _Env = yield _ENV
         if self._policy_unknown():
             yield _Detach(self._policy_flow(), self._background)
-        token = f"{os.getpid()}:{secrets.token_hex(12)}"
-        started = time.monotonic()
+        # An identifier, not a secret (whoever reaches Redis can read it): 96 random
+        # bits from `random`, reseeded in a forked child, cost no system call.
+        token = f"{owner[0]}:{random.getrandbits(96):024x}"
+        started = _monotonic()
         deadline = None if timeout is None else started + timeout
         cap = env.caps.block
         waited = False
         while True:
             mode = Try.ONCE if timeout == 0 else Try.RETRY if waited else Try.FIRST
             call = self._acquire_call(token, mode, cap)
-            sent = time.monotonic()
+            sent = _monotonic()
             try:
                 attempt = Attempt.parse((yield _Eval(call, deadline)))
             except RCacheError as exc:
@@ -981,7 +985,7 @@ class _LeasedLock:
             if attempt.code == Acquired.GRANTED:
                 self._grant(owner, token, attempt.value, sent, started, renew, env.loop)
                 return True
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and _monotonic() >= deadline:
                 yield from self._abandon_flow(token, deadline)
                 self._metrics.lock_acquire(
                     self.metrics_name, "busy" if timeout == 0 else "timeout"
@@ -996,12 +1000,12 @@ class _LeasedLock:
             try:
                 yield _Pop(self._signal_key(token), wait)
             except RCacheError as exc:
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadline is not None and _monotonic() >= deadline:
                     # Redis did not answer and the budget is spent: no further call
                     # (the clean-up of a fair/writer place runs in the background).
                     yield _Detach(self._abandon_flow(token), self._background)
                     raise self._not_acquired(exc) from exc
-                remaining = wait if deadline is None else deadline - time.monotonic()
+                remaining = wait if deadline is None else deadline - _monotonic()
                 yield Sleep(max(0.0, min(remaining, random.uniform(*_FALLBACK))))
             except GeneratorExit:
                 raise
@@ -1036,7 +1040,7 @@ class _LeasedLock:
         wait = hint_ms / 1000 + _EXPIRY_SLACK if hint_ms > 0 else _FALLBACK[1]
         wait = min(wait, cap)
         if deadline is not None:
-            wait = min(wait, deadline - time.monotonic())
+            wait = min(wait, deadline - _monotonic())
         return max(wait, _MIN_BLOCK)
 
     def _grant(
@@ -1264,7 +1268,7 @@ class _LeasedLock:
         if lease.watched:
             get_renewer().remove(lease)
         self._metrics.locks_held_change(self.metrics_name, -1)
-        self._metrics.lock_held(self.metrics_name, time.monotonic() - lease.acquired_at)
+        self._metrics.lock_held(self.metrics_name, _monotonic() - lease.acquired_at)
 
     # -- extend -------------------------------------------------------------------------
 
@@ -1285,7 +1289,7 @@ class _LeasedLock:
     def _extend_flow(self, ttl: Duration | None) -> Flow[None]:
         lease = self._own("extend")
         seconds = self.ttl if ttl is None else lock_ttl(ttl)
-        sent = time.monotonic()
+        sent = _monotonic()
         try:
             code = int((yield _Eval(self._extend_call(lease.token, seconds))))
         except RCacheError as exc:

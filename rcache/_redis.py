@@ -1068,9 +1068,11 @@ def command_within(
         conn.send_command(*args)
         if on_sent is not None:
             on_sent()
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
-        if not conn.can_read(timeout=wait):
-            raise rex.TimeoutError(f"no reply from Redis within {wait}s")
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is not None:
+            if not conn.can_read(timeout=wait):
+                raise rex.TimeoutError(f"no reply from Redis within {wait}s")
+        # else the socket timeout bounds the read as tightly, without a poll first
         return cast(Any, client).parse_response(conn, str(args[0]))
     except rex.ResponseError:
         raise  # the server answered: the connection is in sync
@@ -1079,6 +1081,16 @@ def command_within(
         raise
     finally:
         pool.release(conn)
+
+
+def _reply_wait(limit: float | None, socket_timeout: float | None) -> float | None:
+    """How long to wait for a reply when ``limit`` bounds it more tightly than the
+    connection's socket timeout, which bounds every read anyway; else None (no poll
+    before the read, no ``wait_for`` task: the common case costs what a plain command
+    costs)."""
+    if limit is None or (socket_timeout is not None and limit >= socket_timeout):
+        return None
+    return max(limit, 0.001)
 
 
 def _cancel_requests() -> int:
@@ -1132,11 +1144,12 @@ async def acommand_within(
             on_sent()
         # before the read: a swallowed cancellation must not wait out a BLPOP
         _raise_if_cancelled(asked)
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
+        reply = cast(Any, client).parse_response(conn, str(args[0]))
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is None:
+            return await reply  # the socket timeout bounds it: no wait_for task
         try:
-            return await asyncio.wait_for(
-                cast(Any, client).parse_response(conn, str(args[0])), wait
-            )
+            return await asyncio.wait_for(reply, wait)
         except asyncio.TimeoutError:
             raise rex.TimeoutError(f"no reply from Redis within {wait}s") from None
     except rex.ResponseError:
