@@ -110,7 +110,7 @@ from rcache._types import P, R
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
     from rcache._admin import ForceReleaseResult
     from rcache._flow import AsyncDriver, SyncDriver
@@ -835,9 +835,18 @@ class _LeasedLock:
     _exclusive_key: str | None = None
 
     def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
+        self,
+        cache: _Home,
+        name: str,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
     ) -> None:
-        options = LockOptions() if options is None else options
+        """Made by :meth:`rcache.Cache.lock` and its siblings, with the options
+        already checked (``options``); given as keywords, they are checked here."""
+        if options is None:
+            options = LockOptions.parse(given)
+        elif given:
+            raise TypeError("pass options= or keyword options, not both")
         self.name = _check_name(name)
         self.options = options
         self.ttl = options.ttl
@@ -858,6 +867,10 @@ class _LeasedLock:
         #: the spec whose eviction policy is known or being read
         self._policy_spec: object = None
         self._metrics.register_lock(self.metrics_name)
+        self._name_keys()
+
+    def _name_keys(self) -> None:
+        """Set the Redis keys this kind uses (see the protocol section)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} ttl={self.ttl:g}s>"
@@ -1407,10 +1420,7 @@ class Lock(_LeasedLock):
 
     _kind = "lock"
 
-    def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
-    ) -> None:
-        super().__init__(cache, name, options)
+    def _name_keys(self) -> None:
         self._key = self._exclusive_key = self._base
         self._fence_key = self._base + ":fence"
         self._waiters = self._base + ":w"
@@ -1451,10 +1461,8 @@ class FairLock(Lock):
 
     _kind = "fair lock"
 
-    def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
-    ) -> None:
-        super().__init__(cache, name, options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._queue = self._base + ":fq"
         self._queue_ttl = self._base + ":fqt"
         self._tickets = self._base + ":fqn"
@@ -1498,14 +1506,21 @@ class Semaphore(_LeasedLock):
     _kind = "semaphore"
 
     def __init__(
-        self, cache: _Home, name: str, limit: int, options: LockOptions | None = None
+        self,
+        cache: _Home,
+        name: str,
+        limit: int,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(
                 f"semaphore limit must be an int >= 1, got {limit!r}"
             )
-        super().__init__(cache, name, options)
         self.limit = limit
+        super().__init__(cache, name, options, **given)
+
+    def _name_keys(self) -> None:
         self._key = self._base + ":sem"
         self._fence_key = self._key + ":fence"
         self._signal = self._key + ":signal"
@@ -1523,10 +1538,7 @@ class Semaphore(_LeasedLock):
 
 
 class _RWPart(_LeasedLock):
-    def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
-    ) -> None:
-        super().__init__(cache, name, options)
+    def _name_keys(self) -> None:
         b = self._base + ":rw:"
         self._readers, self._writer, self._intents = b + "r", b + "w", b + "wq"
         self._rsignal, self._wsignal, self._fence_key = b + "rs", b + "ws", b + "fence"
@@ -1545,10 +1557,8 @@ class ReadLock(_RWPart):
     _kind = "read lock"
     _fenced = False
 
-    def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
-    ) -> None:
-        super().__init__(cache, name, options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._signal = self._rsignal
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
@@ -1577,10 +1587,8 @@ class WriteLock(_RWPart):
 
     _kind = "write lock"
 
-    def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
-    ) -> None:
-        super().__init__(cache, name, options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._signal = self._wsignal
         self._exclusive_key = self._writer
 
@@ -1615,8 +1623,16 @@ class RWLock:
     """
 
     def __init__(
-        self, cache: _Home, name: str, options: LockOptions | None = None
+        self,
+        cache: _Home,
+        name: str,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
     ) -> None:
+        if options is None:
+            options = LockOptions.parse(given)  # checked once for both sides
+        elif given:
+            raise TypeError("pass options= or keyword options, not both")
         self.name = _check_name(name)
         self._cache = cache
         self._options = options

@@ -1068,11 +1068,10 @@ def command_within(
         conn.send_command(*args)
         if on_sent is not None:
             on_sent()
+        # Without a tighter limit the socket timeout bounds the read: no poll first.
         wait = _reply_wait(limit, conn.socket_timeout)
-        if wait is not None:
-            if not conn.can_read(timeout=wait):
-                raise rex.TimeoutError(f"no reply from Redis within {wait}s")
-        # else the socket timeout bounds the read as tightly, without a poll first
+        if wait is not None and not conn.can_read(timeout=wait):
+            raise rex.TimeoutError(f"no reply from Redis within {wait}s")
         return cast(Any, client).parse_response(conn, str(args[0]))
     except rex.ResponseError:
         raise  # the server answered: the connection is in sync
