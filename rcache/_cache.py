@@ -47,7 +47,7 @@ from rcache._exceptions import (
 )
 from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
-from rcache._keys import KeyBuilder
+from rcache._keys import KeyBuilder, KeySpace
 from rcache._lease import LeaseKeeper
 from rcache._lock import (
     Lock,
@@ -123,7 +123,8 @@ class Cache(TransactionMixin):
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
         ``init_app``).
-    :param prefix: first part of every Redis key this cache writes.
+    :param prefix: first part of every Redis key this cache writes; ``cache.keyspace``
+        (a :class:`rcache.spi.KeySpace`) names each of them.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
     :param client: a ``redis.Redis`` to use instead of a URL (also
@@ -370,8 +371,9 @@ class Cache(TransactionMixin):
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self._explicit_prefix = f"{prefix}:k:"
-        self._tag_prefix = f"{prefix}:s:t:"
+        self.keyspace = KeySpace(prefix)
+        self._explicit_prefix = self.keyspace.explicit_prefix
+        self._tag_prefix = self.keyspace.tag_prefix
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
@@ -530,7 +532,8 @@ class Cache(TransactionMixin):
         self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [ks.lease(key), ks.ready(key), *stamp_keys]
         args: list[Any] = [
             token,
             ttl_ms(fr.lease_ttl) if take_lease else 0,
@@ -603,7 +606,8 @@ class Cache(TransactionMixin):
         spec: Any,
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key, key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [key, ks.lease(key), ks.ready(key), *stamp_keys]
         args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
         return keys, args
 
@@ -678,10 +682,12 @@ class Cache(TransactionMixin):
     def _wait_ready(self, key: str, timeout: float) -> bool:
         """Block until the computation of ``key`` signals, or ``timeout`` seconds;
         False if Redis did not answer in time (see ``_flow.Block``)."""
-        return bool(self._driver.execute(Block(key + ":ready", timeout)))
+        return bool(self._driver.execute(Block(self.keyspace.ready(key), timeout)))
 
     async def _await_ready(self, key: str, timeout: float) -> bool:
-        return bool(await self._adriver.execute(Block(key + ":ready", timeout)))
+        return bool(
+            await self._adriver.execute(Block(self.keyspace.ready(key), timeout))
+        )
 
     def _hung(self, spec: Any) -> Any:
         return self._failures.hung(Guard(spec.name, "get", spec.policy))
@@ -935,7 +941,7 @@ class Cache(TransactionMixin):
         :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
         :raises BackendError: any other error reply.
         """
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return self._sync.run(lambda c: diagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -943,7 +949,7 @@ class Cache(TransactionMixin):
 
     async def acheck(self) -> str:
         """Async twin of :meth:`check`."""
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
         except RCacheError as exc:

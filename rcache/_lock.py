@@ -92,7 +92,7 @@ from rcache._exceptions import (
     RCacheError,
 )
 from rcache._flow import Command, Flow, Sleep
-from rcache._keys import KeyBuilder
+from rcache._keys import KeyBuilder, KeySpace
 from rcache._logging import lock_log
 from rcache._redis import (
     LuaScript,
@@ -118,8 +118,6 @@ if TYPE_CHECKING:
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
 
 __all__ = [
-    "LOCK_CLASSES",
-    "TWIN_CLASSES",
     "FairLock",
     "Lease",
     "Lock",
@@ -814,6 +812,7 @@ class _Home(Protocol):
     """What a lock uses of the Cache that keeps it (the Cache, or its lock_url twin)."""
 
     prefix: str
+    keyspace: KeySpace
     metrics: MetricsSink
     _spec: ClientSpec
     _sync: SyncRedis  # read by the renewer
@@ -858,9 +857,9 @@ class _LeasedLock:
         self.metrics_name = options.metrics_name or name
         self._cache = cache
         self._metrics: MetricsSink = cache.metrics
-        self._base = f"{cache.prefix}:l:{{{name}}}"
+        self._lock_keys = cache.keyspace.lock(name)
         self._holds: dict[_Owner, Lease] = {}
-        self._signal = self._base + ":signal"
+        self._signal = self._lock_keys.signal
         self._background: set[asyncio.Task[Any]] = set()
         #: (spec, its describe()) once seen: the re-entry table's server name
         self._server: tuple[object, str] = (None, "")
@@ -1421,10 +1420,10 @@ class Lock(_LeasedLock):
     _kind = "lock"
 
     def _name_keys(self) -> None:
-        self._key = self._exclusive_key = self._base
-        self._fence_key = self._base + ":fence"
-        self._waiters = self._base + ":w"
-        self._grace = self._base + ":h"
+        self._key = self._exclusive_key = self._lock_keys.base
+        self._fence_key = self._lock_keys.fence
+        self._waiters = self._lock_keys.waiting
+        self._grace = self._lock_keys.grace
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
         # A waiter's marker outlives its longest block (the release must see it).
@@ -1463,10 +1462,10 @@ class FairLock(Lock):
 
     def _name_keys(self) -> None:
         super()._name_keys()
-        self._queue = self._base + ":fq"
-        self._queue_ttl = self._base + ":fqt"
-        self._tickets = self._base + ":fqn"
-        self._signals = self._base + ":fs:"
+        self._queue = self._lock_keys.queue
+        self._queue_ttl = self._lock_keys.queue_expiry
+        self._tickets = self._lock_keys.tickets
+        self._signals = self._lock_keys.fair_signals
 
     def _signal_key(self, token: str) -> str:
         return self._signals + token
@@ -1521,9 +1520,9 @@ class Semaphore(_LeasedLock):
         super().__init__(cache, name, options, **given)
 
     def _name_keys(self) -> None:
-        self._key = self._base + ":sem"
-        self._fence_key = self._key + ":fence"
-        self._signal = self._key + ":signal"
+        self._key = self._lock_keys.permits
+        self._fence_key = self._lock_keys.permits_fence
+        self._signal = self._lock_keys.permits_signal
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
         return sem_acquire(
@@ -1539,9 +1538,13 @@ class Semaphore(_LeasedLock):
 
 class _RWPart(_LeasedLock):
     def _name_keys(self) -> None:
-        b = self._base + ":rw:"
-        self._readers, self._writer, self._intents = b + "r", b + "w", b + "wq"
-        self._rsignal, self._wsignal, self._fence_key = b + "rs", b + "ws", b + "fence"
+        k = self._lock_keys
+        self._readers, self._writer, self._intents = k.readers, k.writer, k.intents
+        self._rsignal, self._wsignal, self._fence_key = (
+            k.read_signal,
+            k.write_signal,
+            k.rw_fence,
+        )
         self._keys5 = [
             self._readers,
             self._writer,
@@ -1649,12 +1652,6 @@ class RWLock:
     def write(self) -> WriteLock:
         """The exclusive (write) side."""
         return self._write
-
-
-#: The lock-like classes whose sync methods have ``a`` twins (tests/integration/
-#: test_lock_api.py); TWIN_CLASSES names them, and Lease, for tests/test_public_api.py.
-LOCK_CLASSES: list[type[_LeasedLock]] = [Lock, FairLock, ReadLock, WriteLock, Semaphore]
-TWIN_CLASSES = ("FairLock", "Lease", "Lock", "ReadLock", "Semaphore", "WriteLock")
 
 
 # -- what Cache.lock/rwlock/semaphore/locked make ---------------------------------------
