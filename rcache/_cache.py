@@ -48,7 +48,7 @@ from rcache._exceptions import (
 from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder, KeySpace
-from rcache._lease import LeaseKeeper
+from rcache._leases import KeyLeases
 from rcache._lock import (
     Lock,
     LockedDecorator,
@@ -176,8 +176,9 @@ class Cache(TransactionMixin):
         self._read_script = LuaScript("cache_read")
         self._claim_script = LuaScript("cache_claim")
         self._store_script = LuaScript("cache_store")
-        self._renew_script = LuaScript("cache_renew")
-        self._leases = LeaseKeeper(self._renew)
+        # computation leases, renewed by the process's lease renewer through this
+        # cache's sync driver, or its async one on the computing loop
+        self._leases = KeyLeases(LuaScript("cache_renew"), self, cache_log)
         # the decorated functions of this cache, whose in-flight computations an
         # invalidation detaches (read-your-invalidations, item 7)
         self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -672,12 +673,6 @@ class Cache(TransactionMixin):
         self.breaker.success()
         self._stored(spec, result)
         return result
-
-    def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        reply = self._sync.run(
-            lambda c: self._renew_script(c, [lease_key], [token, px])
-        )
-        return bool(reply == 1)
 
     def _wait_ready(self, key: str, timeout: float) -> bool:
         """Block until the computation of ``key`` signals, or ``timeout`` seconds;

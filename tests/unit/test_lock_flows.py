@@ -548,13 +548,14 @@ def test_extend_failure_is_a_lock_error_and_keeps_the_lease(
     assert lease.held
 
 
-def test_renewal_reports_whether_the_token_is_still_there(
+def test_the_renewer_renews_with_the_kinds_extend_script(
     cache: rcache.Cache, clock: Clock
 ) -> None:
     lock = cache.lock("n", ttl=3)
     lease = holding(lock)
-    for code, held in ((1, True), (0, False), (-1, False)):
-        run = Scripted(lock._renew_flow(lease))
-        assert run.eval("lock_extend").call.args == [lease.token, 3000]
-        run.send(code)
-        assert run.result is held
+    command = lease._renew_command()
+    assert command.script.name == "lock_extend"
+    assert command.args == [lease.token, 3000]
+    assert command.guard is None  # locks fail closed
+    read = cache.rwlock("d", ttl=2).read()
+    assert holding(read, 0)._renew_command().script.name == "sem_extend"
