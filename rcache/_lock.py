@@ -519,7 +519,7 @@ class _Eval(Command):
     def _op(self, redis: SyncRedis | AsyncRedis, method: Any) -> Callable[[Any], Any]:
         """``client -> reply`` (an awaitable with the async ``method``)."""
         deadline, on_sent = self.deadline, self.on_sent
-        if redis.memory or (deadline is None and on_sent is None):
+        if (deadline is None and on_sent is None) or redis.memory:
             # Nothing to bound beyond the socket timeout (fakeredis: in-process,
             # nothing can hang): the script as it is, the cheapest path.
             def plain(client: Any) -> Any:
