@@ -448,10 +448,11 @@ def sem_extend(permits: str, *, token: str, ttl: float) -> ScriptCall:
 
 class _Caps(NamedTuple):
     """How long a client may wait: its socket timeout (None: none), and the longest
-    BLPOP that stays under the blocking client's socket timeout."""
+    BLPOP that stays under the blocking client's socket timeout; memory:// or not."""
 
     io: float | None
     block: float
+    memory: bool
 
 
 #: Per SyncRedis/AsyncRedis: their clients' settings do not change (read once).
@@ -462,7 +463,8 @@ def _caps(redis: SyncRedis | AsyncRedis) -> _Caps:
     caps = _CAPS.get(redis)
     if caps is None:
         io = _socket_timeout(redis.client)
-        caps = _CAPS[redis] = _Caps(io, _block_cap(redis.blocking_client))
+        block = _block_cap(redis.blocking_client)
+        caps = _CAPS[redis] = _Caps(io, block, redis.memory)
     return caps
 
 
@@ -519,15 +521,18 @@ class _Eval(Command):
     def _op(self, redis: SyncRedis | AsyncRedis, method: Any) -> Callable[[Any], Any]:
         """``client -> reply`` (an awaitable with the async ``method``)."""
         deadline, on_sent = self.deadline, self.on_sent
-        if (deadline is None and on_sent is None) or redis.memory:
-            # Nothing to bound beyond the socket timeout (fakeredis: in-process,
-            # nothing can hang): the script as it is, the cheapest path.
+        caps = _caps(redis)
+        if caps.memory:  # fakeredis: in-process, nothing can hang
+
             def plain(client: Any) -> Any:
                 self.attempts += 1
                 return method(client)
 
             return plain
-        cap = _caps(redis).io
+        # Always through command_within, even with nothing to bound beyond the socket
+        # timeout: it is also the cheapest way to run a command (no poll then, and
+        # none of redis-py's command layer: retry wrapper, observability recorders).
+        cap = caps.io
 
         def bounded(client: Any) -> Any:
             self.attempts += 1

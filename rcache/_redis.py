@@ -63,6 +63,14 @@ T = TypeVar("T")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: redis-py's packer when hiredis is installed (the "fast" extra), and hiredis's own
+#: pack function: command_within packs with it directly (see _send).
+_HIREDIS_PACKER: Any = getattr(redis.connection, "HiredisRespSerializer", None)
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # without hiredis, redis-py's packer is the Python one
+    _HIREDIS_PACKER = None
+
 _SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
@@ -1070,7 +1078,7 @@ def command_within(
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's connection API is untyped
     try:
-        conn.send_command(*args)
+        _send(conn, args)
         if on_sent is not None:
             on_sent()
         # Without a tighter limit the socket timeout bounds the read: no poll first.
@@ -1085,6 +1093,17 @@ def command_within(
         raise
     finally:
         pool.release(conn)
+
+
+def _send(conn: Any, args: tuple[Any, ...]) -> None:
+    """``conn.send_command(*args)``; with redis-py's hiredis packer, packed by hiredis
+    directly, as that packer does for rcache's arguments (a command name without
+    spaces, str/bytes/numbers), without its per-argument generator: an EVALSHA has
+    8-10 arguments, and packing them cost a lock more than its own logic."""
+    if type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER:
+        conn.send_packed_command([_hiredis_pack(args)])
+    else:
+        conn.send_command(*args)
 
 
 def _reply_wait(limit: float | None, socket_timeout: float | None) -> float | None:

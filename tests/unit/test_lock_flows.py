@@ -23,7 +23,7 @@ from rcache._exceptions import (
 from rcache._flow import Command, Flow, Sleep
 from rcache._metrics import InMemoryMetrics
 
-ENV = _lock._Env(_lock._Caps(io=1.0, block=0.8), None)
+ENV = _lock._Env(_lock._Caps(io=1.0, block=0.8, memory=False), None)
 
 
 class Clock:
