@@ -459,12 +459,22 @@ class _Caps(NamedTuple):
 _CAPS: weakref.WeakKeyDictionary[object, _Caps] = weakref.WeakKeyDictionary()
 
 
+#: The last (SyncRedis/AsyncRedis, caps) looked up: the common case, one Cache, costs
+#: an identity test instead of a WeakKeyDictionary lookup per command.
+_LAST_CAPS: tuple[weakref.ref[Any], _Caps] | None = None
+
+
 def _caps(redis: SyncRedis | AsyncRedis) -> _Caps:
+    global _LAST_CAPS
+    last = _LAST_CAPS
+    if last is not None and last[0]() is redis:
+        return last[1]
     caps = _CAPS.get(redis)
     if caps is None:
         io = _socket_timeout(redis.client)
         block = _block_cap(redis.blocking_client)
         caps = _CAPS[redis] = _Caps(io, block, redis.memory)
+    _LAST_CAPS = (weakref.ref(redis), caps)
     return caps
 
 
@@ -518,44 +528,41 @@ class _Eval(Command):
         self.retry = retry
         self.attempts = 0
 
-    def _op(self, redis: SyncRedis | AsyncRedis, method: Any) -> Callable[[Any], Any]:
-        """``client -> reply`` (an awaitable with the async ``method``)."""
-        deadline, on_sent = self.deadline, self.on_sent
-        caps = _caps(redis)
-        if caps.memory:  # fakeredis: in-process, nothing can hang
+    def _within(self, cap: float | None) -> _Within:
+        """How the next attempt waits for its reply (counted as an attempt)."""
+        self.attempts += 1
+        deadline = self.deadline
+        if deadline is None:
+            return cap, self.on_sent
+        now = _monotonic()
+        if self.attempts > 1 and now >= deadline + _IO_MARGIN:
+            raise BackendUnavailableError(
+                "Redis did not answer within the wait's budget"
+            )
+        limit = max(0.0, deadline - now) + _IO_MARGIN
+        return (limit if cap is None else min(limit, cap)), self.on_sent
 
-            def plain(client: Any) -> Any:
-                self.attempts += 1
-                return method(client)
-
-            return plain
-        # Always through command_within, even with nothing to bound beyond the socket
-        # timeout: it is also the cheapest way to run a command (no poll then, and
-        # none of redis-py's command layer: retry wrapper, observability recorders).
-        cap = caps.io
-
-        def bounded(client: Any) -> Any:
-            self.attempts += 1
-            limit = cap
-            if deadline is not None:
-                now = _monotonic()
-                if self.attempts > 1 and now >= deadline + _IO_MARGIN:
-                    raise BackendUnavailableError(
-                        "Redis did not answer within the wait's budget"
-                    )
-                limit = max(0.0, deadline - now) + _IO_MARGIN
-                if cap is not None:
-                    limit = min(limit, cap)
-            return method(client, (limit, on_sent))
-
-        return bounded
+    # Always through command_within (ScriptCall with a `within`), even with nothing to
+    # bound beyond the socket timeout: it is also the cheapest way to run a command (no
+    # poll then, none of redis-py's command layer: retry wrapper, observability).
+    # memory:// (fakeredis, in-process: nothing can hang) runs the script as it is.
 
     def run(self, driver: SyncDriver) -> Any:
-        return driver.redis.run(self._op(driver.redis, self.call.run), retry=self.retry)
+        redis, call = driver.redis, self.call
+        caps = _caps(redis)
+        if caps.memory:
+            return redis.run(call.run, retry=self.retry)
+        cap = caps.io
+        return redis.run(lambda c: call.run(c, self._within(cap)), retry=self.retry)
 
     async def arun(self, driver: AsyncDriver) -> Any:
-        op = self._op(driver.redis, self.call.arun)
-        return await driver.redis.run(op, retry=self.retry)
+        redis, call = driver.redis, self.call
+        caps = _caps(redis)
+        if caps.memory:
+            return await redis.run(call.arun, retry=self.retry)
+        cap = caps.io
+        op = lambda c: call.arun(c, self._within(cap))  # noqa: E731
+        return await redis.run(op, retry=self.retry)
 
 
 class _Pop(Command):
