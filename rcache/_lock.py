@@ -76,7 +76,6 @@ from typing import (
     NamedTuple,
     Protocol,
     TypedDict,
-    TypeVar,
     overload,
 )
 
@@ -166,7 +165,6 @@ _monotonic = time.monotonic
 _Callback = Callable[["Lease"], object]
 #: Who holds a lease: (process, thread, asyncio task or 0).
 _Owner = tuple[int, int, int]
-F = TypeVar("F")
 
 
 # -- protocol: one section per Lua script ----------------------------------------------
