@@ -430,11 +430,14 @@ def attempts(
 class _Host(Protocol):
     """What the flows read of ``Cache`` (a Protocol: this module never imports it)."""
 
-    name: str
-    serializer: Serializer
-    metrics: MetricsSink
-    retry: RetryPolicy
-
+    @property
+    def name(self) -> str: ...
+    @property
+    def serializer(self) -> Serializer: ...
+    @property
+    def metrics(self) -> MetricsSink: ...
+    @property
+    def retry(self) -> RetryPolicy: ...
     def _key(self, key: str) -> str: ...
     def _ttl(self, ttl: Duration | None) -> float: ...
 
