@@ -27,7 +27,17 @@ import redis
 import redis.asyncio
 import redis.cluster
 
-from rcache._admin import AdminMixin
+from rcache._admin import (
+    DEFAULT_BATCH,
+    DEFAULT_SAMPLE,
+    CacheStats,
+    ClearResult,
+    LockInfo,
+    OnBatch,
+    clear_flow,
+    locks_flow,
+    stats_flow,
+)
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     TX_MAX_TIME,
@@ -47,8 +57,8 @@ from rcache._exceptions import (
 )
 from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
-from rcache._keys import KeyBuilder
-from rcache._lease import LeaseKeeper
+from rcache._keys import KeyBuilder, KeySpace
+from rcache._leases import KeyLeases
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
@@ -106,7 +116,7 @@ F = TypeVar("F")
 V = TypeVar("V")
 
 
-class Cache(LockMixin, AdminMixin):
+class Cache(LockMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -119,7 +129,8 @@ class Cache(LockMixin, AdminMixin):
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
         ``init_app``).
-    :param prefix: first part of every Redis key this cache writes.
+    :param prefix: first part of every Redis key this cache writes; ``cache.keyspace``
+        (a :class:`rcache.spi.KeySpace`) names each of them.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
     :param client: a ``redis.Redis`` to use instead of a URL (also
@@ -171,8 +182,9 @@ class Cache(LockMixin, AdminMixin):
         self._read_script = LuaScript("cache_read")
         self._claim_script = LuaScript("cache_claim")
         self._store_script = LuaScript("cache_store")
-        self._renew_script = LuaScript("cache_renew")
-        self._leases = LeaseKeeper(self._renew)
+        # computation leases, renewed by the process's lease renewer through this
+        # cache's sync driver, or its async one on the computing loop
+        self._leases = KeyLeases(LuaScript("cache_renew"), self, cache_log)
         # the decorated functions of this cache, whose in-flight computations an
         # invalidation detaches (read-your-invalidations, item 7)
         self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -366,8 +378,9 @@ class Cache(LockMixin, AdminMixin):
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self._explicit_prefix = f"{prefix}:k:"
-        self._tag_prefix = f"{prefix}:s:t:"
+        self.keyspace = KeySpace(prefix)
+        self._explicit_prefix = self.keyspace.explicit_prefix
+        self._tag_prefix = self.keyspace.tag_prefix
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
@@ -526,7 +539,8 @@ class Cache(LockMixin, AdminMixin):
         self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [ks.lease(key), ks.ready(key), *stamp_keys]
         args: list[Any] = [
             token,
             ttl_ms(fr.lease_ttl) if take_lease else 0,
@@ -599,7 +613,8 @@ class Cache(LockMixin, AdminMixin):
         spec: Any,
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key, key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [key, ks.lease(key), ks.ready(key), *stamp_keys]
         args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
         return keys, args
 
@@ -665,19 +680,15 @@ class Cache(LockMixin, AdminMixin):
         self._stored(spec, result)
         return result
 
-    def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        reply = self._sync.run(
-            lambda c: self._renew_script(c, [lease_key], [token, px])
-        )
-        return bool(reply == 1)
-
     def _wait_ready(self, key: str, timeout: float) -> bool:
         """Block until the computation of ``key`` signals, or ``timeout`` seconds;
         False if Redis did not answer in time (see ``_flow.Block``)."""
-        return bool(self._driver.execute(Block(key + ":ready", timeout)))
+        return bool(self._driver.execute(Block(self.keyspace.ready(key), timeout)))
 
     async def _await_ready(self, key: str, timeout: float) -> bool:
-        return bool(await self._adriver.execute(Block(key + ":ready", timeout)))
+        return bool(
+            await self._adriver.execute(Block(self.keyspace.ready(key), timeout))
+        )
 
     def _hung(self, spec: Any) -> Any:
         return self._failures.hung(Guard(spec.name, "get", spec.policy))
@@ -931,7 +942,7 @@ class Cache(LockMixin, AdminMixin):
         :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
         :raises BackendError: any other error reply.
         """
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return self._sync.run(lambda c: diagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -939,7 +950,7 @@ class Cache(LockMixin, AdminMixin):
 
     async def acheck(self) -> str:
         """Async twin of :meth:`check`."""
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -1112,6 +1123,91 @@ class Cache(LockMixin, AdminMixin):
         if load:
             await s.aload()
         return s
+
+    # -- operating: clear, stats, locks (flows in _admin.py) ----------------------------
+
+    def clear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Delete every key under ``{prefix}:`` (SCAN + UNLINK in batches, never KEYS).
+
+        Lock keys and fence counters (``{prefix}:l:*``) and Celery guard keys
+        (``{prefix}:celery:*``) are kept unless ``include_locks=True``: deleting them
+        frees held locks and restarts fences. Safe while the application runs: each
+        batch blocks the server for well under a millisecond.
+
+        :param dry_run: only count what would be deleted.
+        :param batch_size: keys per SCAN page and per UNLINK.
+        :param on_batch: called with the running :class:`ClearResult` after each SCAN
+            page; returning ``False`` stops at that point (``interrupted=True``).
+        :raises BackendError: Redis failed; keys deleted so far stay deleted.
+
+        Example::
+
+            result = cache.clear(dry_run=True)
+            print(result.matched, "keys would be deleted")
+        """
+        return self._driver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    async def aclear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Async twin of :meth:`clear`."""
+        return await self._adriver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    def stats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Count what lives under the prefix: entries per function, tags, locks, memory.
+
+        One SCAN pass (O(keys), in batches) plus ``MEMORY USAGE`` of ``sample`` random
+        keys, from which the namespace's memory is estimated.
+        """
+        return self._driver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    async def astats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Async twin of :meth:`stats`."""
+        return await self._adriver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    def locks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Locks, RW locks and semaphores under the prefix that are held or waited for.
+
+        For each: holders (token, mode, lease left by the server's clock), the fence
+        counter and the waiters Redis records. A snapshot: leases may end meanwhile.
+        """
+        return self._driver.drive(locks_flow(self.prefix, batch_size))
+
+    async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Async twin of :meth:`locks`."""
+        return await self._adriver.drive(locks_flow(self.prefix, batch_size))
 
     # -- decorator --------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rcache._config import RetryPolicy
+    from rcache._flow import AsyncDriver, SyncDriver
+    from rcache._keys import KeySpace
     from rcache._metrics import MetricsSink
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
     from rcache._serializers import Serializer
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 
 class CacheBase:
     prefix: str
+    keyspace: KeySpace
     name: str
     retry: RetryPolicy
     serializer: Serializer
@@ -25,3 +28,5 @@ class CacheBase:
     _spec: ClientSpec
     _sync: SyncRedis
     _async: AsyncRedis
+    _driver: SyncDriver
+    _adriver: AsyncDriver
