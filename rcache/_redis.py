@@ -1220,6 +1220,24 @@ def _watch_lost(exc: rex.WatchError) -> bool:
     return isinstance(exc.__context__, _LOST)
 
 
+def _at_exec(exc: BaseException) -> BaseException | None:
+    """What a failure of EXEC means; None: not Redis's (a cancellation)."""
+    if isinstance(exc, rex.WatchError):
+        if _watch_lost(exc):
+            return BackendUnavailableError(_AFTER_EXEC, exc.__context__)
+        return TxConflict()
+    if isinstance(exc, _LOST):
+        return BackendUnavailableError(_AFTER_EXEC, exc)
+    if isinstance(exc, REDIS_ERRORS):
+        return map_error(exc)
+    return None
+
+
+def _cause(signal: BaseException, exc: BaseException) -> BaseException | None:
+    # a conflict is no error of redis-py's to show; the rest keep what redis-py raised
+    return None if isinstance(signal, TxConflict) else exc
+
+
 def _before_exec(exc: BaseException) -> BaseException | None:
     """What a failure before EXEC means; None: the caller's own exception."""
     if isinstance(exc, rex.WatchError):
@@ -1271,7 +1289,7 @@ class TxPipeline:
             signal = _before_exec(exc)
             if signal is None:
                 raise
-            raise signal from (None if isinstance(signal, TxConflict) else exc)
+            raise signal from _cause(signal, exc)
 
     async def acall(self, op: Callable[[Any], Any]) -> Any:
         """Async twin of :meth:`call`; awaits what ``op`` returns if it is awaitable."""
@@ -1289,7 +1307,7 @@ class TxPipeline:
             signal = _before_exec(exc)
             if signal is None:
                 raise
-            raise signal from (None if isinstance(signal, TxConflict) else exc)
+            raise signal from _cause(signal, exc)
 
     def execute(self, queue: Callable[[Any], object] | None = None) -> list[Any]:
         """``queue(pipe)`` (MULTI and the writes, still before EXEC), then EXEC."""
@@ -1297,14 +1315,11 @@ class TxPipeline:
             self.call(queue)
         try:
             return cast("list[Any]", self._pipe.execute())
-        except rex.WatchError as exc:
-            if _watch_lost(exc):
-                raise BackendUnavailableError(_AFTER_EXEC, exc.__context__) from exc
-            raise TxConflict() from None
-        except _LOST as exc:
-            raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-        except REDIS_ERRORS as exc:
-            raise map_error(exc) from exc
+        except BaseException as exc:
+            signal = _at_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
 
     async def aexecute(self, queue: Callable[[Any], object] | None = None) -> list[Any]:
         """Async twin of :meth:`execute`."""
@@ -1312,14 +1327,11 @@ class TxPipeline:
             await self.acall(queue)
         try:
             return cast("list[Any]", await self._pipe.execute())
-        except rex.WatchError as exc:
-            if _watch_lost(exc):
-                raise BackendUnavailableError(_AFTER_EXEC, exc.__context__) from exc
-            raise TxConflict() from None
-        except _LOST as exc:
-            raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-        except REDIS_ERRORS as exc:
-            raise map_error(exc) from exc
+        except BaseException as exc:
+            signal = _at_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
 
     def release(self) -> None:
         """Reset the pipeline if it still WATCHes or holds a connection."""
