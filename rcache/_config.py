@@ -20,6 +20,7 @@ __all__ = [
     "CachedOptions",
     "Duration",
     "RetryPolicy",
+    "TxOptions",
     "check_policy",
     "parse_duration",
 ]
@@ -278,3 +279,40 @@ class CachedOptions:
             on_wait_timeout=on_wait_timeout,
             refresh_runner=refresh_runner,
         )
+
+
+#: Retries of a transaction after its first attempt (so at most 17 runs of its function).
+TX_RETRIES = 16
+#: Upper bound, in seconds, on the time one transaction spends retrying.
+TX_MAX_TIME = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TxOptions:
+    """How one transaction retries on conflict (``transaction``, ``update`` and their
+    twins), validated once: build it with :meth:`of` from the caller's arguments.
+
+    :ivar retries: runs after the first one before giving up (an int >= 0).
+    :ivar max_time: seconds the retries may take in total, counted from the first
+        failed attempt.
+    """
+
+    retries: int = TX_RETRIES
+    max_time: float = TX_MAX_TIME
+
+    def __post_init__(self) -> None:
+        retries = self.retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(
+                f"retries= counts retries after the first attempt (an int >= 0), "
+                f"got {retries!r}"
+            )
+        parse_duration(self.max_time, what="max_time")
+
+    @classmethod
+    def of(cls, retries: int, max_time: Duration) -> TxOptions:
+        """The options for ``retries=`` and ``max_time=`` (seconds, ``"2s"``, a
+        timedelta); raises ConfigurationError for a bad value."""
+        if type(max_time) is not float:  # the default and most callers: no parsing
+            max_time = parse_duration(max_time, what="max_time")
+        return cls(retries, max_time)
