@@ -174,13 +174,13 @@ def test_a_refused_server_is_retried_then_unavailable(
     assert sync.mget(["dr:a"]) == [None]
     server.kill()
     calls = []
-    real = _redis._retrying
+    real = _redis._retry_options
 
     def counting(policy: Any) -> Any:
         calls.append(policy)
         return real(policy)
 
-    monkeypatch.setattr(_redis, "_retrying", counting)
+    monkeypatch.setattr(_redis, "_retry_options", counting)
     with pytest.raises(rcache.BackendUnavailableError):
         sync.mget(["dr:a"])
     assert len(calls) == 1  # the rest of the schedule ran once, after the first try
