@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import os
 import random
 import threading
 import time
@@ -104,6 +103,7 @@ from rcache._redis import (
     connection_kwargs,
     eval_within,
     eviction_policy,
+    process_id,
 )
 from rcache._types import P, R
 
@@ -694,7 +694,7 @@ def _owner_key() -> _Owner:
     """Who is acquiring: (process, thread, asyncio task or 0)."""
     loop = asyncio._get_running_loop()  # None outside a loop, without raising
     task = None if loop is None else asyncio.current_task(loop)
-    return (os.getpid(), threading.get_ident(), 0 if task is None else id(task))
+    return (process_id(), threading.get_ident(), 0 if task is None else id(task))
 
 
 def _check_name(name: object, what: str = "lock name") -> str:
@@ -722,6 +722,13 @@ class Lease(Renewable):
     check (no IO): not lost and the client-side deadline not passed.
     """
 
+    # Defaults as class attributes (as Renewable's): set per instance only when they
+    # change, not on every acquisition.
+    released = False
+    #: A release was sent but its reply never came: maybe released, so not held.
+    unconfirmed = False
+    release_sent = False
+
     def __init__(
         self,
         owner: _LeasedLock,
@@ -747,13 +754,9 @@ class Lease(Renewable):
         self.metrics_name = owner.metrics_name
         self.token = token
         self.fence = fence
-        self.pid = os.getpid()
+        self.pid = process_id()  # os.getpid() without a system call per acquire
         self.acquired_at = _monotonic()
         self.waited = self.acquired_at - started
-        self.released = False
-        #: A release was sent but its reply never came: maybe released, so not held.
-        self.unconfirmed = False
-        self.release_sent = False
         self.on_lost = owner.on_lost
         self.watched = renew or owner.on_lost is not None
 

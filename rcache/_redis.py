@@ -58,6 +58,7 @@ __all__ = [
     "eviction_policy",
     "map_error",
     "misconfiguration",
+    "process_id",
     "resolve_url",
     "server_message",
 ]
@@ -1252,7 +1253,7 @@ def command_within(
     client). A connection whose reply did not come is dropped, so that a late reply can
     never answer the next command.
     """
-    if _is_cluster_client(client):
+    if type(client) is not redis.Redis and _is_cluster_client(client):
         # A RedisCluster has no one pool: run the command on the client of the node
         # serving its slot. That bypasses the cluster client's MOVED handling, so a
         # MOVED re-reads the slot table for the next try (a failover moved the slot).
@@ -1273,7 +1274,15 @@ def command_within(
         wait = _reply_wait(limit, conn.socket_timeout)
         if wait is not None and not conn.can_read(timeout=wait):
             raise rex.TimeoutError(f"no reply from Redis within {wait}s")
-        return cast(Any, client).parse_response(conn, str(args[0]))
+        # A plain client's reply to a command without a response callback (EVALSHA,
+        # not BLPOP) is what its parse_response would return: read it directly. The
+        # names are upper case, as redis-py's case-insensitive table stores them, so a
+        # plain dict lookup tells. A subclass may hook parse_response: keep it.
+        name = args[0]
+        callbacks: Any = client.response_callbacks
+        if type(client) is redis.Redis and not dict.__contains__(callbacks, name):
+            return conn.read_response()
+        return client.parse_response(conn, str(name))  # type: ignore[no-untyped-call]
     except rex.ResponseError:
         raise  # the server answered: the connection is in sync
     except BaseException:
