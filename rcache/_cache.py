@@ -11,9 +11,10 @@ import contextlib
 import dataclasses
 import inspect
 import secrets
+import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 import redis
@@ -39,6 +40,7 @@ from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder
 from rcache._lease import LeaseKeeper
+from rcache._local import LocalTier, resolve_local
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
@@ -60,6 +62,15 @@ from rcache._serializers import (
     encode_envelope,
     resolve_serializer,
 )
+from rcache._tracking import (
+    Tier,
+    TrackedReader,
+    server_key,
+    tracking_supported,
+)
+from rcache._tracking import attach as tracking_attach
+from rcache._tracking import guard_for as tracking_guard
+from rcache._tracking import is_active as tracking_active
 from rcache._transaction import TransactionMixin
 from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
@@ -71,6 +82,8 @@ _POLICIES = ("bypass", "raise")
 #: (monotonic clocks drift by ppm and stop while a VM is suspended)
 _CLOCK_RESYNC = 10.0
 _UNSERIALIZABLE = ("raise", "skip")
+#: the options of ``local=True`` on a Cache created without ``local=``
+_DEFAULT_LOCAL = LocalTier()
 
 
 class _CachedDecorator(Protocol):
@@ -118,6 +131,11 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
     :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
         prefix and options): a cache server with an evicting ``maxmemory-policy`` can
         evict a held lock, a lock server should run ``noeviction``.
+    :param local: the local (in-process) tier by default for :meth:`get` and
+        ``@cache.cached``: ``True`` or a :class:`LocalTier` with its bounds. Hits are
+        served from process memory, dropped by Redis's invalidation messages when any
+        client writes (README "The local tier"). Default off; ``get(key, local=...)``
+        and ``cached(local=...)`` choose per call site.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -146,6 +164,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        local: LocalTier | bool | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
         self._read_script = LuaScript("cache_read")
@@ -178,6 +197,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            local=local,
         )
 
     def configure(
@@ -196,6 +216,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        local: LocalTier | bool | None = None,
         force: bool = False,
     ) -> Cache:
         """Set options after construction, before first use (e.g. in an app factory).
@@ -229,6 +250,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            local=local,
         )
         if settings == self._settings:
             return self  # nothing changes: a second init_app with the same config
@@ -242,6 +264,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             self._sync.close()
             if isinstance(self._lock_cache, Cache):
                 self._lock_cache.close()
+        self._close_local()
         self._apply(**settings)
         return self
 
@@ -273,6 +296,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         redis_options: Mapping[str, Any] | None,
         name: str | None,
         lock_url: str | None,
+        local: LocalTier | bool | None = None,
     ) -> None:
         """Validate every setting first, then switch to them (all or nothing)."""
         if (
@@ -291,6 +315,11 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         spec = ClientSpec(
             url, client=client, async_client=async_client, options=redis_options
         )
+        local = resolve_local(local)
+        if local and not spec.memory:
+            why = tracking_supported(spec)
+            if why is not None:
+                raise ConfigurationError(why)
         sink: MetricsSink = metrics if metrics is not None else self.metrics
         # behind Sentinel, probe every reset_after: a failover ends at once (_breaker)
         circuit = CircuitBreaker(
@@ -324,6 +353,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             "redis_options": redis_options,
             "name": name,
             "lock_url": lock_url,
+            "local": local,
         }
         self._lock_cache = lock_cache
         self.prefix = prefix
@@ -347,6 +377,16 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
         self._explicit_prefix = f"{prefix}:k:"
+        # the local tier: the default options (None: off unless asked per call site),
+        # the Cache's shared tier and per-function ones, made on first use
+        self._local_default: LocalTier | None = (
+            local if isinstance(local, LocalTier) else LocalTier() if local else None
+        )
+        self._local_shared: Tier | None = None
+        self._local_reader: TrackedReader | None = None
+        self._local_tiers: list[Tier] = []
+        self._local_key: Hashable | None = None
+        self._local_lock = threading.Lock()
         self._tag_prefix = f"{prefix}:s:t:"
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
@@ -605,6 +645,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         try:
             result = self._sync.run(lambda c: self._store_script(c, keys, args))
         except RCacheError as exc:
+            self._local_written((key,))
             if data and _may_answer(exc):
                 # The write failed but Redis may still answer a small one (an oversized
                 # value closes the connection: proto-max-bulk-len): give up the lease
@@ -614,6 +655,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                     self._sync.run(lambda c: self._store_script(c, keys, args))
             return self._failed(spec.name, "set", exc, spec.policy)
         self.breaker.success()
+        self._local_written((key,))
         self._stored(spec, result)
         return result
 
@@ -634,6 +676,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                 lambda c: self._store_script.acall(c, keys, args)
             )
         except RCacheError as exc:
+            self._local_written((key,))
             if data and _may_answer(exc):  # see _store
                 keys, args = self._store_args(key, stamp_keys, token, b"", stamps, spec)
                 with contextlib.suppress(RCacheError):
@@ -642,6 +685,7 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
                     )
             return self._failed(spec.name, "set", exc, spec.policy)
         self.breaker.success()
+        self._local_written((key,))
         self._stored(spec, result)
         return result
 
@@ -661,6 +705,88 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
 
     def _hung(self, spec: Any) -> Any:
         return self._failures.hung(Guard(spec.name, "get", spec.policy))
+
+    # -- the local tier (rcache._local, rcache._tracking) -------------------------------
+
+    def _local_option(self, local: LocalTier | bool | None) -> LocalTier | None:
+        """The options a call site's ``local=`` means: None (the default) follows
+        ``Cache(local=...)``; True the Cache's options (or the defaults); False off."""
+        if local is None:
+            return self._local_default
+        if local is True:
+            return self._local_default or _DEFAULT_LOCAL
+        if local is False:
+            return None
+        return local
+
+    def _local_tier(
+        self, options: LocalTier | None, name: str | None = None
+    ) -> Tier | None:
+        """The tier for ``options``: the Cache's shared one for its default options
+        (or ``local=True``), else a store of its own for ``name`` (a function with its
+        own LocalTier); made on first use, when the listener starts. None: off (no
+        options, or ``memory://``, whose store is in-process already)."""
+        if options is None:
+            return None
+        shared = options is self._local_default or options is _DEFAULT_LOCAL
+        if shared and self._local_shared is not None:
+            return self._local_shared
+        if self._spec.memory:
+            return None
+        with self._local_lock:
+            if shared and self._local_shared is not None:  # another thread made it
+                return self._local_shared
+            store, listener = tracking_attach(
+                self._spec, options, self.name if shared else name or self.name,
+                self.metrics,
+            )  # fmt: skip
+            if self._local_reader is None:
+                self._local_reader = TrackedReader(self._spec, listener.guard)
+            tier = Tier(store, self._local_reader, listener)
+            if shared:
+                self._local_shared = tier
+            self._local_tiers.append(tier)
+            return tier
+
+    def _local_written(self, keys: Sequence[str]) -> None:
+        """This process wrote (or deleted) ``keys``: drop its local copies now, in every
+        tier reading this server, and refuse the reads of them in flight. Redis's own
+        invalidation follows; this makes a write read its own result at once."""
+        key = self._local_key
+        if key is None:
+            if not self._local_tiers and not tracking_active():
+                return  # no local tier anywhere in this process
+            key = self._local_key = server_key(self._spec)
+        guard = tracking_guard(key)
+        if guard is not None:
+            guard.invalidate(keys, received=False)
+
+    def _close_local(self) -> None:
+        for tier in getattr(self, "_local_tiers", ()):
+            tier.store.close()
+        self._local_tiers = []
+        self._local_shared = None
+        reader = getattr(self, "_local_reader", None)
+        if reader is not None:
+            reader.close()
+        self._local_reader = None
+
+    def _local_get_flow(self, tier: Tier, key: str, default: Any) -> Flow[Any]:
+        full = self._key(key)
+        store = tier.store
+        token = store.begin((full,))
+        raw = yield tier.read(token, ("GET", full), self._guard("get"))
+        env = None if raw is None or raw is BYPASS else self._envelope(self.name, raw)
+        if env is None:
+            self.metrics.cache_get(self.name, "miss")
+            return default
+        self.metrics.cache_get(self.name, "hit")
+        # the entry's own expiry, on this process's monotonic clock
+        left = env.fresh_until - self._server_now()
+        store.store(
+            token, key, env.value, expires_at=time.monotonic() + left, nbytes=len(raw)
+        )
+        return env.value
 
     # -- explicit operations ----------------------------------------------------------
 
@@ -698,19 +824,48 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         value = self._found((yield Run(lambda c: c.get(full), self._guard("get"))))
         return default if value is MISSING else value
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value stored under ``key``, or ``default`` on a miss (or a bypassed error)."""
-        return self._driver.drive(self._get_flow(key, default))
+    def get(self, key: str, default: Any = None, *, local: bool | None = None) -> Any:
+        """The value stored under ``key``, or ``default`` on a miss (or a bypassed error).
 
-    async def aget(self, key: str, default: Any = None) -> Any:
+        :param local: serve it from the local tier (``True``, or a default set by
+            ``Cache(local=...)``; ``False``: always ask Redis). A local hit returns the
+            object stored in this process (unless ``LocalTier(copy=True)``): do not
+            mutate it.
+        """
+        if local is False or (local is None and self._local_default is None):
+            return self._driver.drive(self._get_flow(key, default))
+        tier = self._local_shared or self._local_tier(self._local_option(local))
+        if tier is None:  # memory://
+            return self._driver.drive(self._get_flow(key, default))
+        value = tier.store.get(key)
+        if value is not MISSING:
+            self.metrics.cache_get(self.name, "local_hit")
+            return value
+        return self._driver.drive(self._local_get_flow(tier, key, default))
+
+    async def aget(
+        self, key: str, default: Any = None, *, local: bool | None = None
+    ) -> Any:
         """Async twin of :meth:`get`."""
-        return await self._adriver.drive(self._get_flow(key, default))
+        if local is False or (local is None and self._local_default is None):
+            return await self._adriver.drive(self._get_flow(key, default))
+        tier = self._local_shared or self._local_tier(self._local_option(local))
+        if tier is None:  # memory://
+            return await self._adriver.drive(self._get_flow(key, default))
+        value = tier.store.get(key)
+        if value is not MISSING:
+            self.metrics.cache_get(self.name, "local_hit")
+            return value
+        return await self._adriver.drive(self._local_get_flow(tier, key, default))
 
     def _set_flow(self, key: str, value: Any, ttl: Duration | None) -> Flow[bool]:
         seconds = self._ttl(ttl)
         data = self._encode(value, seconds)
         full, px = self._key(key), ttl_ms(seconds)
-        done = yield Run(lambda c: c.set(full, data, px=px), self._guard("set"))
+        try:
+            done = yield Run(lambda c: c.set(full, data, px=px), self._guard("set"))
+        finally:
+            self._local_written((full,))
         if done is BYPASS:
             return False
         self.metrics.cache_put(self.name)
@@ -731,7 +886,10 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         """DEL ``keys`` (full Redis keys): how many existed, 0 if bypassed."""
         if not keys:
             return 0
-        n = yield Run(lambda c: c.delete(*keys), guard)
+        try:
+            n = yield Run(lambda c: c.delete(*keys), guard)
+        finally:
+            self._local_written(keys)
         if n is BYPASS:
             return 0
         return int(n)
@@ -846,7 +1004,10 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
         if not items:
             return True
         px = ttl_ms(seconds)
-        done = yield Run(lambda c: self._pipe_set(c, items, px), self._guard("set"))
+        try:
+            done = yield Run(lambda c: self._pipe_set(c, items, px), self._guard("set"))
+        finally:
+            self._local_written([k for k, _ in items])
         if done is BYPASS:
             return False
         for _ in items:
@@ -926,16 +1087,20 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             raise self._checked(exc) from exc.__cause__
 
     def close(self) -> None:
-        """Close the sync client (it is made again on next use)."""
+        """Close the sync client (it is made again on next use), and the local tier:
+        its entries are dropped and its listener closes once no tier uses it."""
         self._sync.close()
         if isinstance(self._lock_cache, Cache):
             self._lock_cache.close()
+        self._close_local()
 
     async def aclose(self) -> None:
         """Close the current event loop's async client."""
         await self._async.aclose()
         if isinstance(self._lock_cache, Cache):
             await self._lock_cache.aclose()
+        if self._local_reader is not None:
+            await self._local_reader.aclose()
 
     # -- decorator --------------------------------------------------------------------
 
