@@ -19,8 +19,9 @@ and wipe every worker's locks; Flask-Caching's ``clear()`` is ``KEYS`` + ``DEL``
   so a resource checking fences against the counter rejects the old holder, whose own
   release/extend then report ``LockNotOwnedError``.
 
-The planning and parsing here are pure (no IO); ``AdminMixin`` adds thin sync/async
-drivers to ``Cache``, pairs adjacent and with the same parameters.
+The planning and parsing here are pure (no IO); each operation is one flow
+(``clear_flow``, ``stats_flow``, ``locks_flow``, ``force_release_flow``) that
+``Cache`` runs with its sync or async driver.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from rcache._exceptions import ConfigurationError
-from rcache._mixin import CacheBase
+from rcache._flow import Eval, Flow, Run, SyncDriver
 from rcache._redis import LuaScript
 
 if TYPE_CHECKING:
     from rcache._lock import _LeasedLock
 
 __all__ = [
-    "AdminMixin",
     "CacheStats",
     "ClearResult",
     "ForceReleaseResult",
@@ -256,7 +256,7 @@ class _ClearPlan:
         return self.result
 
 
-_OnBatch = Callable[[ClearResult], object]
+OnBatch = Callable[[ClearResult], object]
 
 
 def _scan(cursor: int, match: str, count: int) -> Callable[[Any], Any]:
@@ -290,56 +290,50 @@ def _chunks(keys: list[bytes], size: int) -> Iterable[list[bytes]]:
         yield keys[i : i + size]
 
 
+def clear_flow(
+    prefix: str,
+    *,
+    dry_run: bool = False,
+    include_locks: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    on_batch: OnBatch | None = None,
+) -> Flow[ClearResult]:
+    """:meth:`Cache.clear` for any prefix ("" = the whole db), as a flow."""
+    plan = _ClearPlan(prefix, dry_run, include_locks, batch_size)
+    cursor: int = 0
+    while True:
+        cursor, keys = yield Run(_scan(cursor, plan.match, batch_size))
+        for chunk in _chunks(plan.select(keys), batch_size):
+            if dry_run:
+                plan.unlinked(0, 0.0)
+                continue
+            t0 = time.perf_counter()
+            n = yield Run(_unlink(chunk))
+            plan.unlinked(int(n), (time.perf_counter() - t0) * 1000)
+        stop = on_batch is not None and on_batch(plan.result) is False
+        if int(cursor) == 0 or stop:
+            return plan.finish(int(cursor) != 0)
+
+
 def clear_prefix(
-    cache: CacheBase,
+    driver: SyncDriver,
     prefix: str,
     *,
     dry_run: bool = False,
     include_locks: bool = False,
     batch_size: int = DEFAULT_BATCH,
-    on_batch: _OnBatch | None = None,
+    on_batch: OnBatch | None = None,
 ) -> ClearResult:
-    """Sync driver of :meth:`AdminMixin.clear` for any prefix ("" = the whole db)."""
-    plan = _ClearPlan(prefix, dry_run, include_locks, batch_size)
-    cursor: int = 0
-    while True:
-        cursor, keys = cache._sync.run(_scan(cursor, plan.match, batch_size))
-        for chunk in _chunks(plan.select(keys), batch_size):
-            if dry_run:
-                plan.unlinked(0, 0.0)
-                continue
-            t0 = time.perf_counter()
-            n = cache._sync.run(_unlink(chunk))
-            plan.unlinked(int(n), (time.perf_counter() - t0) * 1000)
-        stop = on_batch is not None and on_batch(plan.result) is False
-        if int(cursor) == 0 or stop:
-            return plan.finish(int(cursor) != 0)
-
-
-async def aclear_prefix(
-    cache: CacheBase,
-    prefix: str,
-    *,
-    dry_run: bool = False,
-    include_locks: bool = False,
-    batch_size: int = DEFAULT_BATCH,
-    on_batch: _OnBatch | None = None,
-) -> ClearResult:
-    """Async twin of :func:`clear_prefix`."""
-    plan = _ClearPlan(prefix, dry_run, include_locks, batch_size)
-    cursor: int = 0
-    while True:
-        cursor, keys = await cache._async.run(_scan(cursor, plan.match, batch_size))
-        for chunk in _chunks(plan.select(keys), batch_size):
-            if dry_run:
-                plan.unlinked(0, 0.0)
-                continue
-            t0 = time.perf_counter()
-            n = await cache._async.run(_unlink(chunk))
-            plan.unlinked(int(n), (time.perf_counter() - t0) * 1000)
-        stop = on_batch is not None and on_batch(plan.result) is False
-        if int(cursor) == 0 or stop:
-            return plan.finish(int(cursor) != 0)
+    """Run :func:`clear_flow` with ``driver`` (the CLI's entry point)."""
+    return driver.drive(
+        clear_flow(
+            prefix,
+            dry_run=dry_run,
+            include_locks=include_locks,
+            batch_size=batch_size,
+            on_batch=on_batch,
+        )
+    )
 
 
 # -- stats -------------------------------------------------------------------------------
@@ -637,157 +631,54 @@ def _force_result(
     return ForceReleaseResult(lock.name, kind, tokens, fence)
 
 
+def force_release_flow(lock: _LeasedLock) -> Flow[ForceReleaseResult]:
+    """:meth:`Lock.force_release` as a flow."""
+    kind, keys, args = _force_call(lock)
+    reply = yield Eval(_FORCE_RELEASE, keys, args)
+    return _force_result(lock, kind, reply)
+
+
+def stats_flow(prefix: str, sample: int, batch_size: int) -> Flow[CacheStats]:
+    """:meth:`Cache.stats` as a flow: one SCAN pass, then a sample's MEMORY USAGE."""
+    census = _Census(prefix, sample)
+    cursor: int = 0
+    while True:
+        cursor, keys = yield Run(_scan(cursor, census.match, batch_size))
+        census.add(keys)
+        if int(cursor) == 0:
+            break
+    sizes = []
+    if census.reservoir:
+        reservoir = census.reservoir
+        sizes = _sizes((yield Run(lambda c: _memory_usage(c, reservoir))))
+    held = len((yield from locks_flow(prefix, batch_size))) if census.held else 0
+    return census.finish(sizes, held)
+
+
+def locks_flow(prefix: str, batch_size: int) -> Flow[list[LockInfo]]:
+    """:meth:`Cache.locks` as a flow."""
+    match = escape_glob(prefix) + ":l:*"
+    found: list[bytes] = []
+    cursor: int = 0
+    while True:
+        cursor, keys = yield Run(_scan(cursor, match, batch_size))
+        found += keys
+        if int(cursor) == 0:
+            break
+    names = _lock_names(found, prefix)
+    if not names:
+        return []
+    now_ms = _now_ms((yield Run(lambda c: c.time())))
+    cmds = _lock_commands(prefix, names, now_ms)
+    replies = yield Run(lambda c: _run_commands(c, cmds))
+    return _lock_rows(prefix, names, now_ms, replies)
+
+
 def force_release(lock: _LeasedLock) -> ForceReleaseResult:
     """Sync driver of :meth:`Lock.force_release`."""
-    kind, keys, args = _force_call(lock)
-    reply = lock._cache._sync.run(lambda c: _FORCE_RELEASE(c, keys, args))
-    return _force_result(lock, kind, reply)
+    return lock._cache._driver.drive(force_release_flow(lock))
 
 
 async def aforce_release(lock: _LeasedLock) -> ForceReleaseResult:
     """Async twin of :func:`force_release`."""
-    kind, keys, args = _force_call(lock)
-    reply = await lock._cache._async.run(lambda c: _FORCE_RELEASE.acall(c, keys, args))
-    return _force_result(lock, kind, reply)
-
-
-# -- the Cache mixin ---------------------------------------------------------------------
-
-
-class AdminMixin(CacheBase):
-    """Adds ``clear``, ``stats`` and ``locks`` (and their ``a`` twins) to ``Cache``."""
-
-    def clear(
-        self,
-        *,
-        dry_run: bool = False,
-        include_locks: bool = False,
-        batch_size: int = DEFAULT_BATCH,
-        on_batch: _OnBatch | None = None,
-    ) -> ClearResult:
-        """Delete every key under ``{prefix}:`` (SCAN + UNLINK in batches, never KEYS).
-
-        Lock keys and fence counters (``{prefix}:l:*``) and Celery guard keys
-        (``{prefix}:celery:*``) are kept unless ``include_locks=True``: deleting them
-        frees held locks and restarts fences. Safe while the application runs: each
-        batch blocks the server for well under a millisecond.
-
-        :param dry_run: only count what would be deleted.
-        :param batch_size: keys per SCAN page and per UNLINK.
-        :param on_batch: called with the running :class:`ClearResult` after each SCAN
-            page; returning ``False`` stops at that point (``interrupted=True``).
-        :raises BackendError: Redis failed; keys deleted so far stay deleted.
-
-        Example::
-
-            result = cache.clear(dry_run=True)
-            print(result.matched, "keys would be deleted")
-        """
-        return clear_prefix(
-            self,
-            self.prefix,
-            dry_run=dry_run,
-            include_locks=include_locks,
-            batch_size=batch_size,
-            on_batch=on_batch,
-        )
-
-    async def aclear(
-        self,
-        *,
-        dry_run: bool = False,
-        include_locks: bool = False,
-        batch_size: int = DEFAULT_BATCH,
-        on_batch: _OnBatch | None = None,
-    ) -> ClearResult:
-        """Async twin of :meth:`clear`."""
-        return await aclear_prefix(
-            self,
-            self.prefix,
-            dry_run=dry_run,
-            include_locks=include_locks,
-            batch_size=batch_size,
-            on_batch=on_batch,
-        )
-
-    def stats(
-        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
-    ) -> CacheStats:
-        """Count what lives under the prefix: entries per function, tags, locks, memory.
-
-        One SCAN pass (O(keys), in batches) plus ``MEMORY USAGE`` of ``sample`` random
-        keys, from which the namespace's memory is estimated.
-        """
-        census = _Census(self.prefix, sample)
-        cursor: int = 0
-        while True:
-            cursor, keys = self._sync.run(_scan(cursor, census.match, batch_size))
-            census.add(keys)
-            if int(cursor) == 0:
-                break
-        sizes = []
-        if census.reservoir:
-            sizes = _sizes(self._sync.run(lambda c: _memory_usage(c, census.reservoir)))
-        held = len(self.locks()) if census.held else 0
-        return census.finish(sizes, held)
-
-    async def astats(
-        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
-    ) -> CacheStats:
-        """Async twin of :meth:`stats`."""
-        census = _Census(self.prefix, sample)
-        cursor: int = 0
-        while True:
-            cursor, keys = await self._async.run(
-                _scan(cursor, census.match, batch_size)
-            )
-            census.add(keys)
-            if int(cursor) == 0:
-                break
-        sizes = []
-        if census.reservoir:
-            sizes = _sizes(
-                await self._async.run(lambda c: _memory_usage(c, census.reservoir))
-            )
-        held = len(await self.alocks()) if census.held else 0
-        return census.finish(sizes, held)
-
-    def locks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
-        """Locks, RW locks and semaphores under the prefix that are held or waited for.
-
-        For each: holders (token, mode, lease left by the server's clock), the fence
-        counter and the waiters Redis records. A snapshot: leases may end meanwhile.
-        """
-        match = escape_glob(self.prefix) + ":l:*"
-        found: list[bytes] = []
-        cursor: int = 0
-        while True:
-            cursor, keys = self._sync.run(_scan(cursor, match, batch_size))
-            found += keys
-            if int(cursor) == 0:
-                break
-        names = _lock_names(found, self.prefix)
-        if not names:
-            return []
-        now_ms = _now_ms(self._sync.run(lambda c: c.time()))
-        cmds = _lock_commands(self.prefix, names, now_ms)
-        replies = self._sync.run(lambda c: _run_commands(c, cmds))
-        return _lock_rows(self.prefix, names, now_ms, replies)
-
-    async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
-        """Async twin of :meth:`locks`."""
-        match = escape_glob(self.prefix) + ":l:*"
-        found: list[bytes] = []
-        cursor: int = 0
-        while True:
-            cursor, keys = await self._async.run(_scan(cursor, match, batch_size))
-            found += keys
-            if int(cursor) == 0:
-                break
-        names = _lock_names(found, self.prefix)
-        if not names:
-            return []
-        now_ms = _now_ms(await self._async.run(lambda c: c.time()))
-        cmds = _lock_commands(self.prefix, names, now_ms)
-        replies = await self._async.run(lambda c: _run_commands(c, cmds))
-        return _lock_rows(self.prefix, names, now_ms, replies)
+    return await lock._cache._adriver.drive(force_release_flow(lock))

@@ -21,7 +21,17 @@ import redis
 import redis.asyncio
 import redis.cluster
 
-from rcache._admin import AdminMixin
+from rcache._admin import (
+    DEFAULT_BATCH,
+    DEFAULT_SAMPLE,
+    CacheStats,
+    ClearResult,
+    LockInfo,
+    OnBatch,
+    clear_flow,
+    locks_flow,
+    stats_flow,
+)
 from rcache._breaker import CircuitBreaker
 from rcache._config import (
     BackendErrorPolicy,
@@ -99,7 +109,7 @@ class _CachedDecorator(Protocol):
 F = TypeVar("F")
 
 
-class Cache(LockMixin, TransactionMixin, AdminMixin):
+class Cache(LockMixin, TransactionMixin):
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -1101,6 +1111,91 @@ class Cache(LockMixin, TransactionMixin, AdminMixin):
             await self._lock_cache.aclose()
         if self._local_reader is not None:
             await self._local_reader.aclose()
+
+    # -- operating: clear, stats, locks (flows in _admin.py) ----------------------------
+
+    def clear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Delete every key under ``{prefix}:`` (SCAN + UNLINK in batches, never KEYS).
+
+        Lock keys and fence counters (``{prefix}:l:*``) and Celery guard keys
+        (``{prefix}:celery:*``) are kept unless ``include_locks=True``: deleting them
+        frees held locks and restarts fences. Safe while the application runs: each
+        batch blocks the server for well under a millisecond.
+
+        :param dry_run: only count what would be deleted.
+        :param batch_size: keys per SCAN page and per UNLINK.
+        :param on_batch: called with the running :class:`ClearResult` after each SCAN
+            page; returning ``False`` stops at that point (``interrupted=True``).
+        :raises BackendError: Redis failed; keys deleted so far stay deleted.
+
+        Example::
+
+            result = cache.clear(dry_run=True)
+            print(result.matched, "keys would be deleted")
+        """
+        return self._driver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    async def aclear(
+        self,
+        *,
+        dry_run: bool = False,
+        include_locks: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        on_batch: OnBatch | None = None,
+    ) -> ClearResult:
+        """Async twin of :meth:`clear`."""
+        return await self._adriver.drive(
+            clear_flow(
+                self.prefix,
+                dry_run=dry_run,
+                include_locks=include_locks,
+                batch_size=batch_size,
+                on_batch=on_batch,
+            )
+        )
+
+    def stats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Count what lives under the prefix: entries per function, tags, locks, memory.
+
+        One SCAN pass (O(keys), in batches) plus ``MEMORY USAGE`` of ``sample`` random
+        keys, from which the namespace's memory is estimated.
+        """
+        return self._driver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    async def astats(
+        self, *, sample: int = DEFAULT_SAMPLE, batch_size: int = DEFAULT_BATCH
+    ) -> CacheStats:
+        """Async twin of :meth:`stats`."""
+        return await self._adriver.drive(stats_flow(self.prefix, sample, batch_size))
+
+    def locks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Locks, RW locks and semaphores under the prefix that are held or waited for.
+
+        For each: holders (token, mode, lease left by the server's clock), the fence
+        counter and the waiters Redis records. A snapshot: leases may end meanwhile.
+        """
+        return self._driver.drive(locks_flow(self.prefix, batch_size))
+
+    async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
+        """Async twin of :meth:`locks`."""
+        return await self._adriver.drive(locks_flow(self.prefix, batch_size))
 
     # -- decorator --------------------------------------------------------------------
 

@@ -481,7 +481,11 @@ def clear(
     include = include_locks or not prefix
     with _errors(cache):
         counted = clear_prefix(
-            cache, prefix, dry_run=True, include_locks=include, batch_size=batch_size
+            cache._driver,
+            prefix,
+            dry_run=True,
+            include_locks=include,
+            batch_size=batch_size,
         )
         if dry_run:
             _emit_json(counted) if as_json else click.echo(_clear_summary(counted))
@@ -512,7 +516,7 @@ def clear(
 
             try:
                 result = clear_prefix(
-                    cache,
+                    cache._driver,
                     prefix,
                     include_locks=include,
                     batch_size=batch_size,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rcache._config import RetryPolicy
+    from rcache._flow import AsyncDriver, SyncDriver
     from rcache._metrics import MetricsSink
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
     from rcache._serializers import Serializer
@@ -25,3 +26,5 @@ class CacheBase:
     _spec: ClientSpec
     _sync: SyncRedis
     _async: AsyncRedis
+    _driver: SyncDriver
+    _adriver: AsyncDriver

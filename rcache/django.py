@@ -39,7 +39,8 @@ import hashlib
 import hmac
 import pickle
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from django.conf import settings
@@ -48,8 +49,10 @@ from django.utils.module_loading import import_string
 
 from rcache._cache import Cache
 from rcache._config import BackendErrorPolicy, BreakerPolicy, RetryPolicy, ttl_ms
-from rcache._exceptions import ConfigurationError, RCacheError, SerializationError
+from rcache._exceptions import ConfigurationError, SerializationError
+from rcache._flow import AsyncDriver, Command, Run, SyncDriver
 from rcache._lock import Lock
+from rcache._policy import BYPASS, Guard
 from rcache._redis import LuaScript
 from rcache._serializers import (
     PickleSerializer,
@@ -72,7 +75,23 @@ _OPTIONS = (
     "serializer",
 )
 _MISSING: Any = object()
-_BYPASS: Any = object()
+_BYPASS = BYPASS
+
+
+@dataclass(frozen=True, slots=True)
+class _Clear(Command):
+    """``clear()`` as one guarded cache command (several round trips inside)."""
+
+    cache: Cache
+    guard: Guard | None = None
+
+    def run(self, driver: SyncDriver) -> Any:
+        return self.cache.clear()
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return await self.cache.aclear()
+
+
 # Django's RedisSerializer rule: only exact ints travel raw (bool is an int subclass).
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -397,42 +416,16 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
             )
         return int(reply[1])
 
-    # -- the two drivers: breaker, failure policy, error mapping ----------------------
+    # -- through the Cache's drivers: one guarded path (breaker, policy, mapping) --------
 
     def _run(self, operation: str, op: Callable[[Any], Any]) -> Any:
-        return self._guarded(operation, lambda: self._cache._sync.run(op))
+        """``op(client)`` as a cache command of this backend; _BYPASS if skipped."""
+        guard = Guard(self._name, operation, self._policy)
+        return self._cache._driver.execute(Run(op, guard))
 
     async def _arun(self, operation: str, op: Callable[[Any], Any]) -> Any:
-        return await self._aguarded(operation, lambda: self._cache._async.run(op))
-
-    def _guarded(self, operation: str, call: Callable[[], Any]) -> Any:
-        """``call()`` behind the breaker and the failure policy; _BYPASS if skipped."""
-        cache = self._cache
-        if not cache.breaker.allow():
-            cache._skipped(self._name, operation, self._policy)
-            return _BYPASS
-        try:
-            result = call()
-        except RCacheError as exc:
-            cache._failed(self._name, operation, exc, self._policy)
-            return _BYPASS
-        cache.breaker.success()
-        return result
-
-    async def _aguarded(
-        self, operation: str, call: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        cache = self._cache
-        if not cache.breaker.allow():
-            cache._skipped(self._name, operation, self._policy)
-            return _BYPASS
-        try:
-            result = await call()
-        except RCacheError as exc:
-            cache._failed(self._name, operation, exc, self._policy)
-            return _BYPASS
-        cache.breaker.success()
-        return result
+        guard = Guard(self._name, operation, self._policy)
+        return await self._cache._adriver.execute(Run(op, guard))
 
     def _written(self, result: Any, count: int = 1) -> bool:
         if result is _BYPASS:
@@ -659,11 +652,13 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         locks' keys, which rcache keeps. Narrower than Django's own Redis backend, which
         runs FLUSHDB: other data in the same database is left alone.
         """
-        self._guarded("delete", self._cache.clear)
+        guard = Guard(self._name, "delete", self._policy)
+        self._cache._driver.execute(_Clear(self._cache, guard))
 
     async def aclear(self) -> None:
         """Async twin of :meth:`clear`."""
-        await self._aguarded("delete", self._cache.aclear)
+        guard = Guard(self._name, "delete", self._policy)
+        await self._cache._adriver.execute(_Clear(self._cache, guard))
 
     def close(self, **kwargs: Any) -> None:
         """Called by Django after every request: keeps the pooled connections."""
