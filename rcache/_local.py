@@ -46,7 +46,7 @@ _monotonic = time.monotonic
 #: that began before the oldest one forgotten is refused (it cannot be told whether
 #: one of its keys was among them): only a read in flight while more than this many
 #: keys were invalidated loses its local store, never correctness.
-LAST_MAX: Final = 1 << 16
+LAST_MAX: Final = 1 << 13
 
 
 @dataclass(frozen=True, init=False)
@@ -145,7 +145,7 @@ class Token:
 
 def _encode(keys: Iterable[str | bytes]) -> tuple[bytes, ...]:
     # redis-py sends str keys as UTF-8; invalidation messages name them in bytes
-    return tuple(k.encode() if isinstance(k, str) else k for k in keys)
+    return tuple([k.encode() if isinstance(k, str) else k for k in keys])
 
 
 def _no_demand() -> None:
@@ -169,9 +169,15 @@ class Invalidations:
         #: whole so that a reader sees a consistent pair without the lock
         self.state: tuple[int, int | None] = (0, None)
         self.floor = 0
-        self._last: dict[bytes, int] = {}
+        # invalidated key -> seq, oldest first (an OrderedDict: a plain dict popped from
+        # the front scans its deleted slots, O(n) a pop)
+        self._last: OrderedDict[bytes, int] = OrderedDict()
         self._last_max = last_max
-        self.stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+        # the stores fed by this guard, held weakly (a Cache that goes away takes its
+        # store along); a tuple of the references, since iterating a WeakSet costs
+        # microseconds per message
+        self._refs: dict[int, weakref.ref[LocalStore]] = {}
+        self._live: tuple[weakref.ref[LocalStore], ...] = ()
         #: set by the listener: start (or wake) it when a read finds it down
         self.demand: Callable[[], None] = _no_demand
         #: set while the listener is subscribed (tests and benchmarks wait on it)
@@ -179,6 +185,29 @@ class Invalidations:
         #: invalidated keys received and flushes, by reason (observability, tests)
         self.received = 0
         self.flushes: dict[str, int] = {}
+
+    @property
+    def stores(self) -> list[LocalStore]:
+        """The live stores fed by this guard."""
+        found = [ref() for ref in self._live]
+        return [s for s in found if s is not None]
+
+    def add(self, store: LocalStore) -> None:
+        """Feed ``store`` from now on. Call under :attr:`lock`."""
+        key = id(store)
+
+        def gone(ref: weakref.ref[LocalStore], key: int = key) -> None:
+            if self._refs.get(key) is ref:
+                del self._refs[key]
+                self._live = tuple(self._refs.values())
+
+        self._refs[key] = weakref.ref(store, gone)
+        self._live = tuple(self._refs.values())
+
+    def discard(self, store: LocalStore) -> None:
+        """Stop feeding ``store``. Call under :attr:`lock`."""
+        self._refs.pop(id(store), None)
+        self._live = tuple(self._refs.values())
 
     # -- reads ----------------------------------------------------------------------
 
@@ -213,11 +242,11 @@ class Invalidations:
             self.seq = seq = self.seq + 1
             last = self._last
             for k in encoded:
-                last.pop(k, None)  # re-inserted last: the dict stays in seq order
                 last[k] = seq
+                last.move_to_end(k)  # the dict stays in seq order
             while len(last) > self._last_max:
-                self.floor = last.pop(next(iter(last)))
-            stores = list(self.stores)
+                self.floor = last.popitem(last=False)[1]
+            stores = self.stores
             for store in stores:
                 dropped += store._drop(encoded)
             if received:
@@ -256,7 +285,7 @@ class Invalidations:
             self.state = (epoch + 1, current if keep_client else client_id)
             self.floor = self.seq  # tokens of the old epoch are refused anyway
             self._last.clear()
-            stores = list(self.stores)
+            stores = self.stores
             for store in stores:
                 store._clear()
             if reason is not None:
@@ -271,8 +300,8 @@ class Invalidations:
         self.ready = threading.Event()
         self.state = (self.state[0] + 1, None)
         self.floor = self.seq
-        self._last = {}
-        for store in list(self.stores):
+        self._last = OrderedDict()
+        for store in self.stores:
             store._after_fork()
 
 
@@ -322,7 +351,7 @@ class LocalStore:
         self._m_flush = getattr(metrics, "local_flush", None)
         self._m_entries = getattr(metrics, "local_entries", None)
         with guard.lock:
-            guard.stores.add(self)
+            guard.add(self)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -404,7 +433,7 @@ class LocalStore:
     def close(self) -> None:
         """Stop receiving invalidations; the store stays empty from now on."""
         with self.guard.lock:
-            self.guard.stores.discard(self)
+            self.guard.discard(self)
             self._clear()
         self._max_entries = 0  # nothing stays: _insert evicts at once
 
