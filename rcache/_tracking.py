@@ -166,6 +166,12 @@ async def atracking_client(spec: ClientSpec) -> redis.asyncio.Redis:
     )
 
 
+def _close(client: redis.Redis) -> None:
+    # a client given its pool leaves the pool open on close()
+    client.connection_pool.disconnect()
+    client.close()
+
+
 # -- the listener ----------------------------------------------------------------------
 
 
@@ -315,7 +321,7 @@ class Listener:
         if selector is not None:
             self._close_conn(selector)
         if self._client is not None:
-            self._client.close()
+            _close(self._client)
             self._client = None
         if self.guard.state[1] is not None:
             self.guard.disconnected()
@@ -592,7 +598,7 @@ class TrackedReader:
 
     def close(self) -> None:
         if self._client is not None:
-            self._client.close()
+            _close(self._client)
             self._client = None
 
     async def aclose(self) -> None:
@@ -602,6 +608,8 @@ class TrackedReader:
             return
         client = self._aclients.pop(loop, None)
         if client is not None:
+            # a client given its pool leaves the pool open on aclose()
+            await client.connection_pool.disconnect()
             await client.aclose()
 
 
