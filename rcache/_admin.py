@@ -27,7 +27,6 @@ The planning and parsing here are pure (no IO); each operation is one flow
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rcache._exceptions import ConfigurationError
 from rcache._flow import Eval, Flow, Run, SyncDriver
+from rcache._keys import ENTRY_KEY, LOCK_KEY, KeySpace, escape_glob
 from rcache._redis import LuaScript
 
 if TYPE_CHECKING:
@@ -59,22 +59,7 @@ DEFAULT_BATCH = 500
 DEFAULT_SAMPLE = 200
 _SIGNAL_MS = 2000  # same lifetime as the lock scripts' wake-up signals
 
-_GLOB = re.compile(r"([*?\[\]\\])")
-# {prefix}:c:{module.qualname}:{args}, args = canonical JSON ("[...]") or "h:<digest>"
-_ENTRY = re.compile(r"^c:(?P<fn>.+?):(?:\[.*|h:[0-9a-f]{32})$", re.DOTALL)
-# {prefix}:l:{name}[:aux]; tokens and aux names never contain braces
-_LOCK = re.compile(
-    r"^l:\{(?P<name>.*)\}(?P<aux>|:fence|:signal|:w|:h|:fq|:fqt|:fqn|:fs:[^{}]*"
-    r"|:rw:(?:r|w|wq|rs|ws|fence)|:sem|:sem:fence|:sem:signal)$",
-    re.DOTALL,
-)
-
 Kind = Literal["lock", "fair lock", "rwlock", "semaphore"]
-
-
-def escape_glob(text: str) -> str:
-    """``text`` with the glob characters of SCAN MATCH (``* ? [ ] \\``) escaped."""
-    return _GLOB.sub(r"\\\1", text)
 
 
 def _text(raw: bytes | str) -> str:
@@ -218,7 +203,7 @@ class _ClearPlan:
 
     @property
     def match(self) -> str:
-        return escape_glob(self.prefix) + ":*" if self.prefix else "*"
+        return KeySpace(self.prefix).pattern() if self.prefix else "*"
 
     def select(self, keys: Sequence[bytes | str]) -> list[bytes]:
         """The keys of one SCAN page to unlink (never one outside the prefix)."""
@@ -365,7 +350,7 @@ class _Census:
 
     @property
     def match(self) -> str:
-        return escape_glob(self.prefix) + ":*"
+        return KeySpace(self.prefix).pattern()
 
     def add(self, keys: Sequence[bytes]) -> None:
         head = self.prefix.encode() + b":"
@@ -388,7 +373,7 @@ class _Census:
                 if rest.endswith(":ready"):  # a finished computation's wake-up signal
                     self.other += 1
                     continue
-                m = _ENTRY.match(rest)
+                m = ENTRY_KEY.match(rest)
                 fn = m.group("fn") if m else "?"
                 self.functions[fn] = self.functions.get(fn, 0) + 1
             elif rest.startswith("k:"):
@@ -399,7 +384,7 @@ class _Census:
                 self.other += 1
             elif rest.startswith("l:"):
                 self.lock_keys += 1
-                m = _LOCK.match(rest)
+                m = LOCK_KEY.match(rest)
                 if m and m.group("aux") in ("", ":rw:w", ":rw:r", ":sem"):
                     self.held.add(m.group("name"))
             elif rest.startswith("celery:"):
@@ -459,7 +444,7 @@ def _lock_names(keys: Iterable[bytes], prefix: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     head = len(prefix) + 1
     for raw in keys:
-        m = _LOCK.match(_text(raw[head:]))
+        m = LOCK_KEY.match(_text(raw[head:]))
         if m is None:
             continue
         aux = m.group("aux")
@@ -469,35 +454,31 @@ def _lock_names(keys: Iterable[bytes], prefix: str) -> dict[str, set[str]]:
     return found
 
 
-def _base(prefix: str, name: str) -> str:
-    return f"{prefix}:l:{{{name}}}"
-
-
 def _lock_queries(prefix: str, name: str, aux: set[str]) -> list[tuple[str, list[Any]]]:
     """The commands that describe one lock name (run in one pipeline for all names)."""
-    b = _base(prefix, name)
+    k = KeySpace(prefix).lock(name)
     q: list[tuple[str, list[Any]]] = []
     if "" in aux or ":fq" in aux or ":w" in aux:
         q += [
-            ("lock", ["GET", b]),
-            ("lock_pttl", ["PTTL", b]),
-            ("fence", ["GET", b + ":fence"]),
-            ("waiting", ["EXISTS", b + ":w"]),
-            ("fair", ["EXISTS", b + ":fq"]),
-            ("fair_live", ["ZCOUNT", b + ":fqt", "(NOW", "+inf"]),
+            ("lock", ["GET", k.base]),
+            ("lock_pttl", ["PTTL", k.base]),
+            ("fence", ["GET", k.fence]),
+            ("waiting", ["EXISTS", k.waiting]),
+            ("fair", ["EXISTS", k.queue]),
+            ("fair_live", ["ZCOUNT", k.queue_expiry, "(NOW", "+inf"]),
         ]
     if aux & {":rw:w", ":rw:r", ":rw:wq"}:
         q += [
-            ("writer", ["GET", b + ":rw:w"]),
-            ("writer_pttl", ["PTTL", b + ":rw:w"]),
-            ("readers", ["ZRANGE", b + ":rw:r", "0", "-1", "WITHSCORES"]),
-            ("intents", ["ZCOUNT", b + ":rw:wq", "(NOW", "+inf"]),
-            ("rw_fence", ["GET", b + ":rw:fence"]),
+            ("writer", ["GET", k.writer]),
+            ("writer_pttl", ["PTTL", k.writer]),
+            ("readers", ["ZRANGE", k.readers, "0", "-1", "WITHSCORES"]),
+            ("intents", ["ZCOUNT", k.intents, "(NOW", "+inf"]),
+            ("rw_fence", ["GET", k.rw_fence]),
         ]
     if ":sem" in aux:
         q += [
-            ("permits", ["ZRANGE", b + ":sem", "0", "-1", "WITHSCORES"]),
-            ("sem_fence", ["GET", b + ":sem:fence"]),
+            ("permits", ["ZRANGE", k.permits, "0", "-1", "WITHSCORES"]),
+            ("sem_fence", ["GET", k.permits_fence]),
         ]
     return q
 
@@ -609,7 +590,8 @@ def _force_call(lock: _LeasedLock) -> tuple[str, list[str], list[Any]]:
     o: Any = lock
     if isinstance(lock, (Lock, FairLock)):
         # both queues are woken: the object may be plain while the holders are fair
-        keys = [o._key, o._fence_key, o._signal, o._base + ":fq", o._base + ":fs:"]
+        lk = o._lock_keys
+        keys = [o._key, o._fence_key, o._signal, lk.queue, lk.fair_signals]
         return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
     if isinstance(lock, WriteLock):
         keys = [o._writer, o._fence_key, o._wsignal, o._rsignal]
@@ -657,7 +639,7 @@ def stats_flow(prefix: str, sample: int, batch_size: int) -> Flow[CacheStats]:
 
 def locks_flow(prefix: str, batch_size: int) -> Flow[list[LockInfo]]:
     """:meth:`Cache.locks` as a flow."""
-    match = escape_glob(prefix) + ":l:*"
+    match = KeySpace(prefix).pattern("l:")
     found: list[bytes] = []
     cursor: int = 0
     while True:

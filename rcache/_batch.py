@@ -41,7 +41,7 @@ class BatchSpec:
     policy: BackendErrorPolicy
 
     def __post_init__(self) -> None:
-        self.fn_stamp = f"{self.cache.prefix}:s:f:{self.name}"
+        self.fn_stamp = self.cache.keyspace.function_stamp(self.name)
         self.script = LuaScript(_STORE_MANY)
         params = list(self.keys.signature.parameters)
         if self.ids_param not in params:
@@ -56,10 +56,7 @@ class BatchSpec:
         """(ids, bound arguments, one key per id)."""
         bound = self.keys.bind(args, kwargs)
         ids = list(bound[self.ids_param])
-        keys = [
-            self.keys._key_prefix + self.keys.encode_args({**bound, self.ids_param: i})
-            for i in ids
-        ]
+        keys = [self.keys.value_key({**bound, self.ids_param: i}) for i in ids]
         return ids, bound, keys
 
     def split(

@@ -48,7 +48,7 @@ from rcache._exceptions import (
 )
 from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
-from rcache._keys import KeyBuilder
+from rcache._keys import KeyBuilder, KeySpace
 from rcache._lease import LeaseKeeper
 from rcache._local import LocalTier, resolve_local
 from rcache._lock import LockMixin
@@ -122,7 +122,8 @@ class Cache(LockMixin, TransactionMixin):
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
         ``init_app``).
-    :param prefix: first part of every Redis key this cache writes.
+    :param prefix: first part of every Redis key this cache writes; ``cache.keyspace``
+        (a :class:`rcache.spi.KeySpace`) names each of them.
     :param ttl: default time to live for ``set`` and ``@cached`` (seconds, ``"10m"``, or
         a timedelta); without it each call site must give one.
     :param client: a ``redis.Redis`` to use instead of a URL (also
@@ -386,7 +387,9 @@ class Cache(LockMixin, TransactionMixin):
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self._explicit_prefix = f"{prefix}:k:"
+        self.keyspace = KeySpace(prefix)
+        self._explicit_prefix = self.keyspace.explicit_prefix
+        self._tag_prefix = self.keyspace.tag_prefix
         # the local tier: the default options (None: off unless asked per call site),
         # the Cache's shared tier and per-function ones, made on first use
         self._local_default: LocalTier | None = (
@@ -397,7 +400,6 @@ class Cache(LockMixin, TransactionMixin):
         self._local_tiers: list[Tier] = []
         self._local_key: Hashable | None = None
         self._local_lock = threading.Lock()
-        self._tag_prefix = f"{prefix}:s:t:"
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
@@ -556,7 +558,8 @@ class Cache(LockMixin, TransactionMixin):
         self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [ks.lease(key), ks.ready(key), *stamp_keys]
         args: list[Any] = [
             token,
             ttl_ms(fr.lease_ttl) if take_lease else 0,
@@ -629,7 +632,8 @@ class Cache(LockMixin, TransactionMixin):
         spec: Any,
     ) -> tuple[list[str], list[Any]]:
         fr: Freshness = spec.freshness
-        keys = [key, key + ":lease", key + ":ready", *stamp_keys]
+        ks = self.keyspace
+        keys = [key, ks.lease(key), ks.ready(key), *stamp_keys]
         args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
         return keys, args
 
@@ -708,10 +712,12 @@ class Cache(LockMixin, TransactionMixin):
     def _wait_ready(self, key: str, timeout: float) -> bool:
         """Block until the computation of ``key`` signals, or ``timeout`` seconds;
         False if Redis did not answer in time (see ``_flow.Block``)."""
-        return bool(self._driver.execute(Block(key + ":ready", timeout)))
+        return bool(self._driver.execute(Block(self.keyspace.ready(key), timeout)))
 
     async def _await_ready(self, key: str, timeout: float) -> bool:
-        return bool(await self._adriver.execute(Block(key + ":ready", timeout)))
+        return bool(
+            await self._adriver.execute(Block(self.keyspace.ready(key), timeout))
+        )
 
     def _hung(self, spec: Any) -> Any:
         return self._failures.hung(Guard(spec.name, "get", spec.policy))
@@ -1082,7 +1088,7 @@ class Cache(LockMixin, TransactionMixin):
         :raises BackendUnavailableError: Redis cannot be reached (refused, timed out).
         :raises BackendError: any other error reply.
         """
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return self._sync.run(lambda c: diagnose(c, probe), retry=False)
         except RCacheError as exc:
@@ -1090,7 +1096,7 @@ class Cache(LockMixin, TransactionMixin):
 
     async def acheck(self) -> str:
         """Async twin of :meth:`check`."""
-        probe = f"{self.prefix}:check:{secrets.token_hex(4)}"
+        probe = self.keyspace.probe(secrets.token_hex(4))
         try:
             return await self._async.run(lambda c: adiagnose(c, probe), retry=False)
         except RCacheError as exc:

@@ -16,6 +16,8 @@ from rcache._exceptions import ConfigurationError
 __all__ = ["BackendErrorPolicy", "Duration", "RetryPolicy", "parse_duration"]
 
 Duration = Union[int, float, str, timedelta]  # noqa: UP007 (a runtime alias on 3.10)
+"""A duration: seconds (``int``/``float``), a string such as ``"10m"`` or ``"1h30m"``, or
+a ``timedelta`` (read by :func:`parse_duration`)."""
 BackendErrorPolicy = Literal["bypass", "raise"]
 
 #: Unit spellings accepted in duration strings (lower case), in seconds.
@@ -122,9 +124,6 @@ class RetryPolicy:
             raise ConfigurationError(
                 "RetryPolicy backoff/max_backoff >= 0 and max_time > 0"
             )
-
-
-NO_RETRY = RetryPolicy(attempts=1)
 
 
 @dataclass(frozen=True)

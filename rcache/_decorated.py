@@ -107,7 +107,7 @@ class CachedSpec:
     ] = field(default_factory=weakref.WeakKeyDictionary)
 
     def __post_init__(self) -> None:
-        self._fn_stamp = f"{self.cache.prefix}:s:f:{self.name}"
+        self._fn_stamp = self.cache.keyspace.function_stamp(self.name)
         self._tag_has_fields = any("{" in t for t in self.tags)
         # fields encoded as in key templates: type-preserving, delimiter-safe (item 10)
         self._tag_templates = [Template(t) for t in self.tags]
@@ -376,7 +376,7 @@ class SyncCached(_Base):
             claim = (got[0], got[2])
         token, stamps = claim
         lease = cache._leases.add(
-            key + ":lease", token, spec.freshness.lease_ttl, leased
+            spec.cache.keyspace.lease(key), token, spec.freshness.lease_ttl, leased
         )
         try:
             value, elapsed = self._compute(args, kwargs)
@@ -688,7 +688,7 @@ class AsyncCached(_Base):
             claim = (got[0], got[2])
         token, stamps = claim
         lease = cache._leases.add(
-            key + ":lease", token, spec.freshness.lease_ttl, leased
+            spec.cache.keyspace.lease(key), token, spec.freshness.lease_ttl, leased
         )
         try:
             value, elapsed = await self._compute(args, kwargs)

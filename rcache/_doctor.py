@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rcache._exceptions import RCacheError
+from rcache._keys import KeySpace
 from rcache._redis import _text
 
 if TYPE_CHECKING:
@@ -33,8 +34,9 @@ class Check:
 def _needed(prefix: str) -> list[list[str]]:
     """Commands rcache sends (directly or from its Lua scripts), with keys under the
     prefix so that ACL key patterns (``~prefix:*``) are checked too."""
-    k = f"{prefix}:c:doctor"
-    lk = f"{prefix}:l:{{doctor}}"
+    ks = KeySpace(prefix)
+    k = ks.values("doctor") + "[]"  # the value key of a function doctor() of no args
+    lk = ks.lock("doctor").base
     return [
         ["PING"],
         ["GET", k],

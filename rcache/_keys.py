@@ -6,13 +6,18 @@ signature with defaults applied*, so ``f(1, b=2)``, ``f(1, 2)`` and ``f(1)`` (wh
 ``f(1)`` and ``f("1")`` differ, and so do ``f("a b")`` and ``f("a", "b")`` (dogpile
 joins arguments with spaces; cashews formats them with ``str()``).
 
-Redis key layout (``prefix`` defaults to ``"rcache"``)::
+Redis key layout (``prefix`` defaults to ``"rcache"``); :class:`KeySpace` names every
+key below, and nothing else formats one::
 
     {prefix}:c:{module.qualname}:{args}      value of a decorated function
     {prefix}:c:{module.qualname}:h:{digest}  same, when the encoded args are long
+    <value key>:lease / :ready               its stampede lease / wake-up list
     {prefix}:k:{key}                         explicit keys and key= templates
-    {prefix}:s:{name}                        version stamps (per function, per tag)
+    {prefix}:s:f:{module.qualname}           version stamp of a function
+    {prefix}:s:t:{tag}                       version stamp of a tag
     {prefix}:l:{{name}}[:aux]                locks; aux keys share the slot by hash tag
+    {prefix}:celery:u|l|w:{{...}}            rcache-celery's guard keys (see there)
+    {prefix}:check:{token}                   Cache.check()'s short-lived probe
 
 ``{args}`` is the canonical JSON of the bound arguments (it always starts with ``[``), so
 it can never collide with the ``h:`` form or with another function's keys.
@@ -45,13 +50,20 @@ import inspect
 import json
 import re
 import string
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from rcache._exceptions import ConfigurationError
 from rcache._serializers import _encode_tree, _Unsupported
 
-__all__ = ["KeyBuilder", "qualified_name"]
+__all__ = [
+    "KeyBuilder",
+    "KeySpace",
+    "LockKeys",
+    "check_template",
+    "escape_glob",
+    "qualified_name",
+]
 
 _MAX_PLAIN = 96  # longer encoded arguments are hashed (blake2b-128, hex)
 _SAFE = set(string.printable) - set(" \t\n\r\x0b\x0c")
@@ -59,6 +71,254 @@ _SAFE = set(string.printable) - set(" \t\n\r\x0b\x0c")
 _MAX_INT_BITS = 10_000
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTINUES = frozenset(string.ascii_letters + string.digits + "_")
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+def escape_glob(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH (``* ? [ ] \\``) escaped."""
+    return _GLOB.sub(r"\\\1", text)
+
+
+class LockKeys:
+    """The keys of one lock name. Each contains ``{name}``, so on Redis Cluster they all
+    hash to one slot and a lock script may touch any of them.
+
+    ``base`` is an exclusive lock's lease (the holder's token, PX); the others::
+
+        :fence                 INCR fencing counter (never expires, never deleted)
+        :signal                wake-up list: release LPUSHes, waiters block on it
+        :w / :h                "someone waits" marker / hand-off grace after a release
+        :fq :fqt :fqn :fs:<t>  fair lock: FIFO queue, its expiries, tickets, per-waiter
+                               wake-up lists
+        :sem[:fence|:signal]   semaphore: permits ZSET (id -> expiry), fence, wake-ups
+        :rw:r :rw:w :rw:wq     RW lock: readers ZSET, writer lease, writer intents,
+        :rw:rs :rw:ws :rw:fence   reader and writer wake-ups, fence
+    """
+
+    __slots__ = ("base",)
+
+    #: Every suffix a lock writes (``:fs:`` is followed by a waiter's token).
+    SUFFIXES = (
+        ":fence",
+        ":signal",
+        ":w",
+        ":h",
+        ":fq",
+        ":fqt",
+        ":fqn",
+        ":fs:",
+        ":sem",
+        ":sem:fence",
+        ":sem:signal",
+        ":rw:r",
+        ":rw:w",
+        ":rw:wq",
+        ":rw:rs",
+        ":rw:ws",
+        ":rw:fence",
+    )
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def __repr__(self) -> str:
+        return f"LockKeys({self.base!r})"
+
+    @property
+    def fence(self) -> str:
+        """An exclusive or fair lock's fencing counter."""
+        return self.base + ":fence"
+
+    @property
+    def signal(self) -> str:
+        """An exclusive lock's wake-up list."""
+        return self.base + ":signal"
+
+    @property
+    def waiting(self) -> str:
+        """The "someone waits" marker of an exclusive lock."""
+        return self.base + ":w"
+
+    @property
+    def grace(self) -> str:
+        """The hand-off grace after a release that had waiters."""
+        return self.base + ":h"
+
+    @property
+    def queue(self) -> str:
+        """A fair lock's FIFO queue (ZSET of waiter tokens)."""
+        return self.base + ":fq"
+
+    @property
+    def queue_expiry(self) -> str:
+        """A fair lock's waiter expiries (ZSET)."""
+        return self.base + ":fqt"
+
+    @property
+    def tickets(self) -> str:
+        """A fair lock's ticket counter."""
+        return self.base + ":fqn"
+
+    @property
+    def fair_signals(self) -> str:
+        """The head of a fair lock's per-waiter wake-up lists (the token follows)."""
+        return self.base + ":fs:"
+
+    @property
+    def permits(self) -> str:
+        """A semaphore's permits (ZSET: permit id -> expiry)."""
+        return self.base + ":sem"
+
+    @property
+    def permits_fence(self) -> str:
+        """A semaphore's fencing counter."""
+        return self.base + ":sem:fence"
+
+    @property
+    def permits_signal(self) -> str:
+        """A semaphore's wake-up list."""
+        return self.base + ":sem:signal"
+
+    @property
+    def readers(self) -> str:
+        """An RW lock's readers (ZSET: token -> expiry)."""
+        return self.base + ":rw:r"
+
+    @property
+    def writer(self) -> str:
+        """An RW lock's writer lease."""
+        return self.base + ":rw:w"
+
+    @property
+    def intents(self) -> str:
+        """An RW lock's waiting writers (ZSET), which hold new readers back."""
+        return self.base + ":rw:wq"
+
+    @property
+    def read_signal(self) -> str:
+        """An RW lock's wake-up list for readers."""
+        return self.base + ":rw:rs"
+
+    @property
+    def write_signal(self) -> str:
+        """An RW lock's wake-up list for writers."""
+        return self.base + ":rw:ws"
+
+    @property
+    def rw_fence(self) -> str:
+        """An RW lock's fencing counter."""
+        return self.base + ":rw:fence"
+
+
+class KeySpace:
+    """Names every Redis key rcache and rcache-celery write under one ``prefix``.
+
+    The layout is in this module's docstring, and it is a compatibility promise: a key
+    named here is never renamed without a migration note (``tests/unit/test_keyspace.py``
+    pins each one). Integrations build their keys here too, so that hash tags for Redis
+    Cluster are decided in one place. ``Cache.keyspace`` is the cache's own.
+
+    Example::
+
+        ks = KeySpace("shop")
+        ks.explicit("user:42")          # 'shop:k:user:42'
+        ks.lock("report").fence         # 'shop:l:{report}:fence'
+    """
+
+    __slots__ = ("explicit_prefix", "prefix", "tag_prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        #: The head of every explicit key (``{prefix}:k:``).
+        self.explicit_prefix = f"{prefix}:k:"
+        #: The head of every tag's version stamp (``{prefix}:s:t:``).
+        self.tag_prefix = f"{prefix}:s:t:"
+
+    def __repr__(self) -> str:
+        return f"KeySpace({self.prefix!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeySpace) and other.prefix == self.prefix
+
+    def __hash__(self) -> int:
+        return hash(self.prefix)
+
+    # -- cache entries ------------------------------------------------------------------
+
+    def values(self, name: str) -> str:
+        """The head of the value keys of the decorated function ``name``
+        (``module.qualname``); its encoded arguments follow."""
+        return f"{self.prefix}:c:{name}:"
+
+    def explicit(self, key: str) -> str:
+        """The key of ``cache.get(key)``/``set(key)`` and of ``key=`` templates."""
+        return self.explicit_prefix + key
+
+    def function_stamp(self, name: str) -> str:
+        """The version stamp of a decorated function (``invalidate_all`` bumps it)."""
+        return f"{self.prefix}:s:f:{name}"
+
+    def tag_stamp(self, tag: str) -> str:
+        """The version stamp of ``tag`` (``invalidate_tags`` bumps it)."""
+        return self.tag_prefix + tag
+
+    def lease(self, value_key: str) -> str:
+        """The stampede lease of the computation of ``value_key``."""
+        return value_key + ":lease"
+
+    def ready(self, value_key: str) -> str:
+        """The wake-up list of the callers waiting for ``value_key``."""
+        return value_key + ":ready"
+
+    # -- locks --------------------------------------------------------------------------
+
+    def lock(self, name: str) -> LockKeys:
+        """The keys of the lock, RW lock or semaphore ``name``."""
+        return LockKeys(f"{self.prefix}:l:{{{name}}}")
+
+    # -- rcache-celery ------------------------------------------------------------------
+
+    def unique_guard(self, task: str, digest: str) -> str:
+        """A UniqueTask's dedup key (``task`` and ``digest`` without braces)."""
+        return f"{self.prefix}:celery:u:{{{task}:{digest}}}"
+
+    def lock_guard(self, name: str) -> str:
+        """A LockedTask's lock key (``name`` without braces)."""
+        return f"{self.prefix}:celery:l:{{{name}}}"
+
+    def warm_gate(self, name: str) -> str:
+        """The gate of a ``warm()`` task's last run (``name`` without braces)."""
+        return f"{self.prefix}:celery:w:{{{name}}}"
+
+    def run_marker(self, guard_key: str, task_id: str) -> str:
+        """The run state of ``task_id`` under a guard key (same hash slot)."""
+        return f"{guard_key}:r:{task_id}"
+
+    # -- tools --------------------------------------------------------------------------
+
+    def probe(self, token: str) -> str:
+        """A short-lived key of ``Cache.check()``."""
+        return f"{self.prefix}:check:{token}"
+
+    def pattern(self, area: str = "") -> str:
+        """A SCAN MATCH pattern for the keys under ``{prefix}:{area}`` (``area`` is
+        ``""`` for all, ``"l:"`` for locks, ``"celery:"``...); the prefix is
+        glob-escaped, so a prefix ``a*b`` never matches ``axb:...``."""
+        return f"{escape_glob(self.prefix)}:{area}*"
+
+
+# How keys are read back (operators' census, lock listing): the inverse of KeySpace.
+# {prefix}:c:{module.qualname}:{args}, args = canonical JSON ("[...]") or "h:<digest>"
+ENTRY_KEY = re.compile(r"^c:(?P<fn>.+?):(?:\[.*|h:[0-9a-f]{32})$", re.DOTALL)
+# {prefix}:l:{name}[:aux]; tokens and aux names never contain braces
+LOCK_KEY = re.compile(
+    r"^l:\{(?P<name>.*)\}(?P<aux>|"
+    + "|".join(
+        re.escape(s) + ("[^{}]*" if s == ":fs:" else "") for s in LockKeys.SUFFIXES
+    )
+    + ")$",
+    re.DOTALL,
+)
 
 
 def qualified_name(fn: Callable[..., Any]) -> str:
@@ -159,8 +419,62 @@ class Template:
         return "".join(out)
 
 
+def check_template(
+    template: str,
+    parameters: Sequence[str],
+    *,
+    owner: str,
+    what: str = "key template",
+) -> None:
+    """Raise ConfigurationError unless ``template`` can be filled from ``parameters``.
+
+    The one template rule of rcache and its integrations: every field names a
+    parameter (``{user_id}``, ``{user.id}``, ``{ids[0]}``), never a position, and a
+    field other than the last is followed by a separator (see the module docstring).
+    The message names ``owner`` (the function or task) and suggests the closest
+    parameter for a typo.
+
+    :param template: the template, e.g. ``"report:{day}"``.
+    :param parameters: the parameter names the template may use.
+    :param owner: the function or task name, for the message.
+    :param what: what the template is, for the message (``"lock_key"``, ``"tag"``).
+    """
+    try:
+        fields = [
+            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+        ]
+    except ValueError as exc:
+        raise ConfigurationError(f"bad {what} {template!r}: {exc}") from None
+    params = list(parameters)
+    for field in fields:
+        head = field.split(".", 1)[0].split("[", 1)[0]
+        if head == "" or head.isdigit():
+            raise ConfigurationError(
+                f"{what} {template!r} must name parameters, like "
+                f"'{{{next(iter(params), 'arg')}}}', not positions"
+            )
+        if head not in params:
+            import difflib  # only on this error path
+
+            close = difflib.get_close_matches(head, params, n=1)
+            hint = ""
+            if close:
+                fixed = template.replace("{" + head, "{" + close[0])
+                option = f"{what}=" if what.isidentifier() else ""
+                hint = f"; did you mean {{{close[0]}}}: {option}{fixed!r}?"
+            raise ConfigurationError(
+                f"{what} {template!r} names {head!r}, which {owner} does not "
+                f"take; its parameters are {params}{hint}"
+            )
+    Template(template).check(what)
+
+
 class KeyBuilder:
-    """Compiled at decoration time; ``build(args, kwargs)`` runs on every call."""
+    """Compiled at decoration time; ``build(args, kwargs)`` runs on every call.
+
+    Integrations use it (through ``rcache.spi``) to bind a function's arguments with
+    its defaults (:meth:`bind`) and encode them as rcache does (:meth:`encode_args`).
+    """
 
     def __init__(
         self,
@@ -224,32 +538,17 @@ class KeyBuilder:
 
     def rebase(self, prefix: str) -> None:
         """Build keys under ``prefix`` (``Cache.configure`` before first use)."""
+        keyspace = KeySpace(prefix)
         self.prefix = prefix
-        self._key_prefix = f"{prefix}:c:{self.name}:"
-        self._explicit_prefix = f"{prefix}:k:"
+        self._key_prefix = keyspace.values(self.name)
+        self._explicit_prefix = keyspace.explicit_prefix
 
     def check_template(self, template: str, what: str = "key template") -> None:
-        """Raise ConfigurationError unless ``template`` names only parameters."""
-        params = self.signature.parameters
-        try:
-            fields = [
-                f for _, f, _, _ in string.Formatter().parse(template) if f is not None
-            ]
-        except ValueError as exc:
-            raise ConfigurationError(f"bad {what} {template!r}: {exc}") from None
-        for field in fields:
-            head = field.split(".", 1)[0].split("[", 1)[0]
-            if head == "" or head.isdigit():
-                raise ConfigurationError(
-                    f"{what} {template!r} must name parameters, like "
-                    f"'{{{next(iter(params), 'arg')}}}', not positions"
-                )
-            if head not in params:
-                raise ConfigurationError(
-                    f"{what} {template!r} names {head!r}, which {self.name} does not "
-                    f"take; its parameters are {list(params)}"
-                )
-        Template(template).check(what)
+        """Raise ConfigurationError unless ``template`` names only parameters (the
+        rule of :func:`check_template`)."""
+        check_template(
+            template, list(self.signature.parameters), owner=self.name, what=what
+        )
 
     # -- per call -----------------------------------------------------------------------
 
@@ -277,6 +576,7 @@ class KeyBuilder:
         return dict(ba.arguments)
 
     def build(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        """The Redis key of one call."""
         if self._key_fn is not None:
             return self._explicit_prefix + str(self._key_fn(*args, **kwargs))
         bound = self.bind(args, kwargs)
@@ -284,7 +584,13 @@ class KeyBuilder:
             return self._explicit_prefix + self._template.render(bound)
         return self._key_prefix + self.encode_args(bound)
 
+    def value_key(self, bound: Mapping[str, Any]) -> str:
+        """The value key of bound arguments, ignoring ``key=`` (batch entries)."""
+        return self._key_prefix + self.encode_args(bound)
+
     def encode_args(self, bound: Mapping[str, Any]) -> str:
+        """The canonical encoding of bound arguments (``[...]`` JSON, or ``h:`` and a
+        digest when long), without the ``ignore=`` ones."""
         values = []
         for name in self._names:
             if name in self.ignore:

@@ -96,8 +96,6 @@ if TYPE_CHECKING:
     from rcache._metrics import MetricsSink
 
 __all__ = [
-    "LOCK_CLASSES",
-    "TWIN_CLASSES",
     "FairLock",
     "Lease",
     "Lock",
@@ -378,9 +376,9 @@ class _LeasedLock:
         self.metrics_name = metrics_name or name
         self._cache = cache
         self._metrics: MetricsSink = cache.metrics
-        self._base = f"{cache.prefix}:l:{{{name}}}"
+        self._lock_keys = cache.keyspace.lock(name)
         self._holds: dict[tuple[int, int, int], Lease] = {}
-        self._signal = self._base + ":signal"
+        self._signal = self._lock_keys.signal
         self._background: set[asyncio.Task[Any]] = set()
         self._cap = _MAX_BLOCK  # longest single BLPOP; set from the client in use
         self._metrics.register_lock(self.metrics_name)
@@ -1176,10 +1174,10 @@ class Lock(_LeasedLock):
 
     def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
         super().__init__(cache, name, **options)
-        self._key = self._exclusive_key = self._base
-        self._fence_key = self._base + ":fence"
-        self._waiters = self._base + ":w"
-        self._grace = self._base + ":h"
+        self._key = self._exclusive_key = self._lock_keys.base
+        self._fence_key = self._lock_keys.fence
+        self._waiters = self._lock_keys.waiting
+        self._grace = self._lock_keys.grace
 
     def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
         return _Call(
@@ -1225,10 +1223,10 @@ class FairLock(Lock):
 
     def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
         super().__init__(cache, name, **options)
-        self._queue = self._base + ":fq"
-        self._queue_ttl = self._base + ":fqt"
-        self._tickets = self._base + ":fqn"
-        self._signals = self._base + ":fs:"
+        self._queue = self._lock_keys.queue
+        self._queue_ttl = self._lock_keys.queue_expiry
+        self._tickets = self._lock_keys.tickets
+        self._signals = self._lock_keys.fair_signals
 
     def _signal_key(self, token: str) -> str:
         return self._signals + token
@@ -1270,9 +1268,9 @@ class Semaphore(_LeasedLock):
             )
         super().__init__(cache, name, **options)
         self.limit = limit
-        self._key = self._base + ":sem"
-        self._fence_key = self._key + ":fence"
-        self._signal = self._key + ":signal"
+        self._key = self._lock_keys.permits
+        self._fence_key = self._lock_keys.permits_fence
+        self._signal = self._lock_keys.permits_signal
 
     def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
         return _Call(
@@ -1299,9 +1297,13 @@ class Semaphore(_LeasedLock):
 class _RWPart(_LeasedLock):
     def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
         super().__init__(cache, name, **options)
-        b = self._base + ":rw:"
-        self._readers, self._writer, self._intents = b + "r", b + "w", b + "wq"
-        self._rsignal, self._wsignal, self._fence_key = b + "rs", b + "ws", b + "fence"
+        k = self._lock_keys
+        self._readers, self._writer, self._intents = k.readers, k.writer, k.intents
+        self._rsignal, self._wsignal, self._fence_key = (
+            k.read_signal,
+            k.write_signal,
+            k.rw_fence,
+        )
         self._keys5 = [
             self._readers,
             self._writer,
@@ -1406,12 +1408,6 @@ class RWLock:
     def write(self) -> WriteLock:
         """The exclusive (write) side."""
         return self._write
-
-
-#: The lock-like classes whose sync methods have ``a`` twins (tests/integration/
-#: test_lock_api.py); TWIN_CLASSES names them, and Lease, for tests/test_public_api.py.
-LOCK_CLASSES: list[type[_LeasedLock]] = [Lock, FairLock, ReadLock, WriteLock, Semaphore]
-TWIN_CLASSES = ("FairLock", "Lease", "Lock", "ReadLock", "Semaphore", "WriteLock")
 
 
 class _LockedDecorator(Protocol):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rcache._config import RetryPolicy
     from rcache._flow import AsyncDriver, SyncDriver
+    from rcache._keys import KeySpace
     from rcache._metrics import MetricsSink
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
     from rcache._serializers import Serializer
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 class CacheBase:
     prefix: str
+    keyspace: KeySpace
     name: str
     retry: RetryPolicy
     serializer: Serializer

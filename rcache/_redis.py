@@ -994,11 +994,14 @@ _INCLUDE = re.compile(r"^-- @include (_\w+)$", re.MULTILINE)
 
 
 class LuaScript:
-    """A Lua script shipped as package data (``rcache/_scripts/NAME.lua``).
+    """A Lua script: rcache's own (``rcache/_scripts/NAME.lua``) from its ``name``, or
+    any ``source`` (integrations: ``rcache.spi.packaged_script``).
 
     Called with EVALSHA; on NOSCRIPT (a restarted or flushed server) it loads the source
     and retries once, so the next call after a Redis restart still works. The header of
-    every script states its KEYS, ARGV and return codes.
+    every script states its KEYS, ARGV and return codes. A line ``-- @include NAME``
+    pastes the shared preamble ``rcache/_scripts/NAME.lua``. Integrations run it on a
+    cache with ``rcache.spi.run_script``, which maps errors.
     """
 
     def __init__(self, name: str, source: str | None = None) -> None:
@@ -1020,6 +1023,7 @@ class LuaScript:
     def __call__(
         self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
+        """Run on ``client`` (redis-py's errors, unmapped)."""
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
@@ -1029,6 +1033,7 @@ class LuaScript:
     async def acall(
         self, client: redis.asyncio.Redis, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
+        """Async twin of calling the script, on a ``redis.asyncio.Redis``."""
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:

@@ -183,7 +183,7 @@ class _Shared:
         self.cache = cache
         self.options = options  # kept alive: the fingerprint holds their ids
         self.incr_script = LuaScript("django_incr")
-        self.key_prefix = f"{cache.prefix}:k:"
+        self.key_prefix = cache.keyspace.explicit_prefix
 
 
 # One rcache.Cache per configuration: Django builds a backend per thread and, under

@@ -22,6 +22,7 @@ PUBLIC_MODULES = (
     "rcache.django",
     "rcache.metrics",
     "rcache.testing",
+    "rcache.spi",
     "rcache.flask",
     "rcache.fastapi",
     "rcache_celery",

@@ -8,7 +8,10 @@ import inspect
 import pytest
 
 import rcache
-from rcache._lock import LOCK_CLASSES, Lease, RWLock
+from rcache import FairLock, Lease, Lock, ReadLock, RWLock, Semaphore, WriteLock
+
+#: The lock-like classes whose sync methods have ``a`` twins.
+LOCK_CLASSES = [Lock, FairLock, ReadLock, WriteLock, Semaphore]
 
 DUNDER_PAIRS = [("__enter__", "__aenter__"), ("__exit__", "__aexit__")]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rcache._admin import _scan, _text, escape_glob
+from rcache.spi import KeySpace, arun, ascan, run, scan
 
 if TYPE_CHECKING:
     from rcache import Cache
@@ -31,7 +31,10 @@ _KINDS: dict[str, Literal["unique", "locked", "warm"]] = {
     "w": "warm",
 }
 _DIGEST = re.compile(r"^(?P<task>.+):[0-9a-f]{32}$")
-_BATCH = 500
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,13 @@ def _rows(
     return rows
 
 
-def _markers(guards: list[tuple[str, str, str]], first: Sequence[Any]) -> list[str]:
+def _markers(
+    keyspace: KeySpace, guards: list[tuple[str, str, str]], first: Sequence[Any]
+) -> list[str]:
     return [
-        f"{key}:r:{_text(first[2 * i]) if first[2 * i] is not None else ''}"
+        keyspace.run_marker(
+            key, _text(first[2 * i]) if first[2 * i] is not None else ""
+        )
         for i, (key, _, _) in enumerate(guards)
     ]
 
@@ -123,35 +130,21 @@ def task_guards(cache: Cache) -> list[TaskGuard]:
         for g in rcache_celery.task_guards(cache):
             print(g.kind, g.task, g.task_id, g.state, g.remaining)
     """
-    match = escape_glob(cache.prefix) + ":celery:*"
-    found: list[bytes] = []
-    cursor = 0
-    while True:
-        cursor, keys = cache._sync.run(_scan(cursor, match, _BATCH))
-        found += keys
-        if int(cursor) == 0:
-            break
+    found = scan(cache, cache.keyspace.pattern("celery:"))
     guards = _guards(cache.prefix, found)
     if not guards:
         return []
-    first = cache._sync.run(_first_pass(guards))
-    states = cache._sync.run(_second_pass(_markers(guards, first)))
+    first = run(cache, _first_pass(guards))
+    states = run(cache, _second_pass(_markers(cache.keyspace, guards, first)))
     return _rows(guards, first, states)
 
 
 async def atask_guards(cache: Cache) -> list[TaskGuard]:
     """Async twin of :func:`task_guards`."""
-    match = escape_glob(cache.prefix) + ":celery:*"
-    found: list[bytes] = []
-    cursor = 0
-    while True:
-        cursor, keys = await cache._async.run(_scan(cursor, match, _BATCH))
-        found += keys
-        if int(cursor) == 0:
-            break
+    found = await ascan(cache, cache.keyspace.pattern("celery:"))
     guards = _guards(cache.prefix, found)
     if not guards:
         return []
-    first = await cache._async.run(_first_pass(guards))
-    states = await cache._async.run(_second_pass(_markers(guards, first)))
+    first = await arun(cache, _first_pass(guards))
+    states = await arun(cache, _second_pass(_markers(cache.keyspace, guards, first)))
     return _rows(guards, first, states)

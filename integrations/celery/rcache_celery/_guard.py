@@ -28,11 +28,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from rcache._config import ttl_ms
-from rcache._redis import LuaScript
+from rcache.spi import LuaScript, packaged_script, run, run_script, ttl_ms
 
 if TYPE_CHECKING:
     import redis
@@ -54,10 +52,7 @@ log = logging.getLogger("rcache.celery")
 
 
 def _script(name: str) -> LuaScript:
-    source = (
-        resources.files("rcache_celery").joinpath(f"_scripts/{name}.lua").read_text()
-    )
-    return LuaScript(name, source=source)
+    return packaged_script("rcache_celery", f"_scripts/{name}.lua")
 
 
 class _Scripts:
@@ -101,7 +96,7 @@ class Guard:
 
     @property
     def marker(self) -> str:
-        return f"{self.key}:r:{self.task_id}"
+        return self.cache.keyspace.run_marker(self.key, self.task_id)
 
 
 def _decode(value: Any) -> str:
@@ -113,7 +108,7 @@ def begin(guard: Guard, lease: float, *, acquire: bool) -> tuple[int, str]:
     script = SCRIPTS[BEGIN]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, ttl_ms(lease), "1" if acquire else "0"]
-    code, holder = guard.cache._sync.run(lambda c: script(c, keys, args))
+    code, holder = run_script(guard.cache, script, keys, args)
     return int(code), _decode(holder)
 
 
@@ -122,20 +117,20 @@ def finish(guard: Guard, state: str, ttl: float) -> bool:
     script = SCRIPTS[FINISH]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, state, ttl_ms(ttl)]
-    return bool(guard.cache._sync.run(lambda c: script(c, keys, args)))
+    return bool(run_script(guard.cache, script, keys, args))
 
 
 def release(cache: Cache, key: str, value: str) -> bool:
     """Compare-and-delete a plain guard key."""
     script = SCRIPTS[RELEASE]
-    return bool(cache._sync.run(lambda c: script(c, [key], [value])))
+    return bool(run_script(cache, script, [key], [value]))
 
 
 def renew_once(guard: Guard, lease: float) -> bool:
     script = SCRIPTS[RENEW]
     keys = [guard.key, guard.marker]
     args = [guard.task_id, ttl_ms(lease)]
-    return bool(guard.cache._sync.run(lambda c: script(c, keys, args), retry=False))
+    return bool(run_script(guard.cache, script, keys, args, retry=False))
 
 
 def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
@@ -144,7 +139,7 @@ def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
     def op(c: redis.Redis) -> Any:
         return c.set(key, value, nx=True, get=True, px=ttl_ms(ttl))
 
-    existing = cache._sync.run(op)
+    existing = run(cache, op)
     return None if existing is None else _decode(existing)
 
 

@@ -21,7 +21,6 @@ Signals are connected with ``weak=False`` (the receivers are closures) and a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import signals  # type: ignore[import-untyped]
@@ -30,46 +29,20 @@ from celery.exceptions import (  # type: ignore[import-untyped]
     WorkerLostError,
 )
 
-from rcache._exceptions import ConfigurationError
-from rcache_celery._metrics import NullCeleryMetrics, metrics_for
+from rcache import ConfigurationError
+from rcache_celery._metrics import metrics_for
+from rcache_celery._state import State, attach, detach, maybe_state
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from rcache import Cache
 
-__all__ = ["State", "install", "state_of", "uninstall"]
+__all__ = ["install", "uninstall"]
 
 log = logging.getLogger("rcache.celery")
-_ATTR = "_rcache_celery_state"
 #: How often the worker's main process looks for dead pool children (Celery: 5 s).
 REAP_INTERVAL = 0.25
-
-
-@dataclass
-class State:
-    """What ``install`` attached to an app."""
-
-    app: Celery
-    cache: Cache
-    metrics: NullCeleryMetrics
-    uid: str
-    reaper: Any = None  # the hub timer entry of _on_worker_ready
-
-
-def state_of(app: Celery) -> State:
-    """The installed state of ``app``; a ConfigurationError tells how to install."""
-    found: State | None = getattr(app, _ATTR, None)
-    if found is None:
-        raise ConfigurationError(
-            f"rcache_celery is not installed on the Celery app {app.main!r}: call "
-            "rcache_celery.install(app, cache) where the app is created"
-        )
-    return found
-
-
-def maybe_state(app: Celery) -> State | None:
-    return getattr(app, _ATTR, None)
 
 
 def install(app: Celery, cache: Cache, *, metrics: Any = None) -> None:
@@ -78,8 +51,8 @@ def install(app: Celery, cache: Cache, *, metrics: Any = None) -> None:
     :param app: the Celery app (call this where the app is created, so that producers,
         workers and beat all run it).
     :param cache: the ``rcache.Cache`` holding dedup keys, locks and warmed entries.
-    :param metrics: a metrics sink with a Prometheus ``.registry``; default
-        ``cache.metrics``. Without a registry, metrics are off.
+    :param metrics: an ``rcache.metrics.PrometheusMetrics`` to register the task
+        metrics with; default ``cache.metrics``. With any other sink they are off.
     :raises ConfigurationError: if ``app`` is already installed with another cache.
 
     Idempotent for the same cache. Nothing connects to Redis here: clients are created
@@ -97,7 +70,7 @@ def install(app: Celery, cache: Cache, *, metrics: Any = None) -> None:
     state = State(
         app, cache, metrics_for(metrics if metrics is not None else cache.metrics), uid
     )
-    setattr(app, _ATTR, state)
+    attach(state)
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid=uid + ":failure")
     signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=uid + ":revoked")
     signals.worker_ready.connect(
@@ -115,7 +88,7 @@ def uninstall(app: Celery) -> None:
     signals.worker_ready.disconnect(dispatch_uid=state.uid + ":ready")
     if state.reaper is not None:
         state.reaper.cancel()
-    delattr(app, _ATTR)
+    detach(state)
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:

@@ -1,25 +1,28 @@
 """Prometheus collectors of rcache-celery, created at ``install()``, never at import.
 
-When the cache's metrics sink exposes a ``prometheus_client`` ``CollectorRegistry`` as
-``.registry`` (``rcache.metrics.PrometheusMetrics``), the collectors below are
-registered on it; otherwise every call is a no-op. Labels are bounded: the task name,
-a fixed reason/result/action, the cache name; never task ids, arguments or keys.
+When the cache's metrics sink is an ``rcache.metrics.PrometheusMetrics``, the collectors
+below are registered in its registry with its ``counter``/``histogram``/``gauge``,
+named under its namespace (``rcache_celery_dedup_total`` by default); otherwise every
+call is a no-op. Labels are bounded: the task name, a fixed reason/result/action, the
+cache name; never task ids, arguments or keys.
 
-Collectors are kept per registry so that installing on two apps that share a registry
-does not register them twice ("Duplicated timeseries", client_python #468).
+``PrometheusMetrics`` registers each collector once per registry, so installing on two
+apps that share one does not register them twice ("Duplicated timeseries",
+client_python #468).
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rcache.metrics import PrometheusMetrics
 
 __all__ = ["CeleryMetrics", "NullCeleryMetrics", "metrics_for"]
 
 
 class NullCeleryMetrics:
-    """The sink used when the cache has no Prometheus registry."""
+    """The sink used when the cache's metrics are not a PrometheusMetrics."""
 
     def dedup(self, task: str, result: str) -> None:
         pass
@@ -40,57 +43,48 @@ class NullCeleryMetrics:
 
 
 class CeleryMetrics(NullCeleryMetrics):
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
-
-        self.dedup_total = Counter(
-            "rcache_celery_dedup",
+    def __init__(self, sink: PrometheusMetrics) -> None:
+        c, h, g = sink.counter, sink.histogram, sink.gauge
+        self.dedup_total = c(
+            "celery_dedup",
             "apply_async calls of unique tasks, by outcome",
             ["task", "result"],
-            registry=registry,
         )
-        self.runtime_duplicates_total = Counter(
-            "rcache_celery_runtime_duplicates",
+        self.runtime_duplicates_total = c(
+            "celery_runtime_duplicates",
             "Task copies ignored at run time because they did not own their guard key",
             ["task", "reason"],
-            registry=registry,
         )
-        self.lock_recoveries_total = Counter(
-            "rcache_celery_lock_recoveries",
+        self.lock_recoveries_total = c(
+            "celery_lock_recoveries",
             "Guard keys released by the worker's main process for a task that could not",
             ["task", "reason"],
-            registry=registry,
         )
-        self.locked_total = Counter(
-            "rcache_celery_locked",
+        self.locked_total = c(
+            "celery_locked",
             "Runs of locked tasks, by what happened",
             ["task", "action"],
-            registry=registry,
         )
-        self.warm_runs_total = Counter(
-            "rcache_warm_runs",
+        self.warm_runs_total = c(
+            "warm_runs",
             "Cache warming runs",
             ["cache", "result"],
-            registry=registry,
         )
-        self.warm_keys_total = Counter(
-            "rcache_warm_keys",
+        self.warm_keys_total = c(
+            "warm_keys",
             "Cache entries recomputed by warming",
             ["cache", "result"],
-            registry=registry,
         )
-        self.warm_duration_seconds = Histogram(
-            "rcache_warm_duration_seconds",
+        self.warm_duration_seconds = h(
+            "warm_duration_seconds",
             "Duration of cache warming runs",
             ["cache", "result"],
-            registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
-        self.warm_last_success = Gauge(
-            "rcache_warm_last_success_timestamp_seconds",
+        self.warm_last_success = g(
+            "warm_last_success_timestamp_seconds",
             "Unix time of the last successful warming run",
             ["cache"],
-            registry=registry,
             multiprocess_mode="max",
         )
 
@@ -121,25 +115,10 @@ class CeleryMetrics(NullCeleryMetrics):
             self.warm_last_success.labels(cache).set(time.time())
 
 
-_by_registry: weakref.WeakKeyDictionary[Any, CeleryMetrics] = (
-    weakref.WeakKeyDictionary()
-)
-_lock = threading.Lock()
-
-
 def metrics_for(sink: Any) -> NullCeleryMetrics:
-    """Collectors on ``sink.registry`` if it is a CollectorRegistry, else a no-op sink."""
-    registry = getattr(sink, "registry", None)
-    if registry is None:
+    """Collectors on ``sink`` if it is a ``PrometheusMetrics`` (whose ``counter``,
+    ``histogram`` and ``gauge`` register each collector once per registry: installing
+    on two apps that share it registers nothing twice), else a no-op sink."""
+    if not callable(getattr(sink, "counter", None)):
         return NullCeleryMetrics()
-    try:
-        from prometheus_client import CollectorRegistry
-    except ImportError:  # pragma: no cover - the registry came from somewhere
-        return NullCeleryMetrics()
-    if not isinstance(registry, CollectorRegistry):
-        return NullCeleryMetrics()
-    with _lock:
-        found = _by_registry.get(registry)
-        if found is None:
-            found = _by_registry[registry] = CeleryMetrics(registry)
-        return found
+    return CeleryMetrics(sink)

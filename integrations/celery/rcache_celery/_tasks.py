@@ -8,11 +8,9 @@ task.delay()`` would be deduplicated against a finished run).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import random
-import string
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,12 +27,12 @@ from celery.exceptions import (  # type: ignore[import-untyped]
 from celery.utils import uuid  # type: ignore[import-untyped]
 from celery.worker.request import Request  # type: ignore[import-untyped]
 
-from rcache._exceptions import ConfigurationError, RCacheError
-from rcache._keys import KeyBuilder
-from rcache_celery import _guard
+import rcache_celery._guard as _guard
+from rcache import ConfigurationError, RCacheError
+from rcache.spi import KeyBuilder, check_template
 from rcache_celery._exceptions import DuplicateTaskError, TaskLockedError
 from rcache_celery._guard import Guard
-from rcache_celery._install import State, maybe_state, state_of
+from rcache_celery._state import State, maybe_state, state_of
 
 __all__ = ["GuardedRequest", "GuardedTask", "LockedTask", "UniqueTask"]
 
@@ -119,31 +117,6 @@ def _check_choice(task: Any, option: str, choices: Sequence[str]) -> None:
         )
 
 
-def _template_error(task: str, template: str, params: Sequence[str]) -> str | None:
-    """Why ``template`` (a lock_key) cannot be filled from ``params``, or None."""
-    try:
-        fields = [
-            f for _, f, _, _ in string.Formatter().parse(template) if f is not None
-        ]
-    except ValueError as exc:
-        return f"{task}: lock_key {template!r} is not a valid template ({exc})"
-    for field in fields:
-        head = field.split(".", 1)[0].split("[", 1)[0]
-        if head not in params:
-            close = difflib.get_close_matches(head, params, n=1)
-            fix = (
-                f"; did you mean {{{close[0]}}}: "
-                f"lock_key={template.replace('{' + head, '{' + close[0])!r}?"
-                if close
-                else ""
-            )
-            return (
-                f"{task}: lock_key {template!r} names {head!r}, which the task does "
-                f"not take; its parameters are {list(params)}{fix}"
-            )
-    return None
-
-
 class GuardedTask(Task):  # type: ignore[misc]
     """Common base of UniqueTask and LockedTask (not meant to be used directly)."""
 
@@ -156,7 +129,6 @@ class GuardedTask(Task):  # type: ignore[misc]
     #: message (Redis ``visibility_timeout``, celery-singleton #38) is ignored.
     redelivery_window: float = 3600.0
 
-    _guard_kind: ClassVar[str] = "g"
     #: Run-time behaviour on an app without install(): LockedTask refuses to run
     #: unlocked; a UniqueTask was deduplicated at enqueue time and runs.
     _fail_closed: ClassVar[bool] = False
@@ -169,7 +141,9 @@ class GuardedTask(Task):  # type: ignore[misc]
     def _keys(self) -> KeyBuilder:
         builder: KeyBuilder | None = self.__dict__.get("_rcache_keys")
         if builder is None:
-            builder = KeyBuilder(self.run, prefix="", ignore=self._ignored_params())
+            builder = KeyBuilder(
+                self.run, prefix="", ignore=self._ignored_params(), name=self.name
+            )
             self.__dict__["_rcache_keys"] = builder
         return builder
 
@@ -383,7 +357,6 @@ class UniqueTask(GuardedTask):
     unique_on: Sequence[str] | None = None
     unique_ttl: float = 3600.0
     on_duplicate: Literal["return_existing", "raise"] = "return_existing"
-    _guard_kind: ClassVar[str] = "u"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Runs when Celery builds the task class (@app.task(base=UniqueTask, ...)):
@@ -424,8 +397,9 @@ class UniqueTask(GuardedTask):
     def _guard_key(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         keys = self._keys()
         encoded = keys.encode_args(keys.bind(tuple(args), kwargs))
-        prefix = self._state().cache.prefix
-        return f"{prefix}:celery:u:{{{_guard.tag_safe(self.name)}:{_guard.digest(encoded)}}}"
+        return self._state().cache.keyspace.unique_guard(
+            _guard.tag_safe(self.name), _guard.digest(encoded)
+        )
 
     def _pending_ttl(self, delay: float) -> float:
         return max(self.unique_ttl, self.lock_ttl) + delay
@@ -548,7 +522,6 @@ class LockedTask(GuardedTask):
     on_locked: Literal["skip", "retry", "wait", "fail"] = "retry"
     lock_retry_delay: float = 1.0
     lock_wait_timeout: float | None = None
-    _guard_kind: ClassVar[str] = "l"
     _fail_closed: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -570,34 +543,24 @@ class LockedTask(GuardedTask):
             )
         params = _run_parameters(cls)
         if template is not None and params is not None:
-            error = _template_error(_task_label(cls), template, params)
-            if error is not None:
-                raise ConfigurationError(error)
+            check_template(template, params, owner=_task_label(cls), what="lock_key")
 
     def _guard_key(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-        prefix = self._state().cache.prefix
+        keyspace = self._state().cache.keyspace
         template = self.lock_key
         if template is None:
             keys = self._keys()
             encoded = keys.encode_args(keys.bind(tuple(args), kwargs))
             name = f"{_guard.tag_safe(self.name)}:{_guard.digest(encoded)}"
         else:
-            self._check_template(template)
+            if self.__dict__.get("_rcache_checked") != template:
+                # Checked when the class was built (__init_subclass__); again here for
+                # options set on the instance afterwards.
+                _check_choice(self, "on_locked", _ON_LOCKED)
+                self._keys().check_template(template, what="lock_key")
+                self.__dict__["_rcache_checked"] = template
             name = _guard.tag_safe(template.format_map(self._bound(args, kwargs)))
-        return f"{prefix}:celery:l:{{{name}}}"
-
-    def _check_template(self, template: str) -> None:
-        if self.__dict__.get("_rcache_checked") == template:
-            return
-        # Checked when the class was built (__init_subclass__); again here for
-        # options set on the instance afterwards.
-        _check_choice(self, "on_locked", _ON_LOCKED)
-        error = _template_error(
-            self.name, template, list(self._keys().signature.parameters)
-        )
-        if error is not None:
-            raise ConfigurationError(error)
-        self.__dict__["_rcache_checked"] = template
+        return keyspace.lock_guard(name)
 
     def _run_key(
         self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rcache._config import Duration, parse_duration, ttl_ms
-from rcache._exceptions import ConfigurationError
-from rcache._keys import qualified_name
-from rcache_celery import _guard
-from rcache_celery._install import state_of
+from rcache import ConfigurationError
+from rcache.spi import (
+    Duration,
+    cached_info,
+    parse_duration,
+    qualified_name,
+    run,
+    ttl_ms,
+)
+from rcache_celery._guard import release, tag_safe
+from rcache_celery._state import state_of
 
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
@@ -70,14 +75,14 @@ def warm(
     twice. Works with ``celery beat`` and ``celery worker -B``: call ``warm`` where the
     app is created, so that beat and workers both register it.
     """
-    spec = getattr(fn, "_spec", None)
-    refresh = getattr(fn, "refresh", None)
-    if spec is None or refresh is None:
+    spec = cached_info(fn)
+    if spec is None:
         raise ConfigurationError(
             f"warm() takes a function decorated with @cache.cached; got {fn!r}"
         )
+    refresh = fn.refresh
     period = parse_duration(every)
-    ttl = float(spec.ttl)
+    ttl = spec.ttl
     if jitter is None:
         spread = min(0.05 * period, 5.0)
     elif jitter == 0:
@@ -91,8 +96,8 @@ def warm(
         )
     gate_ttl = max(0.9 * (period - spread), 0.001)
     entries = _entries(args)
-    task_name = name or f"rcache_celery.warm:{qualified_name(spec.fn)}"
-    is_async = inspect.iscoroutinefunction(refresh)
+    task_name = name or f"rcache_celery.warm:{qualified_name(spec.function)}"
+    is_async = spec.is_async
 
     def failed_entry(args: tuple[Any, ...], exc: BaseException) -> None:
         log.warning("rcache-celery: warming %s%r failed: %r", spec.name, args, exc)
@@ -128,14 +133,12 @@ def warm(
         cache = state.cache
         if spread:
             time.sleep(random.uniform(0, spread))
-        gate = f"{cache.prefix}:celery:w:{{{_guard.tag_safe(task_name)}}}"
+        gate = cache.keyspace.warm_gate(tag_safe(task_name))
         token = self.request.id or "manual"
         # The gate lives for most of a period: a second beat (whatever its phase) or a
         # catch-up run inside that window is skipped, while this beat's next tick,
         # a period later minus at most the jitter, finds it gone.
-        taken = cache._sync.run(
-            lambda c: c.set(gate, token, nx=True, px=ttl_ms(gate_ttl))
-        )
+        taken = run(cache, lambda c: c.set(gate, token, nx=True, px=ttl_ms(gate_ttl)))
         if not taken:
             log.info("rcache-celery: %s skipped, another run is recent", task_name)
             return 0
@@ -146,7 +149,7 @@ def warm(
             done, failed = refresh_all()
         seconds = time.perf_counter() - start
         if failed:
-            _guard.release(cache, gate, token)  # let the next tick try again
+            release(cache, gate, token)  # let the next tick try again
         result = "failure" if failed else "success"
         state.metrics.warm_run(spec.name, result, done, failed, seconds)
         return done

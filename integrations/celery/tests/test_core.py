@@ -116,7 +116,7 @@ def test_enqueue_fails_closed_when_redis_is_down(celery_redis: RedisServer) -> N
 def test_warm_task_refreshes_sync_and_async_entries_under_a_gate(
     app: Any, celery_redis: RedisServer, r: redis.Redis
 ) -> None:
-    cache = rcache_celery._install.state_of(app).cache
+    cache = rcache_celery._state.state_of(app).cache
     calls: list[str] = []
 
     @cache.cached(ttl=60)
