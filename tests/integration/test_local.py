@@ -26,7 +26,7 @@ from rcache._flow import Flow
 from rcache._local import MISSING, Invalidations, LocalStore
 from rcache._serializers import encode_envelope, resolve_serializer
 from rcache._tracking import Tier
-from rcache.testing import RedisServer, wait_until
+from rcache.testing import RedisSentinel, RedisServer, wait_until
 
 #: how soon another client's write must drop a local entry (issue 16: "within 50 ms")
 WITHIN = 0.05
@@ -467,3 +467,24 @@ def test_a_listener_that_cannot_connect_leaves_reads_to_redis(down_url: str) -> 
         assert not tier.listener.guard.ready.is_set()
     finally:
         cache.close()
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_flushes_and_the_tier_follows_the_new_primary() -> None:
+    with RedisSentinel() as sentinels:
+        cache = rcache.Cache(sentinels.url, prefix="test", ttl=60, local=True)
+        try:
+            cache.set("k", 1)
+            tier = warm(cache, "k", 1)
+            old = sentinels.primary_port()
+            sentinels.kill_primary()
+            wait_until(lambda: len(tier.store) == 0, timeout=2)  # the listener's EOF
+            new = sentinels.wait_failover(old)
+            wait_until(lambda: tier.listener.guard.ready.is_set(), timeout=15)
+            cache.set("k", 2)
+            tier = warm(cache, "k", 2)
+            new.client().set("test:k:k", envelope(3))  # on the new primary
+            dropped_within(tier, "k", 1)
+            assert cache.get("k") == 3
+        finally:
+            cache.close()
