@@ -17,6 +17,9 @@
   CACHING YES``, for the same tracking; see CHANGELOG.)
 * **One thread**, ``rcache-tracking``, serves every listener of the process through a
   selector; it starts with the first local tier used and ends when no store is left.
+  With listeners on several servers, a reconnect runs on a short-lived helper thread
+  (``rcache-tracking-connect``): a server that hangs would otherwise hold the thread
+  for its connect timeout and delay the other servers' invalidations by as much.
   Nothing happens at import time. A forked child starts with an empty tier and no
   listener; the first read there connects its own.
 
@@ -34,7 +37,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -193,6 +196,11 @@ class Listener:
         self._backoff = RECONNECT_FIRST
         self._ping_at = 0.0
         self._pong_due: float | None = None
+        # a connection made on a helper thread, waiting to be installed
+        self.connecting = False
+        self._pending: tuple[Any, int] | Exception | None = None
+        self._pending_lock = threading.Lock()
+        self._closed = False
         #: connections made and lost (tests, observability)
         self.connects = 0
         self.losses = 0
@@ -205,7 +213,9 @@ class Listener:
     def client_id(self) -> int | None:
         return self.guard.state[1]
 
-    def connect(self, selector: selectors.BaseSelector) -> None:
+    def _open(self) -> tuple[Any, int] | Exception:
+        """Connect and subscribe; blocks up to the connect timeout. Returns the
+        connection and its client id, or the error."""
         conn: Any = None
         try:
             if self._client is None:
@@ -222,18 +232,26 @@ class Listener:
             if conn is not None:
                 conn.disconnect()
                 self._release(conn)
+            return exc
+        return conn, client_id
+
+    def _opened(
+        self, selector: selectors.BaseSelector, result: tuple[Any, int] | Exception
+    ) -> None:
+        if isinstance(result, Exception):
             self._retry_later()
-            hint = misconfiguration(exc)
+            hint = misconfiguration(result)
             _log.warning(
                 "listener",
                 "rcache: the local tier cannot subscribe to invalidations at %s "
                 "(%s: %s%s); local hits are off until it can",
                 self.spec.describe(),
-                type(exc).__name__,
-                exc,
+                type(result).__name__,
+                result,
                 f"; {hint}" if hint else "",
             )
             return
+        conn, client_id = result
         self._conn = conn
         self._sock = conn._sock  # redis-py keeps the socket there (2.x to 8.x)
         selector.register(self._sock, selectors.EVENT_READ, self)
@@ -244,6 +262,38 @@ class Listener:
         self._pong_due = None
         self.guard.connected(client_id, first=self._first)
         self._first = False
+
+    def connect(self, selector: selectors.BaseSelector) -> None:
+        """Connect on the listener thread (nothing else to serve meanwhile)."""
+        self._opened(selector, self._open())
+
+    def connect_aside(self, wake: Callable[[], None]) -> None:
+        """Connect on a short-lived thread, so that a server that does not answer
+        cannot hold up the invalidations of the others (the thread would block for
+        the connect timeout); the loop installs the result (:meth:`installed`)."""
+        self.connecting = True
+
+        def run() -> None:
+            result = self._open()
+            with self._pending_lock:
+                if self._closed and not isinstance(result, Exception):
+                    result[0].disconnect()  # closed meanwhile: nobody will install it
+                    self._release(result[0])
+                    return
+                self._pending = result
+            wake()
+
+        threading.Thread(
+            target=run, name="rcache-tracking-connect", daemon=True
+        ).start()
+
+    def installed(self, selector: selectors.BaseSelector) -> None:
+        """Install what :meth:`connect_aside` got, if it is done."""
+        with self._pending_lock:
+            result, self._pending = self._pending, None
+        if result is not None:
+            self.connecting = False
+            self._opened(selector, result)
 
     def readable(self, selector: selectors.BaseSelector) -> None:
         conn = self._conn
@@ -266,10 +316,17 @@ class Listener:
         elif kind == b"pong":
             self._pong_due = None
 
-    def tick(self, now: float, selector: selectors.BaseSelector) -> float:
-        """Reconnect or health-check as due; returns when to come back."""
+    def tick(self, now: float, loop: _Loop, aside: bool) -> float:
+        """Reconnect or health-check as due; returns when to come back. ``aside``:
+        other listeners are connected, so connect on a helper thread."""
+        selector = loop.selector
         if self._conn is None:
+            if self.connecting:
+                return now + HEALTH_INTERVAL  # the helper wakes the loop when done
             if now >= self.retry_at:
+                if aside:
+                    self.connect_aside(loop.wake)
+                    return now + HEALTH_INTERVAL
                 self.connect(selector)
             return now + HEALTH_INTERVAL if self._conn is not None else self.retry_at
         if self._pong_due is not None and now >= self._pong_due:
@@ -318,6 +375,12 @@ class Listener:
 
     def close(self, selector: selectors.BaseSelector | None) -> None:
         """No store is left: close the connection and its pool (listener thread)."""
+        with self._pending_lock:
+            self._closed = True
+            pending, self._pending = self._pending, None
+        if pending is not None and not isinstance(pending, Exception):
+            pending[0].disconnect()
+            self._release(pending[0])
         if selector is not None:
             self._close_conn(selector)
         if self._client is not None:
@@ -330,6 +393,9 @@ class Listener:
         # the socket is the parent's: forget it without a word to the server
         # (redis-py's disconnect() skips shutdown() in another pid)
         self._conn = self._sock = self._client = None
+        self._pending_lock = threading.Lock()
+        self._pending = None
+        self.connecting = False
         self._first = True
         self.retry_at = 0.0
         self._backoff = RECONNECT_FIRST
@@ -380,7 +446,11 @@ class _Loop:
                 now = time.monotonic()
                 until = now + HEALTH_INTERVAL
                 for listener in listeners:
-                    until = min(until, listener.tick(now, self.selector))
+                    listener.installed(self.selector)
+                up = sum(1 for listener in listeners if listener.connected)
+                for listener in listeners:
+                    aside = up > (1 if listener.connected else 0)
+                    until = min(until, listener.tick(now, self, aside))
                 timeout = max(0.0, until - time.monotonic())
                 for key, _ in self.selector.select(timeout):
                     if key.data is None:

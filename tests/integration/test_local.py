@@ -488,3 +488,31 @@ def test_a_sentinel_failover_flushes_and_the_tier_follows_the_new_primary() -> N
             assert cache.get("k") == 3
         finally:
             cache.close()
+
+
+@pytest.mark.slow
+def test_a_server_that_hangs_does_not_delay_another_servers_invalidations(
+    redis_server_factory: Callable[[], RedisServer],
+) -> None:
+    healthy, hung = redis_server_factory(), redis_server_factory()
+    a = rcache.Cache(healthy.url, prefix="test", ttl=60, local=True)
+    b = rcache.Cache(hung.url, prefix="test", ttl=60, local=True)
+    try:
+        tier_b = tier_of(b)
+        hung.pause()  # SIGSTOP: connects hang until their timeout (1 s)
+        wait_until(lambda: tier_b.listener.losses >= 1, timeout=5)  # no PONG
+        writer = healthy.client()
+        deadline = time.monotonic() + 3  # several reconnects to the hung server
+        n = 0
+        while time.monotonic() < deadline:
+            a.set(f"k{n}", n)
+            tier_a = warm(a, f"k{n}", n)
+            writer.set(f"test:k:k{n}", envelope(-n))
+            assert dropped_within(tier_a, f"k{n}", 1) < WITHIN
+            n += 1
+        assert tier_b.listener.connecting or not tier_b.listener.connected
+        writer.close()
+    finally:
+        hung.resume()
+        a.close()
+        b.close()
