@@ -516,3 +516,38 @@ def test_a_server_that_hangs_does_not_delay_another_servers_invalidations(
         hung.resume()
         a.close()
         b.close()
+
+
+def test_prometheus_metrics_of_the_tier(redis_url: str, writer: redis.Redis) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from rcache.metrics import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    cache = rcache.Cache(
+        redis_url,
+        prefix="test",
+        ttl=60,
+        local=True,
+        metrics=PrometheusMetrics(registry),
+    )
+
+    def value(name: str, **labels: str) -> float:
+        got = registry.get_sample_value(name, {"cache": "test", **labels})
+        return 0.0 if got is None else got
+
+    try:
+        assert value("rcache_cache_gets_total", result="local_hit") == 0  # pre-created
+        cache.set("k", 1)
+        tier = warm(cache, "k", 1)
+        cache.get("k")
+        assert value("rcache_cache_gets_total", result="local_hit") >= 1
+        assert value("rcache_local_entries") == 1
+        writer.set("test:k:k", envelope(2))
+        dropped_within(tier, "k", 1)
+        wait_until(lambda: value("rcache_local_invalidations_total") >= 1)
+        assert value("rcache_local_entries") == 0
+        writer.flushall()
+        wait_until(lambda: value("rcache_local_flushes_total", reason="flushall") == 1)
+    finally:
+        cache.close()
