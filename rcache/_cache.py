@@ -49,7 +49,7 @@ from rcache._exceptions import (
 from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
 from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder, KeySpace
-from rcache._lease import LeaseKeeper
+from rcache._leases import KeyLeases
 from rcache._local import LocalTier, resolve_local
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
@@ -181,8 +181,9 @@ class Cache(LockMixin, TransactionMixin):
         self._read_script = LuaScript("cache_read")
         self._claim_script = LuaScript("cache_claim")
         self._store_script = LuaScript("cache_store")
-        self._renew_script = LuaScript("cache_renew")
-        self._leases = LeaseKeeper(self._renew)
+        # computation leases, renewed by the process's lease renewer through this
+        # cache's sync driver, or its async one on the computing loop
+        self._leases = KeyLeases(LuaScript("cache_renew"), self, cache_log)
         # the decorated functions of this cache, whose in-flight computations an
         # invalidation detaches (read-your-invalidations, item 7)
         self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -702,12 +703,6 @@ class Cache(LockMixin, TransactionMixin):
         self._local_written((key,))
         self._stored(spec, result)
         return result
-
-    def _renew(self, lease_key: str, token: str, px: int) -> bool:
-        reply = self._sync.run(
-            lambda c: self._renew_script(c, [lease_key], [token, px])
-        )
-        return bool(reply == 1)
 
     def _wait_ready(self, key: str, timeout: float) -> bool:
         """Block until the computation of ``key`` signals, or ``timeout`` seconds;

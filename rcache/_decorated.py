@@ -687,8 +687,12 @@ class AsyncCached(_Base):
                 return (await self._compute(args, kwargs))[0]
             claim = (got[0], got[2])
         token, stamps = claim
-        lease = cache._leases.add(
-            spec.cache.keyspace.lease(key), token, spec.freshness.lease_ttl, leased
+        lease = cache._leases.add(  # renewed on this loop, by its async client
+            spec.cache.keyspace.lease(key),
+            token,
+            spec.freshness.lease_ttl,
+            leased,
+            loop=asyncio.get_running_loop(),
         )
         try:
             value, elapsed = await self._compute(args, kwargs)

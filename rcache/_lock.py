@@ -72,7 +72,9 @@ from rcache._exceptions import (
     LockReleaseUnconfirmedError,
     RCacheError,
 )
+from rcache._flow import Eval
 from rcache._keys import KeyBuilder
+from rcache._leases import Renewable, get_renewer
 from rcache._logging import lock_log
 from rcache._mixin import CacheBase
 from rcache._redis import (
@@ -85,7 +87,6 @@ from rcache._redis import (
     eval_within,
     eviction_policy,
 )
-from rcache._renewer import get_renewer
 from rcache._types import P, R
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ def _check_name(name: object, what: str = "lock name") -> str:
     return name
 
 
-class Lease:
+class Lease(Renewable):
     """One acquisition of a lock, read/write lease or semaphore permit.
 
     ``token`` identifies it in Redis; ``fence`` is the fencing token to pass to the
@@ -226,46 +227,45 @@ class Lease:
         sent: float,
         started: float,
         renew: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        # The event loop of an async acquisition: its renewals run there, through that
+        # loop's client (so a blocked loop loses its lease, as a paused process does).
+        super().__init__(
+            owner._cache._driver if loop is None else owner._cache._adriver,
+            ttl=owner.ttl,
+            sent=sent,
+            loop=loop,
+            renew=renew,
+            max_hold=owner.max_hold,
+            name=owner.name,
+        )
         self.owner = owner
-        self.name = owner.name
         self.metrics_name = owner.metrics_name
         self.token = token
         self.fence = fence
-        self.ttl = owner.ttl
         self.pid = os.getpid()
         self.acquired_at = time.monotonic()
         self.waited = self.acquired_at - started
-        self.lost = False
         self.released = False
         #: A release was sent but its reply never came: maybe released, so not held.
         self.unconfirmed = False
         self.release_sent = False
-        self.lost_reason = ""
         self.on_lost = owner.on_lost
-        self.deadline = 0.0
-        self.next_renew = float("inf")
-        self.renew = renew
         self.watched = renew or owner.on_lost is not None
-        #: The event loop of an async acquisition: its renewals run there, through that
-        #: loop's client (so a blocked loop loses its lease, as a paused process does).
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.renew_until = (
-            None if owner.max_hold is None else self.acquired_at + owner.max_hold
-        )
-        self._renewed(sent)
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "released" if self.released else "held"
         return f"<Lease {self.name!r} fence={self.fence} {state}>"
 
-    def _renewed(self, sent: float, ttl: float | None = None) -> None:
-        """The lease was (re)confirmed by a call sent at monotonic time ``sent``."""
-        if ttl is not None:
-            self.ttl = ttl
-        # Drift margin as in the Redlock algorithm: 1 % of the lease plus 2 ms.
-        self.deadline = sent + self.ttl - (self.ttl * 0.01 + 0.002)
-        self.next_renew = sent + self.ttl / 3 if self.renew else float("inf")
+    def _renew_command(self) -> Eval:
+        """Renewer: replace the lease's TTL (reply 1; 0/-1 when the token is gone)."""
+        call = self.owner._extend_call(self.token, self.ttl)
+        return Eval(call.script, call.keys, call.args)
+
+    def _confirmed(self, sent: float) -> None:
+        self._renewed(sent)
+        self.owner._metrics.lock_renewal(self.metrics_name, "renewed")
 
     @property
     def held(self) -> bool:
@@ -500,8 +500,9 @@ class _LeasedLock:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Lease:
         auto = self.auto_renew if self.auto_renew is not None else bool(renew)
-        lease = Lease(self, token, fence if self._fenced else 0, sent, started, auto)
-        lease.loop = loop
+        lease = Lease(
+            self, token, fence if self._fenced else 0, sent, started, auto, loop
+        )
         self._holds[key] = lease
         ident = self._exclusive_id(key)
         if ident is not None:
@@ -990,32 +991,6 @@ class _LeasedLock:
             f"cannot extend {self._kind} {self.name!r}: the lease is gone "
             f"({lease.lost_reason})"
         )
-
-    def _renew_io(self, lease: Lease) -> bool:
-        """Renewer thread: replace the lease's TTL; False when the token is gone."""
-        result = self._cache._sync.run(self._extend_call(lease.token, lease.ttl).run)
-        return int(result) == 1
-
-    def _renew_many(self, leases: list[Lease]) -> list[Any]:
-        """Renewer thread: extend leases of this cache's client in one pipeline.
-
-        Returns one result per lease: 1 (renewed), 0/-1 (gone) or an exception object
-        (for example NOSCRIPT), which the renewer retries through the single path.
-        """
-        calls = [lease.owner._extend_call(lease.token, lease.ttl) for lease in leases]
-
-        def op(client: redis.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            return pipe.execute(raise_on_error=False)
-
-        return self._cache._sync.run(op)
-
-    async def _arenew_io(self, lease: Lease) -> bool:
-        """Same, run on the lease's event loop (scheduled by the renewer thread)."""
-        call = self._extend_call(lease.token, lease.ttl)
-        return int(await self._cache._async.run(call.arun)) == 1
 
     # -- operators ----------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ and a Redis key named by :class:`KeySpace` is never renamed without a migration 
   :class:`~rcache.BackendUnavailableError` or another :class:`~rcache.RCacheError`. They
   fail closed: no circuit breaker, no bypass (that is for cache reads). :func:`scan` /
   :func:`ascan` list keys with SCAN, never KEYS.
+* **Leases.** :func:`renew_lease` keeps a lease alive from rcache's one renewer thread
+  per process (with locks and cache computations), :func:`stop_renewing` ends that.
 * **Cached functions.** :func:`cached_info` describes a function decorated with
   ``@cache.cached``.
 * **Durations.** :data:`Duration`, :func:`parse_duration`, :func:`ttl_ms`.
@@ -29,20 +31,20 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from rcache._admin import _scan
 from rcache._config import Duration, parse_duration, ttl_ms
 from rcache._decorated import AsyncCached, SyncCached
 from rcache._flow import Eval, Run
 from rcache._keys import KeyBuilder, KeySpace, LockKeys, check_template, qualified_name
+from rcache._leases import Renewable, get_renewer, keep
 from rcache._redis import LuaScript
 
-# The per-process lease renewer (issue 13) lands in rcache/_leases.py (branch h-renew);
-# the lead exports it here then, and lists it in __all__ and docs/reference/spi.md:
-#     from rcache._leases import LeaseRenewer, renewer
-
 if TYPE_CHECKING:
+    import asyncio
+    import logging
+
     from rcache._cache import Cache
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "KeySpace",
     "LockKeys",
     "LuaScript",
+    "RenewedLease",
     "arun",
     "arun_script",
     "ascan",
@@ -60,9 +63,11 @@ __all__ = [
     "packaged_script",
     "parse_duration",
     "qualified_name",
+    "renew_lease",
     "run",
     "run_script",
     "scan",
+    "stop_renewing",
     "ttl_ms",
 ]
 
@@ -178,3 +183,66 @@ def cached_info(fn: Any) -> CachedInfo | None:
     return CachedInfo(
         spec.name, spec.fn, spec.cache, float(spec.ttl), isinstance(fn, AsyncCached)
     )
+
+
+class RenewedLease(Protocol):
+    """What :func:`renew_lease` returns: pass it to :func:`stop_renewing`."""
+
+    #: True once the lease is lost (Redis said so, or its deadline passed).
+    lost: bool
+    #: Why it was lost ("" while it is not).
+    lost_reason: str
+
+
+def renew_lease(
+    cache: Cache,
+    script: LuaScript,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    *,
+    ttl: float,
+    retry: bool = True,
+    loop: asyncio.AbstractEventLoop | None = None,
+    name: str = "",
+    logger: logging.Logger | None = None,
+    on_renewed: Callable[[], object] | None = None,
+    on_lost: Callable[[str], object] | None = None,
+) -> RenewedLease:
+    """Keep a lease of ``ttl`` seconds, taken just now, alive until
+    :func:`stop_renewing`: every ``ttl / 3`` rcache's per-process renewer runs
+    ``script`` with ``keys`` and ``args`` on the cache's client. The script replaces
+    the lease's TTL if the lease is still the caller's and replies 1; any other reply
+    means it is lost (expired or taken over).
+
+    The lease is also lost when no renewal succeeded within ``ttl`` (a client-side
+    deadline, counted from this call), so a holder cut off from Redis learns it before
+    the server can give the lease to someone else. A failed renewal is retried within a
+    second and logged at DEBUG (under ``logger``, default ``rcache.lock``).
+
+    :param retry: retry transient errors within a renewal (False: a script that must
+        not run twice).
+    :param loop: the running event loop of an async holder: the renewal runs there,
+        through the cache's async client (a blocked loop then loses its lease, as a
+        paused process does). None: the cache's sync client, from the renewer thread.
+    :param name: names the lease in log lines.
+    :param on_renewed: called after each renewal; ``on_lost(reason)`` once, when the
+        lease is lost. Both run in the renewer's threads (an async lease's on its loop):
+        keep them short and thread-safe.
+    """
+    return keep(
+        cache,
+        Eval(script, keys, args, retry=retry),
+        ttl=ttl,
+        loop=loop,
+        name=name,
+        log=logger,
+        on_renewed=on_renewed,
+        on_lost=on_lost,
+    )
+
+
+def stop_renewing(lease: RenewedLease) -> bool:
+    """Stop renewing ``lease`` (a reply still in flight is ignored); True if it was lost
+    before. Call it before releasing the lease."""
+    get_renewer().remove(cast(Renewable, lease))
+    return lease.lost

@@ -26,11 +26,19 @@ import hashlib
 import logging
 import os
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rcache.spi import LuaScript, packaged_script, run, run_script, ttl_ms
+from rcache.spi import (
+    LuaScript,
+    RenewedLease,
+    packaged_script,
+    renew_lease,
+    run,
+    run_script,
+    stop_renewing,
+    ttl_ms,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -143,98 +151,63 @@ def set_nx_get(cache: Cache, key: str, value: str, ttl: float) -> str | None:
     return None if existing is None else _decode(existing)
 
 
-@dataclass
-class _Lease:
-    guard: Guard
-    lease: float
-    due: float
-    label: str
-    lost: bool = False
-
-
-@dataclass
 class Renewer:
-    """The watchdog: one daemon thread per process renews every running task's lease.
+    """Running tasks' leases, renewed by rcache's per-process lease renewer.
 
     Running tasks renew their lease every ``lease / 3`` instead of holding a one-hour
     lock (celery-once #147, celery-singleton #40): if every release hook is lost (the
-    worker host dies), the key expires within one lease. A failed renewal is logged and
+    worker host dies), the key expires within one lease. A lost lease (Redis says the
+    key is another task's, or no renewal succeeded for a whole lease) is logged and
     reported, never raised (redbeat #230: a lost lock that raises crash-loops beat).
 
-    This is the one piece of process-global state of rcache_celery (see ``renewer()``);
-    the thread is started lazily by the first running task of a process, so a thread
+    No thread of its own: the renewer thread is rcache's (one per process for locks,
+    cache computations and task guards), started lazily by the first lease, so a thread
     started before a prefork fork never counts (Artemis PR #2632, celery #4607).
     """
 
-    pid: int = field(default_factory=os.getpid)
-    _leases: dict[int, _Lease] = field(default_factory=dict)
-    _cond: threading.Condition = field(default_factory=threading.Condition)
-    _thread: threading.Thread | None = None
-    _next: int = 0
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._leases: dict[int, RenewedLease] = {}
+        self._lock = threading.Lock()
+        self._next = 0
 
     def add(self, guard: Guard, lease: float, label: str) -> int:
         """Renew ``guard`` every ``lease / 3``; ``label`` (the task name) names it in
         ``cache.metrics.lock_renewal`` (``rcache_lock_renewals_total``)."""
-        with self._cond:
+        metrics = guard.cache.metrics
+
+        def lost(reason: str) -> None:
+            metrics.lock_renewal(label, "lost")
+            log.warning(
+                "rcache-celery: task %s lost its lease on %s (%s)",
+                guard.task_id,
+                guard.key,
+                reason,
+            )
+
+        renewed = renew_lease(
+            guard.cache,
+            SCRIPTS[RENEW],
+            [guard.key, guard.marker],
+            [guard.task_id, ttl_ms(lease)],
+            ttl=lease,
+            retry=False,
+            name=guard.key,
+            logger=log,
+            on_renewed=lambda: metrics.lock_renewal(label, "renewed"),
+            on_lost=lost,
+        )
+        with self._lock:
             self._next += 1
             handle = self._next
-            self._leases[handle] = _Lease(
-                guard, lease, time.monotonic() + lease / 3, label
-            )
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, name="rcache-celery-renewer", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
+            self._leases[handle] = renewed
         return handle
 
     def remove(self, handle: int) -> bool:
         """Stop renewing; True if the lease was lost while it was renewed."""
-        with self._cond:
-            entry = self._leases.pop(handle, None)
-        return entry is not None and entry.lost
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                due = [
-                    (h, e)
-                    for h, e in self._leases.items()
-                    if e.due <= now and not e.lost
-                ]
-                if not due:
-                    wait = min(
-                        (e.due for e in self._leases.values() if not e.lost),
-                        default=None,
-                    )
-                    self._cond.wait(None if wait is None else max(wait - now, 0.001))
-                    continue
-                for _, entry in due:
-                    entry.due = now + entry.lease / 3
-            for handle, entry in due:
-                try:
-                    ok = renew_once(entry.guard, entry.lease)
-                except Exception as exc:  # a Redis outage: try again at the next tick
-                    log.warning(
-                        "rcache-celery: renewing %s failed: %r", entry.guard.key, exc
-                    )
-                    continue
-                metrics = entry.guard.cache.metrics
-                if ok:
-                    metrics.lock_renewal(entry.label, "renewed")
-                    continue
-                with self._cond:
-                    if handle not in self._leases:
-                        continue  # finished meanwhile: not a loss
-                    entry.lost = True
-                metrics.lock_renewal(entry.label, "lost")
-                log.warning(
-                    "rcache-celery: task %s lost its lease on %s (expired or taken)",
-                    entry.guard.task_id,
-                    entry.guard.key,
-                )
+        with self._lock:
+            renewed = self._leases.pop(handle, None)
+        return renewed is not None and stop_renewing(renewed)
 
 
 _renewer: Renewer | None = None
