@@ -242,7 +242,7 @@ class Listener:
             self._retry_later()
             hint = misconfiguration(result)
             _log.warning(
-                "listener",
+                "listener:" + self.spec.describe(),
                 "rcache: the local tier cannot subscribe to invalidations at %s "
                 "(%s: %s%s); local hits are off until it can",
                 self.spec.describe(),
@@ -575,12 +575,32 @@ class TrackedReader:
         want = token.client_id
         if want is None or conn._rcache_redirect == want:
             return [tuple(argv)]
+        if conn._rcache_redirect == -want:  # refused on this connection: no retry
+            token.ok = False
+            return [tuple(argv)]
         if want != self._guard.state[1]:
             # the listener moved on since the read began: the token is refused anyway;
             # never redirect to an old id (a restarted server hands ids out again)
             token.ok = False
             return [tuple(argv)]
         return [("CLIENT", "TRACKING", "ON", "REDIRECT", want), tuple(argv)]
+
+    def _refused(self, conn: Any, token: Token, exc: Exception) -> None:
+        """CLIENT TRACKING was refused: an ACL without the permission, or the listener
+        left meanwhile. This read is not kept; the connection does not ask again for
+        this listener."""
+        token.ok = False
+        if token.client_id is not None:
+            conn._rcache_redirect = -token.client_id
+        hint = misconfiguration(exc)
+        if hint is not None:  # not the race with a listener that just left
+            _log.warning(
+                "tracking:" + self._spec.describe(),
+                "rcache: Redis refused CLIENT TRACKING (%s; %s); reads are not kept "
+                "locally",
+                exc,
+                hint,
+            )
 
     @property
     def client(self) -> redis.Redis:
@@ -606,8 +626,8 @@ class TrackedReader:
                 try:
                     conn.read_response()
                     conn._rcache_redirect = token.client_id
-                except rex.ResponseError:  # the listener left meanwhile
-                    token.ok = False
+                except rex.ResponseError as exc:
+                    self._refused(conn, token, exc)
             try:
                 return conn.read_response()
             except rex.NoScriptError:
@@ -646,8 +666,8 @@ class TrackedReader:
                 try:
                     await conn.read_response()
                     conn._rcache_redirect = token.client_id
-                except rex.ResponseError:
-                    token.ok = False
+                except rex.ResponseError as exc:
+                    self._refused(conn, token, exc)
             try:
                 return await conn.read_response()
             except rex.NoScriptError:

@@ -551,3 +551,36 @@ def test_prometheus_metrics_of_the_tier(redis_url: str, writer: redis.Redis) -> 
         wait_until(lambda: value("rcache_local_flushes_total", reason="flushall") == 1)
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize(
+    ("rules", "says"),
+    [
+        ("&* +@all -client|tracking", "CLIENT TRACKING"),
+        ("resetchannels +@all", "subscribe to invalidations"),
+    ],
+    ids=["no-tracking", "no-channel"],
+)
+def test_without_the_acl_permissions_reads_go_to_redis(
+    redis_server_factory: Callable[[], RedisServer],
+    caplog: pytest.LogCaptureFixture,
+    rules: str,
+    says: str,
+) -> None:
+    server = redis_server_factory()
+    server.client().execute_command(
+        "ACL", "SETUSER", "app", "on", ">pw", "~*", *rules.split()
+    )
+    url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+    cache = rcache.Cache(url, prefix="test", ttl=60, local=True)
+    try:
+        cache.set("k", 1)
+        for _ in range(20):
+            assert cache.get("k") == 1
+        tier = cache._local_shared
+        assert tier is not None and len(tier.store) == 0
+        wait_until(lambda: says in caplog.text, timeout=5)
+        cache.set("k", 2)
+        assert cache.get("k") == 2
+    finally:
+        cache.close()
