@@ -194,20 +194,17 @@ class Invalidations:
 
     def add(self, store: LocalStore) -> None:
         """Feed ``store`` from now on. Call under :attr:`lock`."""
-        key = id(store)
-
-        def gone(ref: weakref.ref[LocalStore], key: int = key) -> None:
-            if self._refs.get(key) is ref:
-                del self._refs[key]
-                self._live = tuple(self._refs.values())
-
-        self._refs[key] = weakref.ref(store, gone)
-        self._live = tuple(self._refs.values())
+        # no weakref callback: it could run in any thread, amid an iteration of _refs
+        refs = {k: r for k, r in self._refs.items() if r() is not None}
+        refs[id(store)] = weakref.ref(store)
+        self._refs = refs
+        self._live = tuple(refs.values())
 
     def discard(self, store: LocalStore) -> None:
         """Stop feeding ``store``. Call under :attr:`lock`."""
-        self._refs.pop(id(store), None)
-        self._live = tuple(self._refs.values())
+        refs = {k: r for k, r in self._refs.items() if r() not in (None, store)}
+        self._refs = refs
+        self._live = tuple(refs.values())
 
     # -- reads ----------------------------------------------------------------------
 
@@ -301,6 +298,7 @@ class Invalidations:
         self.state = (self.state[0] + 1, None)
         self.floor = self.seq
         self._last = OrderedDict()
+        self.flushes["fork"] = self.flushes.get("fork", 0) + 1
         for store in self.stores:
             store._after_fork()
 

@@ -337,3 +337,15 @@ def test_args_key_is_typed() -> None:
     assert args_key(ns, ([1],)) is None  # not a plain scalar: use the Redis key
     assert args_key(ns, (1, (2,))) is None
     assert args_key(ns, ()) == (ns,)
+
+
+def test_a_store_that_is_gone_is_no_longer_fed() -> None:
+    store, guard, _ = make()
+    other = LocalStore(LocalTier(), guard, "fn")
+    assert len(guard.stores) == 2
+    del other
+    gc.collect()
+    assert guard.stores == [store]
+    guard.invalidate([b"x"])  # no dead store in the way
+    LocalStore(LocalTier(), guard, "fn2")  # adding prunes the dead references
+    assert len(guard._refs) <= 2
