@@ -297,6 +297,8 @@ class Listener:
 
     def readable(self, selector: selectors.BaseSelector) -> None:
         conn = self._conn
+        if conn is None:  # lost earlier in the same round of events
+            return
         try:
             while True:
                 self._handle(conn.read_response())
