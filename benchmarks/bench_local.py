@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_spread, table
+from _common import load_note, median_spread, table
 
 import rcache
 from rcache._local import MISSING, args_key
@@ -435,9 +435,11 @@ def main() -> None:
                 f"{redis.__version__}, Redis {version}"
                 f"{', Redis 8.2 for redis-py CSC' if url8 else ''}; pid {os.getpid()})\n"
             )
+            print(load_note() + "\n")
             print("## Hit cost, µs per call (median of reps, min-max)\n")
             rows = asyncio.run(hits(server.url, url8, args.calls, args.reps))
             print(table(rows, ["subject", "µs/call", "note"]))
+            print("\n" + load_note())
             print("\n## Invalidation across processes, ms: p50 / p99 / max\n")
             rows = []
             for name, url in (("Redis 7.0", server.url), ("Redis 8.2", url8)):
