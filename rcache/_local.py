@@ -7,8 +7,14 @@ module is pure: no IO, no threads; the listener calls into it.
 * :class:`LocalTier` is the public option object (bounds, local TTL, copy on read).
 * :class:`LocalStore` holds the entries: an LRU ``OrderedDict`` bounded by entries (and
   optionally by bytes), each entry with its own deadline (the tier's TTL capped by the
-  value's logical expiry) and the Redis keys it was read from (value key, function and
-  tag stamps). An invalidation of any of those keys drops it.
+  value's logical expiry) and the Redis keys it was read from. An invalidation of its
+  value key drops it. Its version stamps (function and tag stamps, shared by many
+  entries) are recorded with their values and checked on every hit against the
+  guard's table of current stamp values, which an invalidation of a stamp empties:
+  ``cache_store.lua`` extends a stamp's TTL on every store, and Redis reports that as
+  an invalidation; dropping every entry of the function then would empty the tier at
+  each miss. One re-read puts the (unchanged, never reused) stamp value back and the
+  other entries are valid again.
 * :class:`Invalidations` is the sequence guard of one Redis server, shared by every
   store reading from it. A read takes a :class:`Token` before it is sent; its reply is
   stored only if none of its keys was invalidated while it was in flight and the epoch
@@ -185,6 +191,10 @@ class Invalidations:
         #: invalidated keys received and flushes, by reason (observability, tests)
         self.received = 0
         self.flushes: dict[str, int] = {}
+        #: stamp key -> its current value, as last read (and not invalidated since):
+        #: entries that record their stamps are valid while these still match
+        self.stamp_values: dict[bytes, bytes] = {}
+        self._stamp_refs: dict[bytes, int] = {}  # how many entries record each stamp
 
     @property
     def stores(self) -> list[LocalStore]:
@@ -238,9 +248,11 @@ class Invalidations:
         with self.lock:
             self.seq = seq = self.seq + 1
             last = self._last
+            values = self.stamp_values
             for k in encoded:
                 last[k] = seq
                 last.move_to_end(k)  # the dict stays in seq order
+                values.pop(k, None)  # a stamp: every entry recording it misses now
             while len(last) > self._last_max:
                 self.floor = last.popitem(last=False)[1]
             stores = self.stores
@@ -285,11 +297,41 @@ class Invalidations:
             stores = self.stores
             for store in stores:
                 store._clear()
+            self.stamp_values.clear()
+            self._stamp_refs.clear()
             if reason is not None:
                 self.flushes[reason] = self.flushes.get(reason, 0) + 1
         if reason is not None:
             for store in stores:
                 store._flushed(reason)
+
+    def hold(
+        self, stamps: tuple[tuple[bytes, bytes], ...]
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """An admitted read saw ``stamps``: they are the current values. Returns them
+        with the table's own objects (a hit compares by identity first). Under lock."""
+        values, refs = self.stamp_values, self._stamp_refs
+        held = []
+        for k, v in stamps:
+            current = values.get(k)
+            if current == v:
+                v = current
+            else:
+                values[k] = v
+            refs[k] = refs.get(k, 0) + 1
+            held.append((k, v))
+        return tuple(held)
+
+    def release(self, stamps: tuple[tuple[bytes, bytes], ...]) -> None:
+        """An entry recording ``stamps`` went away. Under lock."""
+        refs = self._stamp_refs
+        for k, _ in stamps:
+            n = refs.get(k, 0) - 1
+            if n > 0:
+                refs[k] = n
+            else:  # no entry records it: forget it (the table stays bounded)
+                refs.pop(k, None)
+                self.stamp_values.pop(k, None)
 
     def after_fork(self) -> None:
         """In a forked child: start empty, with no listener (it is the parent's)."""
@@ -298,21 +340,29 @@ class Invalidations:
         self.state = (self.state[0] + 1, None)
         self.floor = self.seq
         self._last = OrderedDict()
+        self.stamp_values.clear()
+        self._stamp_refs.clear()
         self.flushes["fork"] = self.flushes.get("fork", 0) + 1
         for store in self.stores:
             store._after_fork()
 
 
 class _Entry:
-    __slots__ = ("expires", "keys", "nbytes", "value")
+    __slots__ = ("expires", "keys", "nbytes", "stamps", "value")
 
     def __init__(
-        self, value: Any, expires: float, keys: tuple[bytes, ...], nbytes: int
+        self,
+        value: Any,
+        expires: float,
+        keys: tuple[bytes, ...],
+        nbytes: int,
+        stamps: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.value = value
         self.expires = expires
-        self.keys = keys
+        self.keys = keys  # dropped when one of these is invalidated
         self.nbytes = nbytes
+        self.stamps = stamps  # valid while guard.stamp_values still holds these
 
 
 class LocalStore:
@@ -338,6 +388,7 @@ class LocalStore:
         self._max_bytes = options.max_bytes or 0
         self._copy = options.copy
         self._data: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._stamp_values = guard.stamp_values
         # Redis key -> the local key reading it, or a set of them (a stamp shared by
         # many entries): most value keys have one local entry, and a set costs 200 B
         self._index: dict[bytes, Any] = {}
@@ -372,6 +423,11 @@ class LocalStore:
         if entry.expires <= _monotonic():
             self._expire(key, entry)
             return MISSING
+        if entry.stamps:
+            values = self._stamp_values
+            for k, v in entry.stamps:
+                if values.get(k) != v:  # invalidated (or changed) since it was read
+                    return MISSING
         try:
             self._data.move_to_end(key)
         except KeyError:  # dropped by another thread meanwhile: still a valid read
@@ -395,11 +451,20 @@ class LocalStore:
         *,
         expires_at: float | None = None,
         nbytes: int = 0,
+        stamps: Iterable[tuple[str | bytes, bytes]] = (),
     ) -> bool:
         """Keep ``value`` under ``key`` unless a key of ``token`` was invalidated since
         it began (or the epoch moved). ``expires_at``: the value's logical expiry on
         the ``time.monotonic()`` clock (the tier's ttl caps it); ``nbytes``: its size
-        as read from Redis (for ``max_bytes``). Returns whether it was stored."""
+        as read from Redis (for ``max_bytes``). Returns whether it was stored.
+
+        ``stamps``: (key, value) of the version stamps the value was read with
+        (function and tag stamps, shared by many entries). The entry is then checked
+        against their current values on every hit instead of being dropped with them:
+        a stamp merely touched (its TTL extended by a store) costs one re-read, which
+        puts the same value back and revalidates every entry recording it, instead of
+        dropping all of them. Stamps are random and never reused, so an equal value is
+        an unchanged stamp. Every other key of ``token`` drops the entry."""
         now = _monotonic()
         expires = now + self._ttl
         if expires_at is not None and expires_at < expires:
@@ -408,12 +473,19 @@ class LocalStore:
             return False
         if self._copy:
             value = _copy.deepcopy(value)  # the caller keeps the object it was given
+        pairs = tuple((k.encode() if isinstance(k, str) else k, v) for k, v in stamps)
+        keys = token.keys
+        if pairs:
+            stamped = {k for k, _ in pairs}
+            keys = tuple(k for k in keys if k not in stamped)
         guard = self.guard
         with guard.lock:
             if not guard.admit(token):
                 self.refused += 1
                 return False
-            self._insert(key, _Entry(value, expires, token.keys, nbytes))
+            if pairs:
+                pairs = guard.hold(pairs)
+            self._insert(key, _Entry(value, expires, keys, nbytes, pairs))
             size = len(self._data)
         if self._m_entries is not None:
             self._m_entries(self.name, size)
@@ -432,6 +504,8 @@ class LocalStore:
         """Stop receiving invalidations; the store stays empty from now on."""
         with self.guard.lock:
             self.guard.discard(self)
+            for entry in self._data.values():
+                self.guard.release(entry.stamps)
             self._clear()
         self._max_entries = 0  # nothing stays: _insert evicts at once
 
@@ -462,6 +536,8 @@ class LocalStore:
 
     def _unindex(self, key: Hashable, entry: _Entry, skip: bytes | None) -> None:
         self._bytes -= entry.nbytes
+        if entry.stamps:
+            self.guard.release(entry.stamps)
         index = self._index
         for k in entry.keys:
             if k == skip:

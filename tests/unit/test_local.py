@@ -349,3 +349,63 @@ def test_a_store_that_is_gone_is_no_longer_fed() -> None:
     guard.invalidate([b"x"])  # no dead store in the way
     LocalStore(LocalTier(), guard, "fn2")  # adding prunes the dead references
     assert len(guard._refs) <= 2
+
+
+# -- entries that record their stamps (decorated functions) -------------------------------
+
+
+def stamped(store: LocalStore, key: Any, value: Any, **stamps: bytes) -> bool:
+    """A read of ``v:<key>`` and the stamps ``s:<name>`` with these values."""
+    names = [f"s:{n}" for n in stamps]
+    token = store.begin([f"v:{key}", *names])
+    return store.store(
+        token, key, value, stamps=list(zip(names, stamps.values(), strict=True))
+    )
+
+
+def test_a_stamp_invalidation_makes_its_entries_miss_until_one_reread() -> None:
+    store, guard, _ = make()
+    stamped(store, 1, "a", fn=b"F1", t1=b"T1")
+    stamped(store, 2, "b", fn=b"F1", t2=b"T2")
+    assert store.get(1) == "a" and store.get(2) == "b"
+    guard.invalidate([b"s:fn"])  # e.g. a store extended its TTL: same value
+    assert store.get(1) is MISSING and store.get(2) is MISSING
+    assert len(store) == 2  # kept, not served
+    stamped(store, 1, "a", fn=b"F1", t1=b"T1")  # one re-read: the same value
+    assert store.get(2) == "b"  # valid again without its own round trip
+
+
+def test_a_changed_stamp_never_revalidates_the_old_entries() -> None:
+    store, guard, _ = make()
+    stamped(store, 1, "a", fn=b"F1")
+    stamped(store, 2, "b", fn=b"F1")
+    guard.invalidate([b"s:fn"])  # invalidate_all: deleted, then made anew
+    stamped(store, 1, "a2", fn=b"F2")
+    assert store.get(1) == "a2"
+    assert store.get(2) is MISSING  # recorded F1
+
+
+def test_a_value_key_invalidation_still_drops_a_stamped_entry() -> None:
+    store, guard, _ = make()
+    stamped(store, 1, "a", fn=b"F1")
+    guard.invalidate([b"v:1"])
+    assert len(store) == 0
+    assert guard.stamp_values == {} and guard._stamp_refs == {}
+
+
+def test_the_stamp_table_stays_bounded() -> None:
+    store, guard, _ = make(max_entries=10)
+    for i in range(1000):  # a tag per argument: user:{i}
+        stamped(store, i, i, fn=b"F", **{f"user{i}": b"U"})
+    assert len(store) == 10
+    assert len(guard.stamp_values) == 11 and guard._stamp_refs[b"s:fn"] == 10
+    store.close()
+    assert guard.stamp_values == {} and guard._stamp_refs == {}
+
+
+def test_a_stamp_invalidated_in_flight_refuses_the_store() -> None:
+    store, guard, _ = make()
+    token = store.begin(["v:1", "s:fn"])
+    guard.invalidate([b"s:fn"])
+    assert not store.store(token, 1, "a", stamps=[("s:fn", b"F1")])
+    assert guard.stamp_values == {}
