@@ -131,9 +131,11 @@ def decorated(cache: rcache.Cache, **options: Any) -> Callable[[int], Any]:
         return PAYLOAD
 
     spec = fn._spec  # type: ignore[attr-defined]
-    if getattr(spec, "local", None) is not None or "local" in options:
-        fn(42)
-        wait_until(lambda: fn(42) is not None and len(local_tier(cache).store) > 0)
+    if hasattr(spec, "local_tier"):  # the decorator is wired to the tier
+        tier = spec.local_tier()
+        assert tier is not None and tier.listener.guard.ready.wait(10)
+        key = args_key(spec, (42,))
+        wait_until(lambda: fn(42) is not None and tier.store.get(key) is not MISSING)
         return fn
     tier = local_tier(cache)
     store, metrics, name = tier.store, cache.metrics, spec.name
