@@ -642,12 +642,16 @@ class Cache(LockMixin):
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
-        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        flow = delete_flow(
+            [self._key(key)], self._guard("delete"), self.metrics, self._local_written
+        )
         return bool(self._driver.drive(flow))
 
     async def adelete(self, key: str) -> bool:
         """Async twin of :meth:`delete`."""
-        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        flow = delete_flow(
+            [self._key(key)], self._guard("delete"), self.metrics, self._local_written
+        )
         return bool(await self._adriver.drive(flow))
 
     def invalidate_tags(self, *tags: str) -> int:
@@ -661,7 +665,9 @@ class Cache(LockMixin):
         """
         keys = [self.tag_key(t) for t in tags]
         try:
-            return self._driver.drive(delete_flow(keys, self._guard("delete")))
+            return self._driver.drive(
+                delete_flow(keys, self._guard("delete"), None, self._local_written)
+            )
         finally:
             self._detach_tags(keys)
 
@@ -669,7 +675,9 @@ class Cache(LockMixin):
         """Async twin of :meth:`invalidate_tags`."""
         keys = [self.tag_key(t) for t in tags]
         try:
-            return await self._adriver.drive(delete_flow(keys, self._guard("delete")))
+            return await self._adriver.drive(
+                delete_flow(keys, self._guard("delete"), None, self._local_written)
+            )
         finally:
             self._detach_tags(keys)
 
@@ -749,12 +757,16 @@ class Cache(LockMixin):
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete ``keys`` in one command; returns how many existed."""
         full = [self._key(k) for k in keys]
-        return self._driver.drive(delete_flow(full, self._guard("delete")))
+        return self._driver.drive(
+            delete_flow(full, self._guard("delete"), None, self._local_written)
+        )
 
     async def adelete_many(self, keys: Iterable[str]) -> int:
         """Async twin of :meth:`delete_many`."""
         full = [self._key(k) for k in keys]
-        return await self._adriver.drive(delete_flow(full, self._guard("delete")))
+        return await self._adriver.drive(
+            delete_flow(full, self._guard("delete"), None, self._local_written)
+        )
 
     def ping(self) -> bool:
         """True if Redis answers (never raises; does not touch the breaker).
@@ -1098,6 +1110,7 @@ class Cache(LockMixin):
         wait: Duration | None = None,
         on_wait_timeout: Literal["compute", "raise"] = "compute",
         refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+        local: LocalTier | bool | None = None,
     ) -> _CachedDecorator: ...
 
     def cached(
@@ -1122,6 +1135,7 @@ class Cache(LockMixin):
         wait: Duration | None = None,
         on_wait_timeout: Literal["compute", "raise"] = "compute",
         refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+        local: LocalTier | bool | None = None,
     ) -> Any:
         """Cache a function's results in Redis, keyed by its bound arguments.
 
@@ -1163,6 +1177,10 @@ class Cache(LockMixin):
         :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
             task); default a pool of at most 4 daemon threads per Cache (sync; named
             ``rcache-refresh``) or an asyncio task (async).
+        :param local: serve hits from the local tier (README "The local tier"):
+            ``True``, or a :class:`LocalTier` with this function's own bounds; None
+            (default) follows ``Cache(local=...)``; ``False`` never. A local hit
+            returns the object kept in this process: do not mutate it.
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,
             ignore list or a non-callable.
         """
@@ -1196,6 +1214,7 @@ class Cache(LockMixin):
             wait=wait,
             on_wait_timeout=on_wait_timeout,
             refresh_runner=refresh_runner,
+            local=resolve_local(local),
         )
         localns = caller_namespace()  # where classes named in annotations may live
 
