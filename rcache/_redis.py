@@ -66,6 +66,14 @@ T = TypeVar("T")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: redis-py's packer when hiredis is installed (the "fast" extra), and hiredis's own
+#: pack function: command_within packs with it directly (see _send).
+_HIREDIS_PACKER: Any = getattr(redis.connection, "HiredisRespSerializer", None)
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # without hiredis, redis-py's packer is the Python one
+    _HIREDIS_PACKER = None
+
 _SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
@@ -1067,11 +1075,12 @@ def command_within(
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's connection API is untyped
     try:
-        conn.send_command(*args)
+        _send(conn, args)
         if on_sent is not None:
             on_sent()
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
-        if not conn.can_read(timeout=wait):
+        # Without a tighter limit the socket timeout bounds the read: no poll first.
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is not None and not conn.can_read(timeout=wait):
             raise rex.TimeoutError(f"no reply from Redis within {wait}s")
         return cast(Any, client).parse_response(conn, str(args[0]))
     except rex.ResponseError:
@@ -1081,6 +1090,27 @@ def command_within(
         raise
     finally:
         pool.release(conn)
+
+
+def _send(conn: Any, args: tuple[Any, ...]) -> None:
+    """``conn.send_command(*args)``; with redis-py's hiredis packer, packed by hiredis
+    directly, as that packer does for rcache's arguments (a command name without
+    spaces, str/bytes/numbers), without its per-argument generator: an EVALSHA has
+    8-10 arguments, and packing them cost a lock more than its own logic."""
+    if type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER:
+        conn.send_packed_command([_hiredis_pack(args)])
+    else:
+        conn.send_command(*args)
+
+
+def _reply_wait(limit: float | None, socket_timeout: float | None) -> float | None:
+    """How long to wait for a reply when ``limit`` bounds it more tightly than the
+    connection's socket timeout, which bounds every read anyway; else None (no poll
+    before the read, no ``wait_for`` task: the common case costs what a plain command
+    costs)."""
+    if limit is None or (socket_timeout is not None and limit >= socket_timeout):
+        return None
+    return max(limit, 0.001)
 
 
 def _cancel_requests() -> int:
@@ -1134,11 +1164,12 @@ async def acommand_within(
             on_sent()
         # before the read: a swallowed cancellation must not wait out a BLPOP
         _raise_if_cancelled(asked)
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
+        reply = cast(Any, client).parse_response(conn, str(args[0]))
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is None:
+            return await reply  # the socket timeout bounds it: no wait_for task
         try:
-            return await asyncio.wait_for(
-                cast(Any, client).parse_response(conn, str(args[0])), wait
-            )
+            return await asyncio.wait_for(reply, wait)
         except asyncio.TimeoutError:
             raise rex.TimeoutError(f"no reply from Redis within {wait}s") from None
     except rex.ResponseError:
