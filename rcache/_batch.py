@@ -110,13 +110,20 @@ class SyncCachedBatch(_BatchBase):
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
         return spec.cache._driver.drive(
-            delete(keys, spec.delete_guard, spec.cache.metrics)
+            delete(
+                keys, spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
         )
 
     def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1)."""
         spec = self._spec
-        flow = delete([spec.bt.fn_stamp], spec.delete_guard, spec.cache.metrics)
+        flow = delete(
+            [spec.bt.fn_stamp],
+            spec.delete_guard,
+            spec.cache.metrics,
+            spec.cache._local_written,
+        )
         return bool(spec.cache._driver.drive(flow))
 
 
@@ -135,13 +142,20 @@ class AsyncCachedBatch(_BatchBase):
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
         return await spec.cache._adriver.drive(
-            delete(keys, spec.delete_guard, spec.cache.metrics)
+            delete(
+                keys, spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
         )
 
     async def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1)."""
         spec = self._spec
-        flow = delete([spec.bt.fn_stamp], spec.delete_guard, spec.cache.metrics)
+        flow = delete(
+            [spec.bt.fn_stamp],
+            spec.delete_guard,
+            spec.cache.metrics,
+            spec.cache._local_written,
+        )
         return bool(await spec.cache._adriver.drive(flow))
 
 
