@@ -178,10 +178,11 @@ class Renewer:
 
         def lost(reason: str) -> None:
             metrics.lock_renewal(label, "lost")
+            # the task id and name only: the guard key holds the task's arguments
             log.warning(
-                "rcache-celery: task %s lost its lease on %s (%s)",
+                "rcache-celery: task %s (%s) lost its lease (%s)",
                 guard.task_id,
-                guard.key,
+                label,
                 reason,
             )
 
