@@ -193,7 +193,7 @@ class Renewer:
             [guard.task_id, ttl_ms(lease)],
             ttl=lease,
             retry=False,
-            name=guard.key,
+            name=f"of task {guard.task_id} ({label})",  # no key: it holds arguments
             logger=log,
             on_renewed=lambda: metrics.lock_renewal(label, "renewed"),
             on_lost=lost,
