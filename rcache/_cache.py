@@ -13,7 +13,7 @@ import inspect
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 import redis
@@ -32,6 +32,7 @@ from rcache._admin import (
     stats_flow,
 )
 from rcache._breaker import CircuitBreaker
+from rcache._cluster import GroupsRecord, describe, invalidate
 from rcache._config import (
     BackendErrorPolicy,
     BreakerPolicy,
@@ -70,6 +71,7 @@ from rcache._serializers import (
     encode_envelope,
     resolve_serializer,
 )
+from rcache._slots import DEFAULT_GROUPS, check_groups
 from rcache._transaction import TransactionMixin
 from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
@@ -103,8 +105,8 @@ class Cache(LockMixin, TransactionMixin):
         in-process, same semantics including Lua);
         ``redis+sentinel://host:26379,host2:26379/service_name/0`` (the primary that
         the sentinels name, followed across failovers); ``redis+cluster://host:7000,
-        host2:7001`` (Redis Cluster: explicit operations, locks and one-slot
-        transactions; ``@cached`` and ``@cached_batch`` are refused there for now).
+        host2:7001`` (Redis Cluster: every cache key carries a slot group's hash tag,
+        see ``slot_groups``).
         Default: ``$RCACHE_URL``, else ``$REDIS_URL``, read at first use (not here),
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
@@ -129,6 +131,12 @@ class Cache(LockMixin, TransactionMixin):
     :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
         prefix and options): a cache server with an evicting ``maxmemory-policy`` can
         evict a held lock, a lock server should run ``noeviction``.
+    :param slot_groups: on Redis Cluster, how many hash-tag groups (B) the cache
+        entries are spread over (default 256, from 1 to 16384; ignored elsewhere). An
+        entry's keys share its group's slot, so a hit stays one MGET; invalidating a
+        tag or a function deletes its stamp's copy in every group (O(B), about 2 ms
+        for 256 on three primaries). Every process must use the same B: it is recorded
+        in Redis at first use (``{prefix}:cluster:groups``) and another B is refused.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -157,6 +165,7 @@ class Cache(LockMixin, TransactionMixin):
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        slot_groups: int | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
         self._read_script = LuaScript("cache_read")
@@ -190,6 +199,7 @@ class Cache(LockMixin, TransactionMixin):
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            slot_groups=slot_groups,
         )
 
     def configure(
@@ -208,6 +218,7 @@ class Cache(LockMixin, TransactionMixin):
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        slot_groups: int | None = None,
         force: bool = False,
     ) -> Cache:
         """Set options after construction, before first use (e.g. in an app factory).
@@ -241,6 +252,7 @@ class Cache(LockMixin, TransactionMixin):
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            slot_groups=slot_groups,
         )
         if settings == self._settings:
             return self  # nothing changes: a second init_app with the same config
@@ -285,6 +297,7 @@ class Cache(LockMixin, TransactionMixin):
         redis_options: Mapping[str, Any] | None,
         name: str | None,
         lock_url: str | None,
+        slot_groups: int | None = None,
     ) -> None:
         """Validate every setting first, then switch to them (all or nothing)."""
         if (
@@ -303,6 +316,15 @@ class Cache(LockMixin, TransactionMixin):
         spec = ClientSpec(
             url, client=client, async_client=async_client, options=redis_options
         )
+        groups = check_groups(DEFAULT_GROUPS if slot_groups is None else slot_groups)
+        # Redis Cluster: cache keys carry slot groups (the mode is explicit in the URL
+        # or client, read now); this also refuses a prefix with braces there
+        keyspace = KeySpace(prefix, groups if spec.cluster else None)
+        record = (
+            None
+            if keyspace.groups is None
+            else GroupsRecord(keyspace.groups_record(), groups, prefix)
+        )
         sink: MetricsSink = metrics if metrics is not None else self.metrics
         # behind Sentinel, probe every reset_after: a failover ends at once (_breaker)
         circuit = CircuitBreaker(
@@ -320,6 +342,7 @@ class Cache(LockMixin, TransactionMixin):
                 metrics=sink,
                 redis_options=redis_options,
                 name=name or prefix,
+                slot_groups=slot_groups,
             )
         )
         self._settings = {
@@ -336,6 +359,7 @@ class Cache(LockMixin, TransactionMixin):
             "redis_options": redis_options,
             "name": name,
             "lock_url": lock_url,
+            "slot_groups": slot_groups,
         }
         self._lock_cache = lock_cache
         self.prefix = prefix
@@ -348,8 +372,8 @@ class Cache(LockMixin, TransactionMixin):
         # (Redis's clock minus time.monotonic(), when measured) from the last TIME
         # seen: freshness follows Redis's clock, not this host's (issue 14 item 6)
         self._clock: tuple[float, float] | None = None
-        self._sync = SyncRedis(spec, retry_policy)
-        self._async = AsyncRedis(spec, retry_policy)
+        self._sync = SyncRedis(spec, retry_policy, record)
+        self._async = AsyncRedis(spec, retry_policy, record)
         self.metrics = sink
         self.breaker = circuit
         self._failures = Failures(circuit, sink, spec.describe, self._log)
@@ -358,9 +382,15 @@ class Cache(LockMixin, TransactionMixin):
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self.keyspace = KeySpace(prefix)
-        self._explicit_prefix = self.keyspace.explicit_prefix
-        self._tag_prefix = self.keyspace.tag_prefix
+        self.keyspace = keyspace
+        self._explicit_prefix = keyspace.explicit_prefix
+        # per-call key functions chosen here: the single-primary ones pay nothing for
+        # slot groups
+        if keyspace.groups is None:
+            self._tag_prefix = keyspace.tag_prefix
+            self._key = self._plain_key
+        else:
+            self._key = self._grouped_key
         self.metrics.register_cache(self.name)
         for dep, (ttl_default, policy_default) in list(self._decorated.items()):
             self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
@@ -460,9 +490,11 @@ class Cache(LockMixin, TransactionMixin):
         clock = self._clock
         return time.time() if clock is None else time.monotonic() + clock[0]
 
-    def tag_key(self, tag: str) -> str:
-        """The Redis key of a tag's version stamp."""
-        return self._tag_prefix + tag
+    def tag_key(self, tag: str, group: int | None = None) -> str:
+        """The Redis key of a tag's version stamp (on Redis Cluster, ``group``'s copy)."""
+        if group is None:
+            return self._tag_prefix + tag
+        return self.keyspace.tag_stamp(tag, group)
 
     # -- raw operations: one sync/async pair each -------------------------------------
 
@@ -675,10 +707,17 @@ class Cache(LockMixin, TransactionMixin):
 
     # -- explicit operations ----------------------------------------------------------
 
-    def _key(self, key: str) -> str:
+    # _key(key): the full Redis key of an explicit key, one of these two (see _apply)
+
+    def _plain_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"cache keys are non-empty strings, got {key!r}")
         return self._explicit_prefix + key
+
+    def _grouped_key(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"cache keys are non-empty strings, got {key!r}")
+        return self.keyspace.explicit(key)
 
     def _ttl(self, ttl: Duration | None) -> float:
         if ttl is None:
@@ -788,21 +827,38 @@ class Cache(LockMixin, TransactionMixin):
         joins a computation of this process that began before it (read your own
         invalidations); computations elsewhere store nothing under the old stamps.
         """
-        keys = [self.tag_key(t) for t in tags]
+        keys, flow = self._invalidation("tag", tags, self.keyspace.tag_stamps)
         try:
-            return self._driver.drive(self._delete_flow(keys, self._guard("delete")))
+            return self._driver.drive(flow)
         finally:
             self._detach_tags(keys)
 
     async def ainvalidate_tags(self, *tags: str) -> int:
         """Async twin of :meth:`invalidate_tags`."""
-        keys = [self.tag_key(t) for t in tags]
+        keys, flow = self._invalidation("tag", tags, self.keyspace.tag_stamps)
         try:
-            return await self._adriver.drive(
-                self._delete_flow(keys, self._guard("delete"))
-            )
+            return await self._adriver.drive(flow)
         finally:
             self._detach_tags(keys)
+
+    def _invalidation(
+        self,
+        kind: str,
+        names: Sequence[str],
+        copies: Callable[[str], list[str]],
+        guard: Guard | None = None,
+    ) -> tuple[list[str], Flow[int]]:
+        """(every stamp key, the flow that deletes them) for invalidating ``names``
+        (tags or functions): one DEL on one primary; on a cluster every slot group's
+        copy, and a failure raises (``_cluster.invalidate``)."""
+        guard = guard or self._guard("delete")
+        stamps = [copies(n) for n in names]
+        keys = [k for c in stamps for k in c]
+        groups = self.keyspace.groups
+        if groups is None:
+            return keys, self._delete_flow(keys, guard)
+        what = describe(kind, list(names))
+        return keys, invalidate(stamps, guard, what, groups)
 
     def _detach_tags(self, stamp_keys: list[str]) -> None:
         """Detach this process's in-flight computations under these tag stamps."""

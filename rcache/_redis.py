@@ -17,7 +17,7 @@ import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -40,6 +40,7 @@ from rcache._logging import cache_log
 __all__ = [
     "AsyncRedis",
     "ClientSpec",
+    "FirstUse",
     "LuaScript",
     "SyncRedis",
     "acommand_within",
@@ -794,14 +795,30 @@ def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
     return tenacity.AsyncRetrying(**_retry_options(policy))
 
 
+class FirstUse(Protocol):
+    """A check run with each new main client before its first command, until it passes
+    once in the process (a cluster Cache's recorded slot groups: ``_slots.py``)."""
+
+    @property
+    def checked(self) -> bool: ...
+
+    def check(self, client: Any) -> None: ...
+
+    async def acheck(self, client: Any) -> None: ...
+
+
 class SyncRedis:
     """Lazily created sync client plus ``run``: error mapping and retries in one place."""
 
-    def __init__(self, spec: ClientSpec, retry: RetryPolicy) -> None:
+    def __init__(
+        self, spec: ClientSpec, retry: RetryPolicy, first_use: FirstUse | None = None
+    ) -> None:
         self._spec = spec
         self._retry = retry
+        self._first_use = first_use
         self._client: redis.Redis | None = None
-        self._pid = 0
+        self._pid = 0  # the process whose client is ready (made, first_use passed)
+        self._made_pid = 0  # the process that made _client
         self._blocking: redis.Redis | None = None
         self._blocking_pid = 0
 
@@ -814,8 +831,24 @@ class SyncRedis:
     def client(self) -> redis.Redis:
         client = self._client
         if client is None or self._pid != os.getpid():
+            client = self._connect()
+        return client
+
+    def _connect(self) -> redis.Redis:
+        """Make this process's client, then run the first-use check with it (its
+        errors mapped; until it passes, every command runs it again)."""
+        pid = os.getpid()
+        client = self._client
+        if client is None or self._made_pid != pid:
             client = self._client = self._spec.sync_client()
-            self._pid = os.getpid()
+            self._made_pid = pid
+        first_use = self._first_use
+        if first_use is not None and not first_use.checked:
+            try:
+                first_use.check(client)
+            except REDIS_ERRORS as exc:
+                raise map_error(exc) from exc
+        self._pid = pid
         return client
 
     @property
@@ -860,11 +893,21 @@ class SyncRedis:
 class AsyncRedis:
     """One ``redis.asyncio`` client per running event loop; same ``run`` contract."""
 
-    def __init__(self, spec: ClientSpec, retry: RetryPolicy) -> None:
+    def __init__(
+        self, spec: ClientSpec, retry: RetryPolicy, first_use: FirstUse | None = None
+    ) -> None:
         self._spec = spec
         self._retry = retry
+        self._first_use = first_use
         self._clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        # clients made before first_use passed (run() checks before moving them over)
+        self._unchecked: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        self._checking: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Lock
         ] = weakref.WeakKeyDictionary()
         self._blocking: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
@@ -889,7 +932,35 @@ class AsyncRedis:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = self._spec.async_client()
+            client = self._unchecked.get(loop)
+            if client is None:
+                client = self._spec.async_client()
+                first_use = self._first_use
+                if first_use is None or first_use.checked:
+                    self._clients[loop] = client
+                else:
+                    self._unchecked[loop] = client
+        return client
+
+    async def _connect(self) -> redis.asyncio.Redis:
+        """This loop's client, once the first-use check passed (see SyncRedis)."""
+        loop = asyncio.get_running_loop()
+        client = self.client
+        first_use = self._first_use
+        if first_use is not None and not first_use.checked:
+            # one check per loop at a time: the loop's other first commands wait for
+            # it rather than race a client that is still connecting
+            lock = self._checking.get(loop)
+            if lock is None:
+                lock = self._checking[loop] = asyncio.Lock()
+            async with lock:
+                if not first_use.checked:
+                    try:
+                        await first_use.acheck(client)
+                    except REDIS_ERRORS as exc:
+                        raise map_error(exc) from exc
+        self._unchecked.pop(loop, None)
+        self._clients[loop] = client
         return client
 
     async def run(
@@ -903,7 +974,9 @@ class AsyncRedis:
     async def _run(
         self, op: Callable[[redis.asyncio.Redis], Awaitable[T]], retry: bool
     ) -> T:
-        client = self.client
+        client = self._clients.get(asyncio.get_running_loop())
+        if client is None:
+            client = await self._connect()
         try:
             return await op(client)
         except NOT_TRANSIENT as exc:
@@ -929,7 +1002,7 @@ class AsyncRedis:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        for clients in (self._clients, self._blocking):
+        for clients in (self._clients, self._unchecked, self._blocking):
             client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()

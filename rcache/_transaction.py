@@ -626,8 +626,8 @@ class TransactionMixin(CacheBase):
 
     if TYPE_CHECKING:
         _explicit_prefix: str
+        _key: Callable[[str], str]
 
-        def _key(self, key: str) -> str: ...
         def _ttl(self, ttl: Duration | None) -> float: ...
 
     # -- helpers shared by both drivers -------------------------------------------------
