@@ -392,6 +392,10 @@ def _map_cluster_error(exc: BaseException) -> RCacheError | None:
         s in str(exc) for s in ("cannot be connected", "not covered", "agree")
     ):
         return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    if isinstance(exc, rex.ClusterError) and "TTL exhausted" in str(exc):
+        # redis-py gave up after its own 16 tries of TRYAGAIN (a multi-key command
+        # during resharding), MOVED or ASK: slots are moving, an outage for now
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
     return None
 
 
