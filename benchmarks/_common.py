@@ -8,6 +8,20 @@ from collections.abc import Sequence
 import redis
 
 
+def load_note() -> str:
+    """The machine's load, to print beside timings: on a busy machine (load above the
+    CPU count) absolute times and ratios move, bytecode counts do not."""
+    import os
+
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average: unknown"
+    cpus = os.cpu_count() or 1
+    busy = " (busy: figures spread more than usual)" if one > cpus else ""
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {cpus} CPUs{busy}"
+
+
 def commandstats(client: redis.Redis) -> dict[str, int]:
     """Calls per command, as counted by the server (scripts' inner commands included)."""
     info = client.info("commandstats")

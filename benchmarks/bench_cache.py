@@ -2,12 +2,22 @@
 
 Every peer runs in the same process and run, against the same throwaway redis-server
 (started here). Each figure is the median over --reps repetitions with its spread;
-every row states Redis round trips (commands sent) per operation, from INFO
-commandstats deltas.
+the repetitions are interleaved (every subject runs once per round, in a rotating
+order), so that a change in the machine's load hits all subjects alike. Every row
+states Redis round trips (commands sent) per operation, from INFO commandstats deltas.
+
+The issue 13 targets are printed after the tables, each beside its floor, its ratio and
+PASS/FAIL, with the peers' ratios from the same run:
+
+* sync warm hit <= 1.10x the floor (redis-py GET + json.loads), every option on <= 1.15x;
+* async warm hit <= 1.15x the async floor (redis.asyncio GET + json.loads);
+* a call while the circuit breaker is open <= 2.5 us.
 
     uv run --group bench python benchmarks/bench_cache.py [--reps 5] [--calls 3000]
+    uv run --group bench python benchmarks/bench_cache.py --quick   # targets only, ~1 min
 
 Prints markdown tables; ``--json FILE`` also writes the raw figures for run_all.py.
+The lock target is printed by bench_locks.py.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import redis
 import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RoundTrips, commandstats, table
+from _common import RoundTrips, commandstats, load_note, table
 
 import rcache
 from rcache.testing import RedisServer
@@ -40,6 +50,22 @@ PAYLOAD = {
     "score": 99.5,
 }
 CTX = mp.get_context("fork")
+
+# issue 13: (what, subject, floor, limit); subjects and floors are the row names below
+FLOOR = "redis-py GET + json.loads (floor)"
+AFLOOR = "redis.asyncio GET + json.loads (floor)"
+PLAIN = "rcache @cached"
+FULL = "rcache @cached, stampede + tags + early + stale on"
+APLAIN = "rcache @cached (async)"
+AFULL = "rcache @cached (async), stampede + tags + early + stale on"
+OPEN = "rcache @cached (breaker open, fails open)"
+RATIO_TARGETS = [
+    ("sync warm hit", "hits", PLAIN, 1.10),
+    ("sync warm hit, every option on", "hits", FULL, 1.15),
+    ("async warm hit", "ahits", APLAIN, 1.15),
+    ("async warm hit, every option on", "ahits", AFULL, 1.15),
+]
+OPEN_LIMIT_US = 2.5
 
 
 def time_sync(fn: Callable[[], Any], calls: int) -> tuple[float, float, float]:
@@ -234,17 +260,19 @@ def _hit_rows(
     return rows
 
 
+def _rotations(names: list[str], reps: int) -> list[list[str]]:
+    """One order per round: each subject runs once per round and leads in turn."""
+    return [names[i % len(names) :] + names[: i % len(names)] for i in range(reps)]
+
+
 def bench_hits(url: str, reps: int, calls: int, client: redis.Redis) -> list[list[str]]:
     subjects = sync_subjects(url)
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in subjects}
+    for order in _rotations(list(subjects), reps):
+        for name in order:
+            runs[name].append(time_sync(subjects[name], calls))
     return _hit_rows(
-        [
-            (
-                name,
-                [time_sync(fn, calls) for _ in range(reps)],
-                cmds_per_call(client, fn),
-            )
-            for name, fn in subjects.items()
-        ]
+        [(n, runs[n], cmds_per_call(client, fn)) for n, fn in subjects.items()]
     )
 
 
@@ -255,13 +283,81 @@ def bench_ahits(
         subjects = async_subjects(url)
         for fn in subjects.values():
             await fn()
-        timed = []
-        for name, fn in subjects.items():
-            runs = [await time_async(fn, calls) for _ in range(reps)]
-            timed.append((name, runs, await acmds_per_call(client, fn)))
-        return _hit_rows(timed)
+        runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in subjects}
+        for order in _rotations(list(subjects), reps):
+            for name in order:
+                runs[name].append(await time_async(subjects[name], calls))
+        return _hit_rows(
+            [(n, runs[n], await acmds_per_call(client, f)) for n, f in subjects.items()]
+        )
 
     return asyncio.run(main())
+
+
+def _ratio(rows: list[list[str]], name: str) -> float:
+    """The "p50 vs floor" figure of ``name`` in a hit table."""
+    row = next(r for r in rows if r[0] == name)
+    return float(row[5].rstrip("x"))
+
+
+def _p50(rows: list[list[str]], name: str) -> float:
+    row = next(r for r in rows if r[0] == name)
+    return float(str(row[1]).split()[0])
+
+
+def target_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The issue 13 targets, each with its floor, ratio, limit and PASS/FAIL, and the
+    peers' ratios from the same tables."""
+    rows = []
+    for what, table_key, subject, limit in RATIO_TARGETS:
+        if table_key not in results:
+            continue
+        hits = results[table_key]
+        ratio = _ratio(hits, subject)
+        peers = ", ".join(
+            f"{r[0].split(' ', 1)[0]} {r[5]}"
+            for r in hits[1:]
+            if not r[0].startswith("rcache") and "lock=True" not in r[0]
+        )
+        rows.append(
+            [
+                what,
+                f"{_p50(hits, subject):.0f} us",
+                f"{_p50(hits, hits[0][0]):.0f} us",
+                f"{ratio:.2f}x",
+                f"<= {limit:.2f}x",
+                "PASS" if ratio <= limit else "FAIL",
+                peers,
+            ]
+        )
+    if "outage" in results:
+        row = next(r for r in results["outage"] if r[0] == OPEN)
+        us = float(row[1])
+        rows.append(
+            [
+                "breaker-open call",
+                f"{us:.1f} us",
+                "-",
+                "-",
+                f"<= {OPEN_LIMIT_US} us",
+                "PASS" if us <= OPEN_LIMIT_US else "FAIL",
+                ", ".join(
+                    f"{r[0].split(',')[0]} {r[1]} us" for r in results["outage"][1:]
+                ),
+            ]
+        )
+    return rows
+
+
+TARGET_HEADER = [
+    "target",
+    "rcache p50",
+    "floor p50",
+    "ratio",
+    "limit",
+    "",
+    "peers (same run)",
+]
 
 
 def bench_miss(url: str, reps: int, client: redis.Redis) -> list[list[str]]:
@@ -515,13 +611,23 @@ def bench_procs(url: str) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=3000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=None, help="default 5 (quick: 5)")
+    parser.add_argument(
+        "--calls", type=int, default=None, help="default 3000 (quick: 1000)"
+    )
     parser.add_argument("--tag-sizes", default="1,1000,100000")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only what the targets need: warm hits (sync, async) and the outage",
+    )
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
-    results: dict[str, Any] = {}
+    opts.reps = opts.reps or 5
+    opts.calls = opts.calls or (1000 if opts.quick else 3000)
+    results: dict[str, Any] = {"load": [load_note()]}
+    print(f"Start: {results['load'][0]}")
     with RedisServer() as server:
         client = server.client()
         hdr = [
@@ -541,6 +647,16 @@ def main() -> None:
             f"\n### Warm hit, async ({opts.calls} hits x {opts.reps} reps, medians)\n"
         )
         print(table(results["ahits"], hdr))
+        if opts.quick:
+            results["outage"] = bench_outage(opts.reps)
+            print("\n### Redis down (connection refused), per call\n")
+            print(
+                table(
+                    results["outage"], ["subject", "p50 us/call", "client CPU us/call"]
+                )
+            )
+            _print_targets(results)
+            return
         results["miss"] = bench_miss(server.url, opts.reps, client)
         print("\n### Miss (500 misses x reps, function is a no-op)\n")
         print(
@@ -589,8 +705,17 @@ def main() -> None:
                 ],
             )
         )
+    _print_targets(results)
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=1))
+
+
+def _print_targets(results: dict[str, Any]) -> None:
+    results["targets"] = target_rows(results)
+    results["load"].append(load_note())
+    print("\n### Issue 13 targets (this run)\n")
+    print(table(results["targets"], TARGET_HEADER))
+    print(f"\nStart: {results['load'][0]}; end: {results['load'][1]}")
 
 
 if __name__ == "__main__":

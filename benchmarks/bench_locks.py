@@ -4,7 +4,8 @@ Not a test. Starts its own redis-server (rcache.testing.RedisServer) on a free p
 prints, for every implementation:
 
 1. uncontended acquire + release: median latency and its ratio to two raw GETs
-   (target for rcache: within 15 %: acquire and release are one round trip each);
+   (issue 13 target for rcache's acquire/release: <= 1.10x; acquire and release are one
+   round trip each), printed with PASS/FAIL beside the peers' ratios of the same run;
 2. hand-off latency with one waiter: a holder process releases, a waiter process that
    is already blocked acquires; p50/p99 of (acquired - released) on the system-wide
    monotonic clock (target p50 <= 3 ms);
@@ -18,6 +19,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_locks.py
     .venv/bin/python benchmarks/bench_locks.py --iterations 3000 --rounds 100 --seconds 4
+    .venv/bin/python benchmarks/bench_locks.py --quick   # section 1 and its target only
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import redis.connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import commandstats, table
+from _common import commandstats, load_note, table
 
 import rcache
 from rcache.testing import RedisServer
@@ -52,6 +54,8 @@ IMPLS = [
     "pottery Redlock",
 ]
 TTL = 10
+#: issue 13: uncontended acquire + release <= 1.10x two GETs
+TARGET_IMPL, TARGET_RATIO = "rcache (acquire/release)", 1.10
 
 _round_trips = 0
 
@@ -247,7 +251,14 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated implementation prefixes"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only section 1 (uncontended) and its target: 1000 iterations x 5 reps",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.iterations, args.reps = 1000, 5
     global IMPLS
     if args.only:
         IMPLS = [i for i in IMPLS if any(i.startswith(p) for p in args.only.split(","))]
@@ -263,6 +274,7 @@ def main() -> None:
             f"redis-server {info['redis_version']} on loopback; Python "
             f"{sys.version.split()[0]}; {versions}; {os.cpu_count()} CPUs\n"
         )
+        print(f"Start: {load_note()}\n")
         lat = uncontended(server.url, args.iterations, args.reps)
         raw = lat["raw 2x GET"]
         rows = [
@@ -275,6 +287,41 @@ def main() -> None:
         )
         print(table(rows, ["implementation", "median µs", "ratio to 2 GETs"]))
         print()
+        if TARGET_IMPL in lat:
+            ratio = lat[TARGET_IMPL] / raw
+            peers = ", ".join(
+                f"{impl} {lat[impl] / raw:.2f}x"
+                for impl in IMPLS
+                if not impl.startswith("rcache")
+            )
+            print(f"Issue 13 target (this run; {load_note()})")
+            print(
+                table(
+                    [
+                        [
+                            "uncontended acquire + release",
+                            f"{lat[TARGET_IMPL] * 1e6:.0f} µs",
+                            f"{raw * 1e6:.0f} µs",
+                            f"{ratio:.2f}x",
+                            f"<= {TARGET_RATIO:.2f}x",
+                            "PASS" if ratio <= TARGET_RATIO else "FAIL",
+                            peers,
+                        ]
+                    ],
+                    [
+                        "target",
+                        "rcache",
+                        "2 GETs",
+                        "ratio",
+                        "limit",
+                        "",
+                        "peers (same run)",
+                    ],
+                )
+            )
+            print()
+        if args.quick:
+            return
 
         rows = []
         for impl in IMPLS:

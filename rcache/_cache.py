@@ -7,11 +7,8 @@ every decision with the pure core (keys, envelope, failure policy); they differ 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import inspect
 import secrets
-import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
@@ -31,34 +28,38 @@ from rcache._admin import (
     locks_flow,
     stats_flow,
 )
+from rcache._batch import BatchSpec, make_batch
 from rcache._breaker import CircuitBreaker
+from rcache._cache_protocol import CACHE_RENEW
 from rcache._cluster import GroupsRecord, describe, invalidate
 from rcache._config import (
     BackendErrorPolicy,
     BreakerPolicy,
+    CachedOptions,
     Duration,
     RetryPolicy,
+    check_policy,
     parse_duration,
     ttl_ms,
 )
+from rcache._decorated import AsyncCached, CachedSpec, RefreshPool, SyncCached
 from rcache._exceptions import (
     BackendError,
     ConfigurationError,
     RCacheError,
 )
-from rcache._flow import AsyncDriver, Block, Flow, Run, SyncDriver
-from rcache._freshness import Freshness
+from rcache._flow import AsyncDriver, Flow, Run, SyncDriver
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import KeyLeases
 from rcache._lock import LockMixin
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
 from rcache._policy import BYPASS, MISSING, Failures, Guard
+from rcache._readthrough import ServerClock, decode, undecodable
+from rcache._readthrough import delete as delete_flow
 from rcache._redis import (
     AsyncRedis,
     ClientSpec,
-    LuaScript,
-    RedisTimeoutError,
     SyncRedis,
     adiagnose,
     diagnose,
@@ -67,7 +68,6 @@ from rcache._serializers import (
     Envelope,
     Serializer,
     UndecodableError,
-    decode_envelope,
     encode_envelope,
     resolve_serializer,
 )
@@ -77,12 +77,6 @@ from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
 
 __all__ = ["BYPASS", "Cache"]
-
-_POLICIES = ("bypass", "raise")
-#: how long Redis's clock is extrapolated with time.monotonic() before it is read again
-#: (monotonic clocks drift by ppm and stop while a VM is suspended)
-_CLOCK_RESYNC = 10.0
-_UNSERIALIZABLE = ("raise", "skip")
 
 
 class _CachedDecorator(Protocol):
@@ -168,20 +162,18 @@ class Cache(LockMixin, TransactionMixin):
         slot_groups: int | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
-        self._read_script = LuaScript("cache_read")
-        self._claim_script = LuaScript("cache_claim")
-        self._store_script = LuaScript("cache_store")
         # computation leases, renewed by the process's lease renewer through this
         # cache's sync driver, or its async one on the computing loop
-        self._leases = KeyLeases(LuaScript("cache_renew"), self, cache_log)
+        self._leases = KeyLeases(CACHE_RENEW.script, self, cache_log)
+        # background refreshes of stale entries (sync functions): a few threads at most,
+        # started on first use
+        self._refresher = RefreshPool()
         # the decorated functions of this cache, whose in-flight computations an
         # invalidation detaches (read-your-invalidations, item 7)
-        self._specs: weakref.WeakSet[Any] = weakref.WeakSet()
-        # decorated functions' specs -> (took the default ttl, took the default policy),
-        # so that configure() before first use reaches functions decorated at import
-        self._decorated: weakref.WeakKeyDictionary[Any, tuple[bool, bool]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._specs: weakref.WeakSet[CachedSpec] = weakref.WeakSet()
+        # every decorated function's spec, so that configure() before first use reaches
+        # functions decorated at import (spec.rebase() follows the new settings)
+        self._decorated: weakref.WeakSet[CachedSpec | BatchSpec] = weakref.WeakSet()
         self.default_ttl: float | None = None
         self.metrics: MetricsSink = InMemoryMetrics()
         self._settings: dict[str, Any] = {}
@@ -309,7 +301,7 @@ class Cache(LockMixin, TransactionMixin):
                 f"prefix must be a non-empty string without spaces, got {prefix!r}: "
                 'write prefix="myapp"'
             )
-        _check_policy(on_backend_error)
+        check_policy(on_backend_error)
         default_ttl = None if ttl is None else parse_duration(ttl)
         resolved_serializer = resolve_serializer(serializer)
         retry_policy = retry or RetryPolicy()
@@ -369,9 +361,9 @@ class Cache(LockMixin, TransactionMixin):
         self.on_backend_error: BackendErrorPolicy = on_backend_error
         self.retry = retry_policy
         self._spec = spec
-        # (Redis's clock minus time.monotonic(), when measured) from the last TIME
-        # seen: freshness follows Redis's clock, not this host's (issue 14 item 6)
-        self._clock: tuple[float, float] | None = None
+        # Redis's clock, from the last TIME seen: freshness follows Redis's clock, not
+        # this host's (issue 14 item 6)
+        self._clock = ServerClock()
         self._sync = SyncRedis(spec, retry_policy, record)
         self._async = AsyncRedis(spec, retry_policy, record)
         self.metrics = sink
@@ -392,25 +384,8 @@ class Cache(LockMixin, TransactionMixin):
         else:
             self._key = self._grouped_key
         self.metrics.register_cache(self.name)
-        for dep, (ttl_default, policy_default) in list(self._decorated.items()):
-            self._rebase(dep, ttl_default=ttl_default, policy_default=policy_default)
-
-    def _track(self, spec: Any, *, ttl_default: bool, policy_default: bool) -> None:
-        self._decorated[spec] = (ttl_default, policy_default)
-
-    def _rebase(self, spec: Any, *, ttl_default: bool, policy_default: bool) -> None:
-        """Point a decorated function's spec at the current settings."""
-        spec.keys.rebase(self.prefix)
-        if ttl_default and self.default_ttl is not None:
-            spec.ttl = self.default_ttl
-            if hasattr(spec, "freshness"):
-                spec.freshness = dataclasses.replace(
-                    spec.freshness, ttl=self.default_ttl
-                )
-        if policy_default:
-            spec.policy = self.on_backend_error
-        spec.__post_init__()  # stamp keys derive from the prefix
-        self.metrics.register_cache(spec.name)
+        for decorated in list(self._decorated):
+            decorated.rebase()
 
     def __repr__(self) -> str:
         return f"Cache({self._spec.describe()!r}, prefix={self.prefix!r})"
@@ -439,27 +414,8 @@ class Cache(LockMixin, TransactionMixin):
                 "(redis+sentinel://)"
             )
 
-    # -- failure policy (shared by both drivers) --------------------------------------
-
-    def _skipped(self, name: str, operation: str, policy: BackendErrorPolicy) -> Any:
-        return self._failures.skipped(Guard(name, operation, policy))
-
-    def _failed(
-        self, name: str, operation: str, exc: RCacheError, policy: BackendErrorPolicy
-    ) -> Any:
-        return self._failures.failed(Guard(name, operation, policy), exc)
-
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
-        self.metrics.cache_error(name, "decode", "UndecodableError")
-        # The error type and the function's name only: an exception's text can quote
-        # the stored value (a corrupt entry logged "Invalid isoformat string: '<the
-        # value>'", issue 14 item 13), and values never reach the logs.
-        self._log.warning(
-            "decode:" + name,
-            "rcache: an entry of %s could not be decoded (%s) and is treated as a miss",
-            name,
-            exc.reason,
-        )
+        undecodable(self.metrics, self._log, name, exc)
 
     def _decode(self, name: str, raw: bytes) -> Any:
         """The cached value, or MISSING when ``raw`` cannot be decoded."""
@@ -469,241 +425,13 @@ class Cache(LockMixin, TransactionMixin):
     def _envelope(
         self, name: str, raw: bytes, serializer: Serializer | None = None
     ) -> Envelope | None:
-        try:
-            return decode_envelope(serializer or self.serializer, raw)
-        except UndecodableError as exc:
-            self._undecodable(name, exc)
-            return None
-
-    def _saw_time(self, now_us: Any) -> float:
-        """Record Redis's clock (TIME in microseconds) and return it in seconds."""
-        now = int(now_us) / 1e6
-        mono = time.monotonic()
-        self._clock = (now - mono, mono)
-        return now
-
-    def _server_now(self) -> float:
-        """Redis's clock in seconds, extrapolated from its last TIME by the monotonic
-        clock (which no NTP step or skewed host changes); the wall clock only until
-        Redis has answered once. Freshness is decided by this clock alone, so readers
-        and writers whose wall clocks disagree agree on what is fresh (item 6)."""
-        clock = self._clock
-        return time.time() if clock is None else time.monotonic() + clock[0]
+        return decode(self, name, raw, serializer or self.serializer)
 
     def tag_key(self, tag: str, group: int | None = None) -> str:
         """The Redis key of a tag's version stamp (on Redis Cluster, ``group``'s copy)."""
         if group is None:
             return self._tag_prefix + tag
         return self.keyspace.tag_stamp(tag, group)
-
-    # -- raw operations: one sync/async pair each -------------------------------------
-
-    def _clock_offset(self) -> float | None:
-        """Redis's clock minus time.monotonic(), while Redis's clock was read recently
-        enough to extrapolate it; None: read TIME again. (One call on the hit path.)"""
-        clock = self._clock
-        if clock is not None and time.monotonic() - clock[1] < _CLOCK_RESYNC:
-            return clock[0]
-        return None
-
-    def _read_raw(self, keys: list[str], name: str, policy: BackendErrorPolicy) -> Any:
-        """(Redis's time in s, [value, *stamps]) in one round trip, or BYPASS.
-
-        A plain MGET while Redis's clock is known (the hit path costs what it did);
-        otherwise cache_read.lua, which adds Redis TIME to the same round trip.
-        """
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        offset = self._clock_offset()
-        try:
-            if offset is not None:
-                rows = self._sync.run(lambda c: c.mget(keys))
-                self.breaker.success()
-                return time.monotonic() + offset, rows
-            reply = self._sync.run(lambda c: self._read_script(c, keys, []))
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return self._saw_time(reply[0]), reply[1:]
-
-    async def _aread_raw(
-        self, keys: list[str], name: str, policy: BackendErrorPolicy
-    ) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(name, "get", policy)
-        offset = self._clock_offset()
-        try:
-            if offset is not None:
-                rows = await self._async.run(lambda c: c.mget(keys))
-                self.breaker.success()
-                return time.monotonic() + offset, rows
-            reply = await self._async.run(
-                lambda c: self._read_script.acall(c, keys, [])
-            )
-        except RCacheError as exc:
-            return self._failed(name, "get", exc, policy)
-        self.breaker.success()
-        return self._saw_time(reply[0]), reply[1:]
-
-    # -- stampede protection: claim / store / wait (see _decorated.py) ----------------
-
-    def _claim_args(
-        self, key: str, stamp_keys: list[str], token: str, spec: Any, take_lease: bool
-    ) -> tuple[list[str], list[Any]]:
-        fr: Freshness = spec.freshness
-        ks = self.keyspace
-        keys = [ks.lease(key), ks.ready(key), *stamp_keys]
-        args: list[Any] = [
-            token,
-            ttl_ms(fr.lease_ttl) if take_lease else 0,
-            fr.redis_ttl_ms,
-            *(secrets.token_hex(8) for _ in stamp_keys),
-        ]
-        return keys, args
-
-    def _claimed(
-        self, token: str, reply: list[Any], spec: Any
-    ) -> tuple[str, bool, list[bytes], int]:
-        self._saw_time(reply[2])
-        if int(reply[3]):
-            # a key of ours held another type (it was replaced): say so, item 11
-            self.metrics.cache_error(spec.name, "claim", "WrongType")
-            self._log.warning(
-                "wrongtype:" + spec.name,
-                "rcache: a lease, signal or stamp key of %s held a value of another "
-                "type; it was replaced",
-                spec.name,
-            )
-        return token, reply[0] == 1, list(reply[4:]), int(reply[1])
-
-    def _claim(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        token: str,
-        spec: Any,
-        take_lease: bool = True,
-    ) -> Any:
-        """(token, claimed, stamps, lease_pttl_ms), or BYPASS."""
-        if not self.breaker.allow():
-            return self._skipped(spec.name, "get", spec.policy)
-        keys, args = self._claim_args(key, stamp_keys, token, spec, take_lease)
-        try:
-            reply = self._sync.run(lambda c: self._claim_script(c, keys, args))
-        except RCacheError as exc:
-            return self._failed(spec.name, "get", exc, spec.policy)
-        self.breaker.success()
-        return self._claimed(token, reply, spec)
-
-    async def _aclaim(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        token: str,
-        spec: Any,
-        take_lease: bool = True,
-    ) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(spec.name, "get", spec.policy)
-        keys, args = self._claim_args(key, stamp_keys, token, spec, take_lease)
-        try:
-            reply = await self._async.run(
-                lambda c: self._claim_script.acall(c, keys, args)
-            )
-        except RCacheError as exc:
-            return self._failed(spec.name, "get", exc, spec.policy)
-        self.breaker.success()
-        return self._claimed(token, reply, spec)
-
-    def _store_args(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        token: str,
-        data: bytes,
-        stamps: list[bytes],
-        spec: Any,
-    ) -> tuple[list[str], list[Any]]:
-        fr: Freshness = spec.freshness
-        ks = self.keyspace
-        keys = [key, ks.lease(key), ks.ready(key), *stamp_keys]
-        args = [token, data, fr.redis_ttl_ms, ttl_ms(fr.lease_ttl), *stamps]
-        return keys, args
-
-    def _stored(self, spec: Any, result: int) -> None:
-        if result == 1:
-            self.metrics.cache_put(spec.name)
-        elif result == 0:
-            self.metrics.cache_error(spec.name, "set", "InvalidatedDuringLoad")
-
-    def _store(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        token: str,
-        data: bytes,
-        stamps: list[bytes],
-        spec: Any,
-    ) -> Any:
-        """Store ``data`` (b"" = only release) unless a stamp changed; wake waiters."""
-        if not self.breaker.allow():
-            return self._skipped(spec.name, "set", spec.policy)
-        keys, args = self._store_args(key, stamp_keys, token, data, stamps, spec)
-        try:
-            result = self._sync.run(lambda c: self._store_script(c, keys, args))
-        except RCacheError as exc:
-            if data and _may_answer(exc):
-                # The write failed but Redis may still answer a small one (an oversized
-                # value closes the connection: proto-max-bulk-len): give up the lease
-                # now, or the next caller waits the whole lease (issue 14 item 8).
-                keys, args = self._store_args(key, stamp_keys, token, b"", stamps, spec)
-                with contextlib.suppress(RCacheError):
-                    self._sync.run(lambda c: self._store_script(c, keys, args))
-            return self._failed(spec.name, "set", exc, spec.policy)
-        self.breaker.success()
-        self._stored(spec, result)
-        return result
-
-    async def _astore(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        token: str,
-        data: bytes,
-        stamps: list[bytes],
-        spec: Any,
-    ) -> Any:
-        if not self.breaker.allow():
-            return self._skipped(spec.name, "set", spec.policy)
-        keys, args = self._store_args(key, stamp_keys, token, data, stamps, spec)
-        try:
-            result = await self._async.run(
-                lambda c: self._store_script.acall(c, keys, args)
-            )
-        except RCacheError as exc:
-            if data and _may_answer(exc):  # see _store
-                keys, args = self._store_args(key, stamp_keys, token, b"", stamps, spec)
-                with contextlib.suppress(RCacheError):
-                    await self._async.run(
-                        lambda c: self._store_script.acall(c, keys, args)
-                    )
-            return self._failed(spec.name, "set", exc, spec.policy)
-        self.breaker.success()
-        self._stored(spec, result)
-        return result
-
-    def _wait_ready(self, key: str, timeout: float) -> bool:
-        """Block until the computation of ``key`` signals, or ``timeout`` seconds;
-        False if Redis did not answer in time (see ``_flow.Block``)."""
-        return bool(self._driver.execute(Block(self.keyspace.ready(key), timeout)))
-
-    async def _await_ready(self, key: str, timeout: float) -> bool:
-        return bool(
-            await self._adriver.execute(Block(self.keyspace.ready(key), timeout))
-        )
-
-    def _hung(self, spec: Any) -> Any:
-        return self._failures.hung(Guard(spec.name, "get", spec.policy))
 
     # -- explicit operations ----------------------------------------------------------
 
@@ -777,46 +505,15 @@ class Cache(LockMixin, TransactionMixin):
         """Async twin of :meth:`set`."""
         return await self._adriver.drive(self._set_flow(key, value, ttl))
 
-    def _delete_flow(self, keys: list[str], guard: Guard) -> Flow[int]:
-        """DEL ``keys`` (full Redis keys): how many existed, 0 if bypassed."""
-        if not keys:
-            return 0
-        n = yield Run(lambda c: c.delete(*keys), guard)
-        if n is BYPASS:
-            return 0
-        return int(n)
-
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
-        keys = [self._key(key)]
-        n = self._driver.drive(self._delete_flow(keys, self._guard("delete")))
-        if n:
-            self.metrics.cache_removal(self.name)
-        return bool(n)
+        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        return bool(self._driver.drive(flow))
 
     async def adelete(self, key: str) -> bool:
         """Async twin of :meth:`delete`."""
-        keys = [self._key(key)]
-        flow = self._delete_flow(keys, self._guard("delete"))
-        n = await self._adriver.drive(flow)
-        if n:
-            self.metrics.cache_removal(self.name)
-        return bool(n)
-
-    def _delete_raw(self, key: str, name: str, policy: BackendErrorPolicy) -> bool:
-        n = self._driver.drive(self._delete_flow([key], Guard(name, "delete", policy)))
-        if n:
-            self.metrics.cache_removal(name)
-        return bool(n)
-
-    async def _adelete_raw(
-        self, key: str, name: str, policy: BackendErrorPolicy
-    ) -> bool:
-        flow = self._delete_flow([key], Guard(name, "delete", policy))
-        n = await self._adriver.drive(flow)
-        if n:
-            self.metrics.cache_removal(name)
-        return bool(n)
+        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        return bool(await self._adriver.drive(flow))
 
     def invalidate_tags(self, *tags: str) -> int:
         """Invalidate every entry computed under any of ``tags``: O(1) per tag.
@@ -856,7 +553,7 @@ class Cache(LockMixin, TransactionMixin):
         keys = [k for c in stamps for k in c]
         groups = self.keyspace.groups
         if groups is None:
-            return keys, self._delete_flow(keys, guard)
+            return keys, delete_flow(keys, guard)
         what = describe(kind, list(names))
         return keys, invalidate(stamps, guard, what, groups)
 
@@ -865,7 +562,7 @@ class Cache(LockMixin, TransactionMixin):
         if not stamp_keys:
             return
         for spec in list(self._specs):
-            if spec.tags:
+            if spec.options.tags:
                 spec.detach(stamp_keys=stamp_keys)
 
     # -- batches: one round trip each ---------------------------------------------------
@@ -933,12 +630,12 @@ class Cache(LockMixin, TransactionMixin):
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete ``keys`` in one command; returns how many existed."""
         full = [self._key(k) for k in keys]
-        return self._driver.drive(self._delete_flow(full, self._guard("delete")))
+        return self._driver.drive(delete_flow(full, self._guard("delete")))
 
     async def adelete_many(self, keys: Iterable[str]) -> int:
         """Async twin of :meth:`delete_many`."""
         full = [self._key(k) for k in keys]
-        return await self._adriver.drive(self._delete_flow(full, self._guard("delete")))
+        return await self._adriver.drive(delete_flow(full, self._guard("delete")))
 
     def ping(self) -> bool:
         """True if Redis answers (never raises; does not touch the breaker).
@@ -1185,7 +882,8 @@ class Cache(LockMixin, TransactionMixin):
             ``lease_ttl``); then ``on_wait_timeout``: ``"compute"`` itself (default) or
             ``"raise"`` LockNotAcquiredError.
         :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
-            task); default a daemon thread (sync) or an asyncio task (async).
+            task); default a pool of at most 4 daemon threads per Cache (sync; named
+            ``rcache-refresh``) or an asyncio task (async).
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,
             ignore list or a non-callable.
         """
@@ -1199,95 +897,61 @@ class Cache(LockMixin, TransactionMixin):
                 f"cache.cached() takes a function, got {type(fn).__name__}: {hint}"
             )
         self._refuse_on_cluster("@cache.cached")
-        seconds = self._ttl(ttl)
-        if on_unserializable not in _UNSERIALIZABLE:
-            raise ConfigurationError(
-                f"on_unserializable must be 'raise' or 'skip', got {on_unserializable!r}"
-            )
-        policy = self.on_backend_error if on_backend_error is None else on_backend_error
-        _check_policy(policy)
-        if unless is not None and not callable(unless):
-            raise ConfigurationError(
-                "unless= takes a callable: unless=lambda result: ..."
-            )
-        ignore = tuple(ignore) if not isinstance(ignore, str) else ignore
-        if isinstance(tags, str):
-            raise ConfigurationError(f"tags= takes a list: write tags=[{tags!r}]")
-        tag_list = tuple(tags)
-        if isinstance(early, bool):
-            beta = 1.0 if early else 0.0
-        elif isinstance(early, (int, float)) and early > 0:
-            beta = float(early)
-        else:
-            raise ConfigurationError(
-                f"early= takes True or a beta > 0 (1.0 is XFetch's optimum), got {early!r}"
-            )
-        lease = parse_duration(lease_ttl, what="lease_ttl")
-        freshness = Freshness(
-            ttl=seconds,
-            beta=beta,
-            stale=0.0 if stale is None else parse_duration(stale, what="stale"),
-            stale_if_error=(
-                0.0
-                if stale_if_error is None
-                else parse_duration(stale_if_error, what="stale_if_error")
-            ),
-            lease_ttl=lease,
-            wait=lease if wait is None else parse_duration(wait, what="wait"),
+        if ttl is None:
+            self._ttl(None)  # no default either: say how to give one
+        options = CachedOptions.build(
+            ttl=ttl,
+            key=key,
+            ignore=ignore,
+            name=name,
+            cache_none=cache_none,
+            unless=unless,
+            on_unserializable=on_unserializable,
+            on_backend_error=on_backend_error,
+            tags=tags,
+            early=early,
+            stale=stale,
+            stale_if_error=stale_if_error,
+            stampede=stampede,
+            lease_ttl=lease_ttl,
+            wait=wait,
             on_wait_timeout=on_wait_timeout,
+            refresh_runner=refresh_runner,
         )
-        if on_wait_timeout not in ("compute", "raise"):
-            raise ConfigurationError(
-                f"on_wait_timeout must be 'compute' or 'raise', got {on_wait_timeout!r}"
-            )
-        if refresh_runner is not None and not callable(refresh_runner):
-            raise ConfigurationError("refresh_runner= takes a callable: runner(job)")
-
         localns = caller_namespace()  # where classes named in annotations may live
 
         def decorate(func: Any) -> Any:
-            from rcache._decorated import AsyncCached, CachedSpec, SyncCached
-
-            if isinstance(func, (classmethod, staticmethod)):
-                raise ConfigurationError(
-                    f"put @cache.cached below @{type(func).__name__}, not above it"
-                )
-            if not callable(func):
-                raise ConfigurationError(
-                    f"cache.cached() decorates functions, got {type(func).__name__}"
-                )
-            keys = KeyBuilder(
-                func, prefix=self.prefix, key=key, ignore=ignore, name=name
-            )
-            for tag in tag_list:
-                keys.check_template(tag, what="tag")
-            typed = typed_values(func, name or keys.name, self.serializer, localns)
-            spec = CachedSpec(
-                cache=self,
-                fn=func,
-                keys=keys,
-                name=name or keys.name,
-                ttl=seconds,
-                policy=policy,
-                cache_none=cache_none,
-                unless=unless,
-                on_unserializable=on_unserializable,
-                freshness=freshness,
-                tags=tag_list,
-                stampede=stampede,
-                refresh_runner=refresh_runner,
-                typed=typed,
-            )
-            self.metrics.register_cache(spec.name)
-            self._track(
-                spec, ttl_default=ttl is None, policy_default=on_backend_error is None
-            )
-            self._specs.add(spec)
-            if inspect.iscoroutinefunction(func):
-                return AsyncCached(spec)
-            return SyncCached(spec)
+            return self._decorate(func, options, localns)
 
         return decorate if fn is None else decorate(fn)
+
+    def _decorate(
+        self, func: Any, options: CachedOptions, localns: dict[str, Any] | None
+    ) -> SyncCached | AsyncCached:
+        if isinstance(func, (classmethod, staticmethod)):
+            raise ConfigurationError(
+                f"put @cache.cached below @{type(func).__name__}, not above it"
+            )
+        if not callable(func):
+            raise ConfigurationError(
+                f"cache.cached() decorates functions, got {type(func).__name__}"
+            )
+        keys = KeyBuilder(
+            func,
+            prefix=self.prefix,
+            key=options.key,
+            ignore=options.ignore,
+            name=options.name,
+        )
+        for tag in options.tags:
+            keys.check_template(tag, what="tag")
+        name = options.name or keys.name
+        typed = typed_values(func, name, self.serializer, localns)
+        is_async = inspect.iscoroutinefunction(func)
+        spec = CachedSpec(self, func, options, keys, is_async=is_async, typed=typed)
+        self._decorated.add(spec)
+        self._specs.add(spec)
+        return AsyncCached(spec) if is_async else SyncCached(spec)
 
     def cached_batch(
         self,
@@ -1306,43 +970,23 @@ class Cache(LockMixin, TransactionMixin):
         id's key. Ids the function leaves out of its result are not cached. The wrapper
         has ``invalidate(ids)``, ``invalidate_all()`` and ``keys_for(ids)``.
         """
-        from rcache._batch import make_batch
-
         self._refuse_on_cluster("@cache.cached_batch")
         seconds = self._ttl(ttl)
-        policy = self.on_backend_error if on_backend_error is None else on_backend_error
-        _check_policy(policy)
+        if on_backend_error is not None:
+            check_policy(on_backend_error)
         ignore = tuple(ignore)
 
         def decorate(fn: F) -> F:
             wrapper = make_batch(
                 self,
                 cast("Callable[..., Any]", fn),
-                ttl=seconds,
+                ttl=None if ttl is None else seconds,  # None: follow the default
                 ids=ids,
                 name=name,
                 ignore=ignore,
-                policy=policy,
+                policy=on_backend_error,
             )
-            self._track(
-                wrapper._spec,
-                ttl_default=ttl is None,
-                policy_default=on_backend_error is None,
-            )
+            self._decorated.add(wrapper._spec)
             return wrapper  # type: ignore[no-any-return]
 
         return decorate
-
-
-def _may_answer(exc: RCacheError) -> bool:
-    """Is a second, small command worth sending after ``exc``? Not after a timeout:
-    Redis is hung, and another attempt would only add its socket timeout."""
-    original = getattr(exc, "original", None)
-    return not isinstance(original, (TimeoutError, RedisTimeoutError))
-
-
-def _check_policy(policy: object) -> None:
-    if policy not in _POLICIES:
-        raise ConfigurationError(
-            f"on_backend_error must be 'bypass' or 'raise', got {policy!r}"
-        )

@@ -1,4 +1,5 @@
-"""Pure configuration helpers: durations, retry policy, breaker settings.
+"""Pure configuration helpers: durations, retry policy, breaker settings, and the
+option objects of the decorators (validated once, frozen).
 
 Nothing here does IO; every function is tested once and shared by the sync and async
 drivers.
@@ -7,13 +8,21 @@ drivers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from rcache._exceptions import ConfigurationError
 
-__all__ = ["BackendErrorPolicy", "Duration", "RetryPolicy", "parse_duration"]
+__all__ = [
+    "BackendErrorPolicy",
+    "CachedOptions",
+    "Duration",
+    "RetryPolicy",
+    "check_policy",
+    "parse_duration",
+]
 
 Duration = Union[int, float, str, timedelta]  # noqa: UP007 (a runtime alias on 3.10)
 """A duration: seconds (``int``/``float``), a string such as ``"10m"`` or ``"1h30m"``, or
@@ -150,3 +159,122 @@ class BreakerPolicy:
             raise ConfigurationError(
                 "BreakerPolicy needs failures >= 1 and 0 < reset_after <= max_reset_after"
             )
+
+
+def check_policy(policy: object) -> None:
+    """Raise ConfigurationError unless ``policy`` is an ``on_backend_error`` value."""
+    if policy not in ("bypass", "raise"):
+        raise ConfigurationError(
+            f"on_backend_error must be 'bypass' or 'raise', got {policy!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CachedOptions:
+    """The options of ``@cache.cached``, validated once by :meth:`build`.
+
+    Durations are seconds. ``ttl`` and ``on_backend_error`` are None when the function
+    takes the cache's (and follows ``Cache.configure()``); ``wait`` is resolved
+    (``lease_ttl`` by default) and ``early`` is the XFetch ``beta`` (0: off).
+    """
+
+    ttl: float | None = None
+    key: str | Callable[..., str] | None = None
+    ignore: tuple[str, ...] | str = ()
+    name: str | None = None
+    cache_none: bool = True
+    unless: Callable[[Any], bool] | None = None
+    on_unserializable: Literal["raise", "skip"] = "raise"
+    on_backend_error: BackendErrorPolicy | None = None
+    tags: tuple[str, ...] = ()
+    beta: float = 0.0
+    stale: float = 0.0
+    stale_if_error: float = 0.0
+    stampede: bool = True
+    lease_ttl: float = 10.0
+    wait: float = 10.0
+    on_wait_timeout: Literal["compute", "raise"] = "compute"
+    refresh_runner: Callable[[Callable[[], Any]], Any] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        ttl: Duration | None = None,
+        key: str | Callable[..., str] | None = None,
+        ignore: Iterable[str] = (),
+        name: str | None = None,
+        cache_none: bool = True,
+        unless: Callable[[Any], bool] | None = None,
+        on_unserializable: Literal["raise", "skip"] = "raise",
+        on_backend_error: BackendErrorPolicy | None = None,
+        tags: Iterable[str] = (),
+        early: bool | float = False,
+        stale: Duration | None = None,
+        stale_if_error: Duration | None = None,
+        stampede: bool = True,
+        lease_ttl: Duration = 10.0,
+        wait: Duration | None = None,
+        on_wait_timeout: Literal["compute", "raise"] = "compute",
+        refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+    ) -> CachedOptions:
+        """Validate ``cached()``'s keyword arguments (the same names and meanings).
+
+        :raises ConfigurationError: the first invalid option, with how to write it.
+        """
+        seconds = None if ttl is None else parse_duration(ttl)
+        if on_unserializable not in ("raise", "skip"):
+            raise ConfigurationError(
+                f"on_unserializable must be 'raise' or 'skip', got {on_unserializable!r}"
+            )
+        if on_backend_error is not None:
+            check_policy(on_backend_error)
+        if unless is not None and not callable(unless):
+            raise ConfigurationError(
+                "unless= takes a callable: unless=lambda result: ..."
+            )
+        # a str is passed on as given: KeyBuilder says what to write instead
+        ignored = ignore if isinstance(ignore, str) else tuple(ignore)
+        if isinstance(tags, str):
+            raise ConfigurationError(f"tags= takes a list: write tags=[{tags!r}]")
+        if isinstance(early, bool):
+            beta = 1.0 if early else 0.0
+        elif isinstance(early, (int, float)) and early > 0:
+            beta = float(early)
+        else:
+            raise ConfigurationError(
+                f"early= takes True or a beta > 0 (1.0 is XFetch's optimum), got {early!r}"
+            )
+        lease = parse_duration(lease_ttl, what="lease_ttl")
+        stale_s = 0.0 if stale is None else parse_duration(stale, what="stale")
+        stale_if_error_s = (
+            0.0
+            if stale_if_error is None
+            else parse_duration(stale_if_error, what="stale_if_error")
+        )
+        wait_s = lease if wait is None else parse_duration(wait, what="wait")
+        if on_wait_timeout not in ("compute", "raise"):
+            raise ConfigurationError(
+                f"on_wait_timeout must be 'compute' or 'raise', got {on_wait_timeout!r}"
+            )
+        if refresh_runner is not None and not callable(refresh_runner):
+            raise ConfigurationError("refresh_runner= takes a callable: runner(job)")
+        return cls(
+            ttl=seconds,
+            key=key,
+            ignore=ignored,
+            name=name,
+            cache_none=cache_none,
+            unless=unless,
+            on_unserializable=on_unserializable,
+            on_backend_error=on_backend_error,
+            tags=tuple(tags),
+            beta=beta,
+            stale=stale_s,
+            stale_if_error=stale_if_error_s,
+            stampede=stampede,
+            lease_ttl=lease,
+            wait=wait_s,
+            on_wait_timeout=on_wait_timeout,
+            refresh_runner=refresh_runner,
+        )

@@ -1,22 +1,19 @@
 """The objects returned by ``@cache.cached``: one sync and one async wrapper.
 
-Both share ``CachedSpec`` (everything decided at decoration time, plus the pure
-decisions) and differ only in awaiting. They implement ``__get__`` so decorated methods
-bind like functions.
+Every decision of a call is in ``_readthrough.py``, written once as flows; a wrapper
+binds the arguments, hands the flow to its Cache's driver and keeps only what really
+differs between the modes:
 
-A call, in round trips:
+* **single flight**: concurrent callers of one key in this process share one read and
+  one computation (a ``threading.Event`` for threads, an ``asyncio.Future`` per event
+  loop for tasks);
+* **background refresh** of a stale entry: a bounded pool of daemon threads per Cache
+  (:class:`RefreshPool`, at most ``REFRESH_WORKERS``) or an asyncio task, unless the
+  function has a ``refresh_runner``;
+* **the warm hit**, answered without starting a flow: the wrapper sends the flow's
+  first command (the read) itself and starts the flow only if the entry is not fresh.
 
-* **hit**: one ``MGET`` of the value and its version stamps (function + tags); stampede
-  protection costs nothing here (cashews ``lock=True`` pays three round trips per hit).
-  Freshness is judged by Redis's clock (read with the value every few seconds by
-  ``cache_read.lua``, extrapolated monotonically in between), never the host's.
-* **miss**: concurrent callers in this process share one computation (single flight);
-  across processes the first caller takes a lease (``cache_claim.lua``), computes and
-  stores (``cache_store.lua``: rejected if a stamp changed meanwhile, then the lease is
-  given up and waiters are woken). The others block on ``BLMOVE`` of a signal list,
-  each wait capped at the lease's remaining PTTL, and re-read: no polling (dogpile's
-  distributed lock polls every 100 ms; cashews spins on SET NX). A wait that gets no
-  reply from Redis within its budget (Redis hung) computes without the cache.
+They implement ``__get__`` so that decorated methods bind like functions.
 
 Read-your-invalidations in this process: ``invalidate_tags()``, ``fn.invalidate()`` and
 ``fn.invalidate_all()`` detach the in-flight computations of what they invalidated, so a
@@ -29,91 +26,226 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import secrets
+import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Protocol
 
-from rcache._cache import BYPASS, Cache
-from rcache._config import BackendErrorPolicy
-from rcache._exceptions import LockNotAcquiredError, SerializationError
-from rcache._freshness import EARLY, EXPIRED, FRESH, STALE, Freshness, stamp_blob
+from rcache._breaker import CircuitBreaker
+from rcache._config import BackendErrorPolicy, CachedOptions
+from rcache._flow import AsyncDriver, SyncDriver
+from rcache._freshness import Freshness
 from rcache._keys import KeyBuilder, Template
-from rcache._serializers import Envelope, encode_envelope
+from rcache._leases import KeyLeases
+from rcache._policy import Guard
+from rcache._readthrough import (
+    Call,
+    Flight,
+    Host,
+    Mget,
+    ReadThrough,
+    delete,
+    load,
+    read_through,
+    refresh,
+)
 from rcache._typed import LazyTyped, TypedValues
 
-__all__ = ["AsyncCached", "CachedSpec", "SyncCached"]
+__all__ = [
+    "REFRESH_WORKERS",
+    "AsyncCached",
+    "CachedSpec",
+    "Owner",
+    "RefreshPool",
+    "SyncCached",
+]
 
 _UNBOUND: Any = object()
 #: what a cancelled leader hands its followers: "not an answer, fetch yourself"
 _LEADER_CANCELLED: Any = object()
-RefreshRunner = Callable[[Callable[[], Any]], Any]
+#: the most threads a Cache runs background refreshes on (sync functions)
+REFRESH_WORKERS = 4
 
 
-class _Flight:
-    """One in-process computation that concurrent callers of the same key share."""
+class RefreshPool:
+    """Runs background refreshes on at most ``workers`` daemon threads named
+    ``rcache-refresh``, started as jobs arrive and ended after ``idle`` seconds without
+    one. Jobs beyond the threads wait in a queue (each stale key has one job at most).
 
-    __slots__ = (
-        "detached",
-        "error",
-        "event",
-        "followers",
-        "future",
-        "result",
-        "stamp_keys",
-        "value",
-    )
+    Daemon threads, unlike a ``ThreadPoolExecutor``'s, never hold up the interpreter's
+    exit for a refresh nobody waits for. Safe across ``fork()``: a child starts its own.
+    """
 
-    def __init__(self, stamp_keys: list[str]) -> None:
-        self.stamp_keys = stamp_keys
-        # set by an invalidation: new callers no longer join, the result is not stored
-        self.detached = False
-        self.event: threading.Event | None = None
-        self.future: asyncio.Future[Any] | None = None
-        self.followers = 0  # callers waiting on this flight (observability, tests)
-        self.value: Any = None
-        self.error: BaseException | None = None
-        #: how the leader's call was counted ("hit", "miss", ...), None until it is
-        self.result: str | None = None
+    def __init__(self, workers: int = REFRESH_WORKERS, idle: float = 10.0) -> None:
+        self.workers = workers
+        self.idle = idle
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], object]] = deque()
+        self._threads = 0  # started and not yet ended
+        self._waiting = 0  # of which waiting for a job
+
+    @property
+    def threads(self) -> int:
+        """How many refresh threads run now."""
+        return self._threads
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Run ``job()`` on a refresh thread, as soon as one is free."""
+        if self._pid != os.getpid():
+            # forked: the parent's threads do not exist here, and its lock may have
+            # been held by one of them at the fork
+            self._reset()
+        with self._cond:
+            self._jobs.append(job)
+            if self._waiting:
+                self._cond.notify()
+            if len(self._jobs) > self._waiting and self._threads < self.workers:
+                self._threads += 1
+                threading.Thread(
+                    target=self._work, name="rcache-refresh", daemon=True
+                ).start()
+
+    def _work(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                if not self._jobs:
+                    self._waiting += 1
+                    cond.wait(self.idle)
+                    self._waiting -= 1
+                    if not self._jobs:  # idle for a while: end this thread
+                        self._threads -= 1
+                        return
+                job = self._jobs.popleft()
+            job()  # a refresh flow catches and logs its own errors
 
 
-@dataclass(eq=False)
+class Owner(Host, Protocol):
+    """What a decorated function reads of its Cache (a :class:`~rcache.Cache` is one)."""
+
+    prefix: str
+    default_ttl: float | None
+    on_backend_error: BackendErrorPolicy
+    breaker: CircuitBreaker
+    _driver: SyncDriver
+    _adriver: AsyncDriver
+    _leases: KeyLeases
+    _refresher: RefreshPool
+
+    def tag_key(self, tag: str) -> str: ...
+
+
 class CachedSpec:
-    cache: Cache
-    fn: Callable[..., Any]
-    keys: KeyBuilder
-    name: str
-    ttl: float
-    policy: BackendErrorPolicy
-    cache_none: bool
-    unless: Callable[[Any], bool] | None
-    on_unserializable: Literal["raise", "skip"]
-    freshness: Freshness = field(default_factory=lambda: Freshness(ttl=60.0))
-    tags: tuple[str, ...] = ()
-    stampede: bool = True
-    refresh_runner: RefreshRunner | None = None
-    #: decodes values as the return annotation says (rcache._typed), None if untyped
-    typed: TypedValues | LazyTyped | None = None
-    # state shared by all bindings of this function in this process
-    flights: dict[str, _Flight] = field(default_factory=dict)
-    flights_lock: threading.Lock = field(default_factory=threading.Lock)
-    refreshing: set[str] = field(default_factory=set)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    aflights: weakref.WeakKeyDictionary[
-        asyncio.AbstractEventLoop, dict[str, _Flight]
-    ] = field(default_factory=weakref.WeakKeyDictionary)
+    """One decorated function: its options, keys and flows' settings (:attr:`rt`, made
+    again when the Cache is configured), and this process's state, shared by every
+    binding of the function (in-flight computations, refreshes under way)."""
 
-    def __post_init__(self) -> None:
-        self._fn_stamp = self.cache.keyspace.function_stamp(self.name)
-        self._tag_has_fields = any("{" in t for t in self.tags)
+    def __init__(
+        self,
+        cache: Owner,
+        fn: Callable[..., Any],
+        options: CachedOptions,
+        keys: KeyBuilder,
+        *,
+        is_async: bool = False,
+        typed: TypedValues | LazyTyped | None = None,
+    ) -> None:
+        self.cache = cache
+        self.fn = fn
+        self.options = options
+        self.keys = keys
+        self.name = options.name or keys.name
+        self.typed = typed
+        self.hooks: _SyncHooks = _AsyncHooks(self) if is_async else _SyncHooks(self)
+        # in-process state: flights (single flight), refreshes under way, their tasks
+        self.flights: dict[str, Flight] = {}
+        self.flights_lock = threading.Lock()
+        #: the last event loop's flights: (weak reference to the loop, its flights)
+        self.last_aflights: tuple[Callable[[], Any], dict[str, Flight]] | None = None
+        self.refreshing: set[str] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.aflights: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, Flight]
+        ] = weakref.WeakKeyDictionary()
+        self._tag_has_fields = any("{" in t for t in options.tags)
         # fields encoded as in key templates: type-preserving, delimiter-safe (item 10)
-        self._tag_templates = [Template(t) for t in self.tags]
-        self._static_stamps = [self._fn_stamp] + [
-            self.cache.tag_key(t) for t in self.tags
+        self._tag_templates = [Template(t) for t in options.tags]
+        self.rt: ReadThrough
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Follow the Cache's current prefix, default ttl, policy and metrics sink."""
+        cache, o = self.cache, self.options
+        self.keys.rebase(cache.prefix)
+        ttl = o.ttl if o.ttl is not None else cache.default_ttl
+        if ttl is None:  # the default was taken away: keep the one decorated with
+            ttl = self.rt.freshness.ttl
+        policy = o.on_backend_error or cache.on_backend_error
+        name = self.name
+        self._fn_stamp = cache.keyspace.function_stamp(name)
+        self._static_stamps = [self._fn_stamp] + [cache.tag_key(t) for t in o.tags]
+        # per tag: (its stamp key, None) if it has no fields, else ("", the template)
+        self._tag_prefix = cache.keyspace.tag_prefix
+        self._tags: list[tuple[str, Template | None]] = [
+            ("", t) if t.fields else (cache.tag_key(t.template), None)
+            for t in self._tag_templates
         ]
+        self.delete_guard = Guard(name, "delete", policy)
+        self.rt = ReadThrough(
+            host=cache,
+            name=name,
+            fn=self.fn,
+            get=Guard(name, "get", policy),
+            put=Guard(name, "set", policy),
+            freshness=Freshness(
+                ttl=ttl,
+                beta=o.beta,
+                stale=o.stale,
+                stale_if_error=o.stale_if_error,
+                lease_ttl=o.lease_ttl,
+                wait=o.wait,
+                on_wait_timeout=o.on_wait_timeout,
+            ),
+            stampede=o.stampede,
+            cache_none=o.cache_none,
+            unless=o.unless,
+            on_unserializable=o.on_unserializable,
+            typed=self.typed,
+        )
+        cache.metrics.register_cache(name)
+
+    @property
+    def ttl(self) -> float:
+        return self.rt.freshness.ttl
+
+    @property
+    def freshness(self) -> Freshness:
+        return self.rt.freshness
+
+    @property
+    def policy(self) -> BackendErrorPolicy:
+        return self.rt.get.policy
+
+    def stamp_keys(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+        if not self._tag_has_fields:
+            return self._static_stamps
+        bound = self.keys.bind(args, kwargs)
+        prefix = self._tag_prefix
+        return [self._fn_stamp] + [
+            key if t is None else prefix + t.render(bound) for key, t in self._tags
+        ]
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return Call(
+            self.keys.build(args, kwargs), self.stamp_keys(args, kwargs), args, kwargs
+        )
 
     def detach(self, key: str | None = None, stamp_keys: Sequence[str] = ()) -> None:
         """Detach the in-flight computations of ``key``, or of any of ``stamp_keys``, or
@@ -142,110 +274,71 @@ class CachedSpec:
                         if aflights.get(k) is aflight:
                             del aflights[k]
 
-    # -- pure helpers -----------------------------------------------------------------
 
-    def stamp_keys(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-        if not self._tag_has_fields:
-            return self._static_stamps
-        bound = self.keys.bind(args, kwargs)
-        return [self._fn_stamp] + [
-            self.cache.tag_key(t.render(bound)) for t in self._tag_templates
-        ]
+class _SyncHooks:
+    """What the flows of a sync function ask of their mode (``_readthrough.Hooks``)."""
 
-    def entry(self, rows: Sequence[bytes | None]) -> Envelope | None:
-        """The envelope in ``rows`` (value, stamps...) if it is valid under the stamps."""
-        raw = rows[0]
-        if raw is None:
-            return None
-        typed = self.typed
-        env = self.cache._envelope(
-            self.name,
-            raw,
-            None if typed is None else typed.serializer(self.cache.serializer),
-        )
-        if env is None:
-            return None
-        stamps = rows[1:]
-        if any(s is None for s in stamps) or env.stamp != stamp_blob(stamps):  # type: ignore[arg-type]
-            return (
-                None  # invalidated (a stamp was deleted) or computed under old stamps
-            )
-        return env
+    __slots__ = ("spec",)
 
-    def encode(
-        self, value: Any, compute_time: float, stamps: Sequence[bytes]
-    ) -> bytes | None:
-        """Envelope bytes to store, or None when this result is not to be cached."""
-        if value is None and not self.cache_none:
-            return None
-        if self.unless is not None and self.unless(value):
-            return None
-        serializer = self.cache.serializer
-        if self.typed is not None:
-            serializer = self.typed.serializer(serializer)
-        try:
-            return encode_envelope(
-                serializer,
-                value,
-                compute_time=compute_time,
-                fresh_for=self.ttl,
-                stamp=stamp_blob(stamps),
-                now=self.cache._server_now(),  # Redis's clock, not ours (item 6)
-            )
-        except SerializationError as exc:
-            if self.on_unserializable == "skip":
-                self.cache.metrics.cache_error(
-                    self.name, "serialize", "SerializationError"
-                )
-                return None
-            raise SerializationError(
-                f"{self.name} returned a {type(value).__qualname__} that the "
-                f"{serializer.name} serializer cannot store ({exc}); return "
-                "plain data, choose another serializer, or pass on_unserializable='skip'"
-            ) from None
+    def __init__(self, spec: CachedSpec) -> None:
+        self.spec = spec
 
-    def detached(self, flight: _Flight | None) -> bool:
-        """Was this computation detached by an invalidation (then it must not store)?
-        Counted as cache_store.lua counts a write that an invalidation raced."""
-        if flight is None or not flight.detached:
-            return False
-        self.cache.metrics.cache_error(self.name, "set", "InvalidatedDuringLoad")
-        return True
+    def hold(self, lease_key: str, token: str, ttl: float, held: bool) -> Any:
+        return self.spec.cache._leases.add(lease_key, token, ttl, held)
 
-    def skipped(self) -> None:
-        """Count a call made while the breaker is open (raises under "raise")."""
-        self.cache._skipped(self.name, "get", self.policy)
-        self.cache.metrics.cache_get(self.name, "miss")
+    def drop(self, lease: Any) -> None:
+        self.spec.cache._leases.remove(lease)
 
-    def count(self, result: str, flight: _Flight | None = None) -> None:
-        """Count this call in ``cache_gets`` (exactly once per call: every path of a
-        decorated call ends in one ``count`` or one ``shared``); a single-flight leader
-        also records its result for the callers that share it."""
-        self.cache.metrics.cache_get(self.name, result)
-        if flight is not None:
-            flight.result = result
+    def refresh_later(self, call: Call) -> None:
+        spec = self.spec
+        with spec.flights_lock:
+            if call.key in spec.refreshing:
+                return
+            spec.refreshing.add(call.key)
+        rt, driver = spec.rt, spec.cache._driver
 
-    def shared(self, leader: str | None) -> None:
-        """Count a caller that got the value of a concurrent caller in this process.
+        def job() -> None:
+            try:
+                driver.drive(refresh(rt, call, self))
+            finally:
+                with spec.flights_lock:
+                    spec.refreshing.discard(call.key)
 
-        Sharing a hit (or a stale value) is still a hit (or stale): the value came from
-        Redis. Sharing a computation is "coalesced": the call neither found the value
-        nor ran the function (before, such callers were counted nowhere: 8 threads on a
-        cold key showed 1 miss).
-        """
-        result = leader if leader in ("hit", "stale") else "coalesced"
-        self.cache.metrics.cache_get(self.name, result)
+        runner = spec.options.refresh_runner
+        if runner is not None:
+            runner(job)
+        else:
+            spec.cache._refresher.submit(job)
 
-    def wait_timed_out(self, flight: _Flight | None = None) -> None:
-        """After a wait for another caller's computation timed out: raise under
-        ``on_wait_timeout="raise"`` (the call is counted as a miss), else return and
-        let the caller compute (and count itself)."""
-        if self.freshness.on_wait_timeout == "raise":
-            self.count("miss", flight)
-            raise LockNotAcquiredError(
-                f"{self.name}: another process is computing this entry and it did not "
-                f"arrive within wait={self.freshness.wait:g}s"
-            )
+
+class _AsyncHooks(_SyncHooks):
+    __slots__ = ()
+
+    def hold(self, lease_key: str, token: str, ttl: float, held: bool) -> Any:
+        # renewed on this loop, by its async client (a blocked loop loses its lease)
+        loop = asyncio.get_running_loop()
+        return self.spec.cache._leases.add(lease_key, token, ttl, held, loop=loop)
+
+    def refresh_later(self, call: Call) -> None:
+        spec = self.spec
+        if call.key in spec.refreshing:
+            return
+        spec.refreshing.add(call.key)
+        rt, adriver = spec.rt, spec.cache._adriver
+
+        async def job() -> None:
+            try:
+                await adriver.drive(refresh(rt, call, self))
+            finally:
+                spec.refreshing.discard(call.key)
+
+        runner = spec.options.refresh_runner
+        if runner is not None:
+            runner(job)
+        else:
+            task = asyncio.get_running_loop().create_task(job())
+            spec.tasks.add(task)  # keep a reference until done (asyncio docs)
+            task.add_done_callback(spec.tasks.discard)
 
 
 class _Base:
@@ -278,15 +371,24 @@ class SyncCached(_Base):
     __slots__ = ()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args = self._args(args)
+        if self._bound is not _UNBOUND:
+            args = (self._bound, *args)
         spec = self._spec
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
-            spec.skipped()
-            return self._compute(args, kwargs)[0]
+            rt = spec.rt
+            rt.skipped()
+            start = time.perf_counter()  # written out: this path is a budget of ~2 us
+            try:
+                value = spec.fn(*args, **kwargs)
+            except BaseException:
+                rt.loaded(start, "failure")
+                raise
+            rt.loaded(start, "success")
+            return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs)
-        if spec.stampede:
-            return self._single_flight(key, stamp_keys, args, kwargs)
+        if spec.rt.stampede:
+            return self._single_flight(Call(key, stamp_keys, args, kwargs))
         return self._fetch(key, stamp_keys, args, kwargs)
 
     def _fetch(
@@ -295,150 +397,56 @@ class SyncCached(_Base):
         stamp_keys: list[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        flight: _Flight | None = None,
+        flight: Flight | None = None,
     ) -> Any:
-        """Read; on a miss compute (under the cross-process lease if stampede=True)."""
         spec = self._spec
-        cache = spec.cache
-        got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
-        if got is BYPASS:
-            spec.count("miss", flight)
-            return self._compute(args, kwargs)[0]
-        now, rows = got
-        env = spec.entry(rows)
-        state = spec.freshness.classify(env, now)
-        if state == FRESH:
-            spec.count("hit", flight)
-            return env.value  # type: ignore[union-attr]
-        if state == EARLY:
-            spec.count("hit", flight)
-            return self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
-        if state == STALE:
-            spec.count("stale", flight)
-            self._refresh_in_background(key, stamp_keys, args, kwargs)
-            return env.value  # type: ignore[union-attr]
-        # counted by _load or _distributed, once the outcome is known (computed, shared
-        # with another process, or served stale because the computation failed)
-        fallback = env if state == EXPIRED else None
-        if not spec.stampede:
-            return self._load(
-                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
-            )
-        return self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
+        rt, cache = spec.rt, spec.cache
+        driver, clock = cache._driver, cache._clock
+        # The warm hit, written out: one MGET while Redis's clock is known, judged
+        # without starting a flow (a generator and its driver cost ~2 us here). Any
+        # other outcome continues in the flow with what was read: never read twice.
+        seen: Any = None
+        offset = clock.offset()
+        if offset is not None:
+            rows = driver.execute(Mget([key, *stamp_keys], rt.get))
+            fresh, seen = rt.hit(rows, clock.monotonic() + offset, flight)
+            if fresh:
+                return seen
+        call = Call(key, stamp_keys, args, kwargs)
+        return driver.drive(read_through(rt, call, spec.hooks, flight, seen))
 
-    # -- computing --------------------------------------------------------------------
-
-    def _compute(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, float]:
-        spec = self._spec
-        start = time.perf_counter()
-        try:
-            value = spec.fn(*args, **kwargs)
-        except BaseException:
-            spec.cache.metrics.cache_load(
-                spec.name, "failure", time.perf_counter() - start
-            )
-            raise
-        elapsed = time.perf_counter() - start
-        spec.cache.metrics.cache_load(spec.name, "success", elapsed)
-        return value, elapsed
-
-    def _load(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        claim: tuple[str, list[bytes]] | None,
-        fallback: Envelope | None,
-        *,
-        count: bool = False,
-        flight: _Flight | None = None,
-    ) -> Any:
-        """Compute and store. ``claim`` is (token, stamps) from cache_claim, if taken.
-
-        ``count``: this call is not counted yet (a miss, or stale if the computation
-        fails and ``fallback`` is served); early and background refreshes are counted
-        by their caller already.
-        """
-        spec = self._spec
-        cache = spec.cache
-        leased = claim is not None
-        if claim is None:
-            got = cache._claim(
-                key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
-            )
-            if got is BYPASS:
-                if count:
-                    spec.count("miss", flight)
-                return self._compute(args, kwargs)[0]
-            claim = (got[0], got[2])
-        token, stamps = claim
-        lease = cache._leases.add(
-            spec.cache.keyspace.lease(key), token, spec.freshness.lease_ttl, leased
-        )
-        try:
-            value, elapsed = self._compute(args, kwargs)
-        except BaseException as exc:
-            cache._leases.remove(lease)
-            cache._store(key, stamp_keys, token, b"", stamps, spec)  # give up the lease
-            if isinstance(exc, Exception) and spec.freshness.usable_on_error(
-                fallback, cache._server_now()
-            ):
-                if count:
-                    spec.count("stale", flight)
-                return fallback.value  # type: ignore[union-attr]
-            if count:
-                spec.count("miss", flight)
-            raise
-        cache._leases.remove(lease)
-        if count:
-            spec.count("miss", flight)
-        data = None
-        try:
-            if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
-                data = spec.encode(value, elapsed, stamps)
-        finally:
-            # every path gives up the lease, an unserializable result too: otherwise
-            # the next caller waits the whole lease (issue 14 item 8)
-            cache._store(key, stamp_keys, token, data or b"", stamps, spec)
-        return value
-
-    def _single_flight(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def _single_flight(self, call: Call) -> Any:
         """Concurrent callers of one key in this process share one read and compute.
 
         The flight is registered before the read, so a cold stampede sends one MGET per
         process, not one per caller; the Event is made only when a follower arrives.
         """
         spec = self._spec
+        key = call.key
         with spec.flights_lock:
             found = spec.flights.get(key)
-            leader = found is None
             if found is None:
-                flight = spec.flights[key] = _Flight(stamp_keys)
+                flight = spec.flights[key] = Flight(call.stamp_keys)
             else:
                 flight = found
                 flight.followers += 1
                 if flight.event is None:
                     flight.event = threading.Event()
-        if flight.event is not None and not leader:
-            if not flight.event.wait(spec.freshness.wait):
-                spec.wait_timed_out()
-                spec.count("miss")
-                return self._compute(args, kwargs)[0]
-            spec.shared(flight.result)
+        if found is not None:
+            rt = spec.rt
+            if not flight.event.wait(rt.freshness.wait):
+                rt.wait_timed_out()
+                rt.count("miss")
+                with rt.loading():
+                    return spec.fn(*call.args, **call.kwargs)
+            rt.shared(flight.result)
             if flight.error is not None:
                 raise flight.error
             return flight.value
         try:
-            flight.value = self._fetch(key, stamp_keys, args, kwargs, flight)
+            flight.value = self._fetch(
+                key, call.stamp_keys, call.args, call.kwargs, flight
+            )
             return flight.value
         except BaseException as exc:
             flight.error = exc
@@ -451,113 +459,11 @@ class SyncCached(_Base):
             if event is not None:
                 event.set()
 
-    def _distributed(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        fallback: Envelope | None,
-        flight: _Flight | None = None,
-    ) -> Any:
-        spec = self._spec
-        cache = spec.cache
-        token = secrets.token_hex(8)
-        deadline = time.monotonic() + spec.freshness.wait
-        while True:
-            got = cache._claim(key, stamp_keys, token, spec)
-            if got is BYPASS:
-                spec.count("miss", flight)
-                return self._compute(args, kwargs)[0]
-            claimed, pttl, stamps = got[1], got[3], got[2]
-            if claimed:
-                return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
-                    count=True, flight=flight,
-                )  # fmt: skip
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                spec.wait_timed_out(flight)
-                return self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
-                    count=True, flight=flight,
-                )  # fmt: skip
-            if not cache._wait_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
-                cache._hung(spec)  # raises under on_backend_error="raise"
-                spec.count("miss", flight)
-                return self._compute(args, kwargs)[0]
-            got = cache._read_raw([key, *stamp_keys], spec.name, spec.policy)
-            if got is BYPASS:
-                spec.count("miss", flight)
-                return self._compute(args, kwargs)[0]
-            env = spec.entry(got[1])
-            if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
-                # another process computed it while this call waited
-                spec.count("coalesced", flight)
-                return env.value  # type: ignore[union-attr]
-
-    def _early(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        env: Envelope,
-        flight: _Flight | None = None,
-    ) -> Any:
-        """XFetch chose this caller: recompute now if it wins the lease, else serve."""
-        spec = self._spec
-        token = secrets.token_hex(8)
-        got = spec.cache._claim(key, stamp_keys, token, spec)
-        if got is BYPASS or not got[1]:
-            return env.value
-        return self._load(
-            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
-        )
-
-    def _refresh_in_background(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        spec = self._spec
-        with spec.flights_lock:
-            if key in spec.refreshing:
-                return
-            spec.refreshing.add(key)
-
-        def job() -> None:
-            try:
-                token = secrets.token_hex(8)
-                got = spec.cache._claim(key, stamp_keys, token, spec)
-                if got is not BYPASS and got[1]:
-                    self._load(key, stamp_keys, args, kwargs, (token, got[2]), None)
-            except Exception as exc:  # a background refresh has no caller to raise to
-                spec.cache._log.warning(
-                    "refresh:" + spec.name,
-                    "rcache: background refresh of %s failed (%s); serving stale",
-                    spec.name,
-                    type(exc).__name__,
-                )
-            finally:
-                with spec.flights_lock:
-                    spec.refreshing.discard(key)
-
-        if spec.refresh_runner is not None:
-            spec.refresh_runner(job)
-        else:
-            threading.Thread(target=job, name="rcache-refresh", daemon=True).start()
-
-    # -- helpers ----------------------------------------------------------------------
-
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store the entry for these arguments; return the new value."""
-        args = self._args(args)
         spec = self._spec
-        key = spec.keys.build(args, kwargs)
-        return self._load(key, spec.stamp_keys(args, kwargs), args, kwargs, None, None)
+        call = spec.call(self._args(args), kwargs)
+        return spec.cache._driver.drive(load(spec.rt, call, spec.hooks))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there.
@@ -568,7 +474,8 @@ class SyncCached(_Base):
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         try:
-            return spec.cache._delete_raw(key, spec.name, spec.policy)
+            flow = delete([key], spec.delete_guard, spec.cache.metrics)
+            return bool(spec.cache._driver.drive(flow))
         finally:
             spec.detach(key=key)
 
@@ -576,7 +483,8 @@ class SyncCached(_Base):
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
         try:
-            return spec.cache._delete_raw(spec._fn_stamp, spec.name, spec.policy)
+            flow = delete([spec._fn_stamp], spec.delete_guard, spec.cache.metrics)
+            return bool(spec.cache._driver.drive(flow))
         finally:
             spec.detach()
 
@@ -599,15 +507,24 @@ class AsyncCached(_Base):
             self.__kwdefaults__ = getattr(spec.fn, "__kwdefaults__", None)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args = self._args(args)
+        if self._bound is not _UNBOUND:
+            args = (self._bound, *args)
         spec = self._spec
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
-            spec.skipped()
-            return (await self._compute(args, kwargs))[0]
+            rt = spec.rt
+            rt.skipped()
+            start = time.perf_counter()  # written out: this path is a budget of ~2 us
+            try:
+                value = await spec.fn(*args, **kwargs)
+            except BaseException:
+                rt.loaded(start, "failure")
+                raise
+            rt.loaded(start, "success")
+            return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs)
-        if spec.stampede:
-            return await self._single_flight(key, stamp_keys, args, kwargs)
+        if spec.rt.stampede:
+            return await self._single_flight(Call(key, stamp_keys, args, kwargs))
         return await self._fetch(key, stamp_keys, args, kwargs)
 
     async def _fetch(
@@ -616,280 +533,96 @@ class AsyncCached(_Base):
         stamp_keys: list[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        flight: _Flight | None = None,
+        flight: Flight | None = None,
     ) -> Any:
         spec = self._spec
-        cache = spec.cache
-        got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
-        if got is BYPASS:
-            spec.count("miss", flight)
-            return (await self._compute(args, kwargs))[0]
-        now, rows = got
-        env = spec.entry(rows)
-        state = spec.freshness.classify(env, now)
-        if state == FRESH:
-            spec.count("hit", flight)
-            return env.value  # type: ignore[union-attr]
-        if state == EARLY:
-            spec.count("hit", flight)
-            return await self._early(key, stamp_keys, args, kwargs, env, flight)  # type: ignore[arg-type]
-        if state == STALE:
-            spec.count("stale", flight)
-            self._refresh_in_background(key, stamp_keys, args, kwargs)
-            return env.value  # type: ignore[union-attr]
-        # counted by _load or _distributed, once the outcome is known (computed, shared
-        # with another process, or served stale because the computation failed)
-        fallback = env if state == EXPIRED else None
-        if not spec.stampede:
-            return await self._load(
-                key, stamp_keys, args, kwargs, None, fallback, count=True, flight=flight
-            )
-        return await self._distributed(key, stamp_keys, args, kwargs, fallback, flight)
+        rt, cache = spec.rt, spec.cache
+        adriver, clock = cache._adriver, cache._clock
+        seen: Any = None  # the warm hit without a flow: see SyncCached._fetch
+        offset = clock.offset()
+        if offset is not None:
+            rows = await adriver.execute(Mget([key, *stamp_keys], rt.get))
+            fresh, seen = rt.hit(rows, clock.monotonic() + offset, flight)
+            if fresh:
+                return seen
+        call = Call(key, stamp_keys, args, kwargs)
+        return await adriver.drive(read_through(rt, call, spec.hooks, flight, seen))
 
-    async def _compute(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, float]:
+    async def _single_flight(self, call: Call) -> Any:
         spec = self._spec
-        start = time.perf_counter()
-        try:
-            value = await spec.fn(*args, **kwargs)
-        except BaseException:
-            spec.cache.metrics.cache_load(
-                spec.name, "failure", time.perf_counter() - start
-            )
-            raise
-        elapsed = time.perf_counter() - start
-        spec.cache.metrics.cache_load(spec.name, "success", elapsed)
-        return value, elapsed
-
-    async def _load(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        claim: tuple[str, list[bytes]] | None,
-        fallback: Envelope | None,
-        *,
-        count: bool = False,
-        flight: _Flight | None = None,
-    ) -> Any:
-        spec = self._spec
-        cache = spec.cache
-        leased = claim is not None
-        if claim is None:
-            got = await cache._aclaim(
-                key, stamp_keys, secrets.token_hex(8), spec, take_lease=False
-            )
-            if got is BYPASS:
-                if count:
-                    spec.count("miss", flight)
-                return (await self._compute(args, kwargs))[0]
-            claim = (got[0], got[2])
-        token, stamps = claim
-        lease = cache._leases.add(  # renewed on this loop, by its async client
-            spec.cache.keyspace.lease(key),
-            token,
-            spec.freshness.lease_ttl,
-            leased,
-            loop=asyncio.get_running_loop(),
-        )
-        try:
-            value, elapsed = await self._compute(args, kwargs)
-        except BaseException as exc:
-            cache._leases.remove(lease)
-            # give up the lease; shielded so that a cancellation cannot stop the release
-            # half-way (the lease TTL bounds it if Redis cannot be reached)
-            await asyncio.shield(
-                cache._astore(key, stamp_keys, token, b"", stamps, spec)
-            )
-            if isinstance(exc, Exception) and spec.freshness.usable_on_error(
-                fallback, cache._server_now()
-            ):
-                if count:
-                    spec.count("stale", flight)
-                return fallback.value  # type: ignore[union-attr]
-            if count:
-                spec.count("miss", flight)
-            raise
-        cache._leases.remove(lease)
-        if count:
-            spec.count("miss", flight)
-        data = None
-        try:
-            if not spec.detached(flight):  # invalidated meanwhile: answer, don't store
-                data = spec.encode(value, elapsed, stamps)
-        finally:
-            # every path gives up the lease (item 8), shielded as above
-            await asyncio.shield(
-                cache._astore(key, stamp_keys, token, data or b"", stamps, spec)
-            )
-        return value
-
-    async def _single_flight(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        spec = self._spec
+        key = call.key
         loop = asyncio.get_running_loop()
-        flights = spec.aflights.get(loop)
-        if flights is None:
-            with spec.flights_lock:  # once per loop; detach() iterates the loops
-                flights = spec.aflights.setdefault(loop, {})
-        found: _Flight | None = flights.get(key)
+        # The last loop's flights first: a WeakKeyDictionary lookup is Python code. The
+        # loop is held weakly (a dead loop must not stay alive) and compared by
+        # identity (a recycled id() would hand a new loop a dead one's futures).
+        last = spec.last_aflights
+        if last is not None and last[0]() is loop:
+            flights = last[1]
+        else:
+            known = spec.aflights.get(loop)
+            if known is None:
+                with spec.flights_lock:  # once per loop; detach() iterates the loops
+                    known = spec.aflights.setdefault(loop, {})
+            flights = known
+            spec.last_aflights = (weakref.ref(loop), flights)
+        found = flights.get(key)
         if found is not None:
+            # the leader makes no future: the first follower does (one loop is one
+            # thread: the leader cannot finish between this check and its use)
             future = found.future
-            assert future is not None
+            if future is None:
+                future = found.future = loop.create_future()
             found.followers += 1
+            rt = spec.rt
             try:
                 value = await asyncio.wait_for(
-                    asyncio.shield(future), timeout=spec.freshness.wait
+                    asyncio.shield(future), timeout=rt.freshness.wait
                 )
             except asyncio.TimeoutError:
-                spec.wait_timed_out()
-                spec.count("miss")
-                return (await self._compute(args, kwargs))[0]
+                rt.wait_timed_out()
+                rt.count("miss")
+                with rt.loading():
+                    return await spec.fn(*call.args, **call.kwargs)
             except BaseException:
                 if future.done() and not future.cancelled():
-                    spec.shared(found.result)  # the leader's error, shared
+                    rt.shared(found.result)  # the leader's error, shared
                 raise
             if value is _LEADER_CANCELLED:
                 # the leader's task was cancelled, not ours: fetch for ourselves
-                return await self._single_flight(key, stamp_keys, args, kwargs)
-            spec.shared(found.result)
+                return await self._single_flight(call)
+            rt.shared(found.result)
             return value
-        flight = _Flight(stamp_keys)
-        future = flight.future = loop.create_future()
+        flight = Flight(call.stamp_keys)
         flights[key] = flight
         try:
-            value = await self._fetch(key, stamp_keys, args, kwargs, flight)
+            value = await self._fetch(
+                key, call.stamp_keys, call.args, call.kwargs, flight
+            )
         except asyncio.CancelledError:
-            if not future.done():
+            future = flight.future
+            if future is not None and not future.done():
                 future.set_result(_LEADER_CANCELLED)
             raise
         except BaseException as exc:
-            if not future.done():
+            future = flight.future
+            if future is not None and not future.done():
                 future.set_exception(exc)
                 future.exception()  # mark retrieved: no "never retrieved" warning
             raise
         else:
-            future.set_result(value)
+            future = flight.future
+            if future is not None:
+                future.set_result(value)
             return value
         finally:
             if flights.get(key) is flight:  # not a newer one (after a detach)
                 del flights[key]
 
-    async def _distributed(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        fallback: Envelope | None,
-        flight: _Flight | None = None,
-    ) -> Any:
-        spec = self._spec
-        cache = spec.cache
-        token = secrets.token_hex(8)
-        deadline = time.monotonic() + spec.freshness.wait
-        while True:
-            got = await cache._aclaim(key, stamp_keys, token, spec)
-            if got is BYPASS:
-                spec.count("miss", flight)
-                return (await self._compute(args, kwargs))[0]
-            claimed, pttl, stamps = got[1], got[3], got[2]
-            if claimed:
-                return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
-                    count=True, flight=flight,
-                )  # fmt: skip
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                spec.wait_timed_out(flight)
-                return await self._load(
-                    key, stamp_keys, args, kwargs, (token, stamps), fallback,
-                    count=True, flight=flight,
-                )  # fmt: skip
-            if not await cache._await_ready(key, min(remaining, pttl / 1000.0 + 0.005)):
-                cache._hung(spec)  # raises under on_backend_error="raise"
-                spec.count("miss", flight)
-                return (await self._compute(args, kwargs))[0]
-            got = await cache._aread_raw([key, *stamp_keys], spec.name, spec.policy)
-            if got is BYPASS:
-                spec.count("miss", flight)
-                return (await self._compute(args, kwargs))[0]
-            env = spec.entry(got[1])
-            if spec.freshness.classify(env, got[0]) in (FRESH, EARLY, STALE):
-                # another process computed it while this call waited
-                spec.count("coalesced", flight)
-                return env.value  # type: ignore[union-attr]
-
-    async def _early(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        env: Envelope,
-        flight: _Flight | None = None,
-    ) -> Any:
-        spec = self._spec
-        token = secrets.token_hex(8)
-        got = await spec.cache._aclaim(key, stamp_keys, token, spec)
-        if got is BYPASS or not got[1]:
-            return env.value
-        return await self._load(
-            key, stamp_keys, args, kwargs, (token, got[2]), env, flight=flight
-        )
-
-    def _refresh_in_background(
-        self,
-        key: str,
-        stamp_keys: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        spec = self._spec
-        if key in spec.refreshing:
-            return
-        spec.refreshing.add(key)
-
-        async def job() -> None:
-            try:
-                token = secrets.token_hex(8)
-                got = await spec.cache._aclaim(key, stamp_keys, token, spec)
-                if got is not BYPASS and got[1]:
-                    await self._load(
-                        key, stamp_keys, args, kwargs, (token, got[2]), None
-                    )
-            except Exception as exc:
-                spec.cache._log.warning(
-                    "refresh:" + spec.name,
-                    "rcache: background refresh of %s failed (%s); serving stale",
-                    spec.name,
-                    type(exc).__name__,
-                )
-            finally:
-                spec.refreshing.discard(key)
-
-        if spec.refresh_runner is not None:
-            spec.refresh_runner(job)
-        else:
-            task = asyncio.get_running_loop().create_task(job())
-            spec.tasks.add(task)  # keep a reference until done (asyncio docs)
-            task.add_done_callback(spec.tasks.discard)
-
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Recompute and store the entry for these arguments; return the new value."""
-        args = self._args(args)
         spec = self._spec
-        key = spec.keys.build(args, kwargs)
-        return await self._load(
-            key, spec.stamp_keys(args, kwargs), args, kwargs, None, None
-        )
+        call = spec.call(self._args(args), kwargs)
+        return await spec.cache._adriver.drive(load(spec.rt, call, spec.hooks))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the entry for these arguments; True if one was there (see the sync
@@ -897,7 +630,8 @@ class AsyncCached(_Base):
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         try:
-            return await spec.cache._adelete_raw(key, spec.name, spec.policy)
+            flow = delete([key], spec.delete_guard, spec.cache.metrics)
+            return bool(await spec.cache._adriver.drive(flow))
         finally:
             spec.detach(key=key)
 
@@ -905,6 +639,7 @@ class AsyncCached(_Base):
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
         try:
-            return await spec.cache._adelete_raw(spec._fn_stamp, spec.name, spec.policy)
+            flow = delete([spec._fn_stamp], spec.delete_guard, spec.cache.metrics)
+            return bool(await spec.cache._adriver.drive(flow))
         finally:
             spec.detach()

@@ -488,6 +488,15 @@ class Template:
             for literal, name, spec, conv in self._formatter.parse(template)
         ]
         self.fields = [p[1] for p in self._parts if p[1] is not None]
+        #: the rendered text when the template has no field (render() returns it)
+        self.fixed: str | None = None if self.fields else template
+        # fields that are plain parameter names, without conversion or format spec:
+        # render() reads them from the bound arguments directly (the common case)
+        self._plain = all(
+            plain and conv is None and not spec
+            for _, name, plain, conv, spec in self._parts
+            if name is not None
+        )
 
     def check(self, what: str) -> None:
         """Refuse a field followed by something that could continue it."""
@@ -505,6 +514,16 @@ class Template:
                 )
 
     def render(self, bound: Mapping[str, Any]) -> str:
+        """The template with each field's value encoded (see the module docstring)."""
+        if self.fixed is not None:
+            return self.fixed
+        if self._plain:
+            return "".join(
+                [
+                    literal if name is None else literal + template_field(bound[name])
+                    for literal, name, _, _, _ in self._parts
+                ]
+            )
         out = []
         for literal, name, plain, conv, spec in self._parts:
             out.append(literal)
@@ -579,6 +598,12 @@ class KeyBuilder:
     its defaults (:meth:`bind`) and encode them as rcache does (:meth:`encode_args`).
     """
 
+    #: strs that canonical JSON writes as '"' + s + '"' and that stay within _SAFE:
+    #: printable ASCII other than space, '"' and backslash (build()'s fast path)
+    _VERBATIM = re.compile(r"[!#-\[\]-~]*\Z")
+    #: canonical JSON, built once (json.dumps with these options builds one per call)
+    _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
     def __init__(
         self,
         fn: Callable[..., Any],
@@ -638,6 +663,10 @@ class KeyBuilder:
                 f"key= must be a template string like 'user:{{user_id}}' or a callable, "
                 f"got {type(key).__name__}"
             )
+        # build()'s fast path (_fast) applies to calls that give every parameter
+        # positionally, for default keys with nothing ignored; -1: never
+        fast = key is None and self._simple and not self.ignore
+        self._arity = len(params) if fast and self._n_positional == len(params) else -1
 
     def rebase(self, prefix: str | KeySpace) -> None:
         """Build keys under ``prefix``, or in a :class:`KeySpace` (a Cache's, with slot
@@ -691,12 +720,60 @@ class KeyBuilder:
 
     def build(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """The Redis key of one call."""
+        if len(args) == self._arity and not kwargs:
+            key = self._fast(args)
+            if key is not None:
+                return key
         if self._key_fn is not None:
             return self._explicit_prefix + str(self._key_fn(*args, **kwargs))
         bound = self.bind(args, kwargs)
         if self._template is not None:
             return self._explicit_prefix + self._template.render(bound)
         return self._key_prefix + self.encode_args(bound)
+
+    def _fast(self, args: tuple[Any, ...]) -> str | None:
+        """The key of ``args`` when every one is an int, a short plain str, a bool or
+        None (the common ``get_user(42)``), written as :meth:`encode_args` would write
+        it, without binding or JSON; None for anything else (then build() does it all).
+        """
+        scalar = self._scalar
+        if len(args) == 1:  # the most common shape, without a list and a join
+            text = scalar(args[0])
+            if text is None:
+                return None
+            text = "[" + text + "]"
+        else:
+            parts = []
+            for value in args:
+                part = scalar(value)
+                if part is None:
+                    return None
+                parts.append(part)
+            text = "[" + ",".join(parts) + "]"
+        if len(text) > _MAX_PLAIN:
+            return None  # hashed: the general path
+        return self._key_prefix + text
+
+    @staticmethod
+    def _scalar(value: Any) -> str | None:
+        """Canonical JSON of an int, a plain ASCII str, a bool or None, as
+        :meth:`encode_args` writes it (``json.dumps(int)`` is ``int.__repr__``); None
+        for anything else."""
+        t = type(value)
+        if t is int:
+            # a longer int cannot fit _MAX_PLAIN anyway, and str() refuses ints beyond
+            # sys.get_int_max_str_digits(): both are the general path's
+            return str(value) if value.bit_length() <= 256 else None
+        if t is str:
+            # escapes, spaces or non-ASCII: left to JSON and _SAFE
+            return '"' + value + '"' if KeyBuilder._VERBATIM.match(value) else None
+        if value is None:
+            return "null"
+        if value is True:
+            return "true"
+        if value is False:
+            return "false"
+        return None
 
     def value_key(self, bound: Mapping[str, Any]) -> str:
         """The value key of bound arguments, ignoring ``key=`` (batch entries)."""
@@ -734,9 +811,7 @@ class KeyBuilder:
                     f"{exc.args[0].__qualname__}; write ignore=({name!r},), give the class "
                     "a __rcache_key__() method, or pass key="
                 ) from None
-        text = json.dumps(
-            values, separators=(",", ":"), sort_keys=True, ensure_ascii=False
-        )
+        text = self._JSON.encode(values)
         if len(text) <= _MAX_PLAIN and _SAFE.issuperset(text):
             return text
         return "h:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -180,8 +180,9 @@ def cached_info(fn: Any) -> CachedInfo | None:
     if not isinstance(fn, (SyncCached, AsyncCached)):
         return None
     spec = fn._spec
+    cache = cast("Cache", spec.cache)  # a spec knows its Cache by a protocol only
     return CachedInfo(
-        spec.name, spec.fn, spec.cache, float(spec.ttl), isinstance(fn, AsyncCached)
+        spec.name, spec.fn, cache, float(spec.ttl), isinstance(fn, AsyncCached)
     )
 
 

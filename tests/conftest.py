@@ -7,8 +7,10 @@ RCACHE_ALLOW_SKIP=1 to skip Redis tests instead.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -90,3 +92,50 @@ async def cache(redis_url: str) -> AsyncIterator[rcache.Cache]:
     yield c
     await c.aclose()
     c.close()
+
+
+class Mode:
+    """One behaviour test, run in sync and in async mode (the ``mode`` fixture).
+
+    Write the function once as a plain ``def`` and decorate it with
+    ``mode.cached(cache, ...)``: in async mode it becomes an ``async def`` with the same
+    name and signature. Call anything that is sync in one mode and a coroutine in the
+    other with ``await mode(fn, *args)`` (``f``, ``f.refresh``, ``f.invalidate``...).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_async = name == "async"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def cached(self, cache: rcache.Cache, **options: Any) -> Callable[[Any], Any]:
+        def decorate(body: Callable[..., Any]) -> Any:
+            if not self.is_async:
+                return cache.cached(**options)(body)
+
+            @functools.wraps(body)
+            async def twin(*args: Any, **kwargs: Any) -> Any:
+                return body(*args, **kwargs)
+
+            return cache.cached(**options)(twin)
+
+        return decorate
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        return await result if self.is_async else result
+
+    async def close(self, cache: rcache.Cache) -> None:
+        """Close the clients of this mode (async: this event loop's)."""
+        if self.is_async:
+            await cache.aclose()
+        else:
+            cache.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> Mode:
+    """Run the test once with sync functions and once with ``async def`` ones."""
+    return Mode(request.param)

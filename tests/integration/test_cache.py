@@ -65,31 +65,18 @@ def test_ttl_is_set_in_redis(cache: rcache.Cache, redis_client: redis.Redis) -> 
     assert 29_000 < pttl <= 30_000
 
 
-def test_refresh_recomputes(cache: rcache.Cache) -> None:
+async def test_refresh_recomputes(cache: rcache.Cache, mode: Any) -> None:
     n = {"v": 0}
 
-    @cache.cached(ttl=60)
+    @mode.cached(cache, ttl=60)
     def f() -> int:
         n["v"] += 1
         return n["v"]
 
-    assert f() == 1
-    assert f() == 1
-    assert f.refresh() == 2
-    assert f() == 2
-
-
-async def test_async_refresh(cache: rcache.Cache) -> None:
-    n = {"v": 0}
-
-    @cache.cached(ttl=60)
-    async def f() -> int:
-        n["v"] += 1
-        return n["v"]
-
-    assert await f() == 1
-    assert await f.refresh() == 2
-    assert await f() == 2
+    assert await mode(f) == 1
+    assert await mode(f) == 1
+    assert await mode(f.refresh) == 2
+    assert await mode(f) == 2
 
 
 def test_none_is_cached_and_opt_outs(cache: rcache.Cache) -> None:

@@ -129,47 +129,32 @@ def test_refresh_runner_is_pluggable(cache: rcache.Cache) -> None:
     assert f() != first
 
 
-def test_stale_if_error_sync(cache: rcache.Cache) -> None:
+async def test_stale_if_error(cache: rcache.Cache, mode: Any) -> None:
     fail = {"on": False}
 
-    @cache.cached(ttl=0.2, stale_if_error=30)
+    @mode.cached(cache, ttl=0.2, stale_if_error=30)
     def f() -> str:
         if fail["on"]:
             raise ConnectionError("database down")
         return "good"
 
-    assert f() == "good"
+    assert await mode(f) == "good"
     fail["on"] = True
     wait_past_fresh(cache, f.key_for())
-    assert f() == "good"  # served from the last value, error swallowed
+    assert await mode(f) == "good"  # served from the last value, error swallowed
 
-    @cache.cached(ttl=0.2)
+    @mode.cached(cache, ttl=0.2)
     def g() -> str:
         if fail["on"]:
             raise ConnectionError("database down")
         return "good"
 
     fail["on"] = False
-    g()
+    await mode(g)
     fail["on"] = True
     wait_until(lambda: cache._sync.client.get(g.key_for()) is None, timeout=10)
     with pytest.raises(ConnectionError):
-        g()
-
-
-async def test_stale_if_error_async(cache: rcache.Cache) -> None:
-    fail = {"on": False}
-
-    @cache.cached(ttl=0.2, stale_if_error=30)
-    async def f() -> str:
-        if fail["on"]:
-            raise ConnectionError("down")
-        return "good"
-
-    assert await f() == "good"
-    fail["on"] = True
-    wait_past_fresh(cache, f.key_for())
-    assert await f() == "good"
+        await mode(g)
 
 
 def test_early_refresh_recomputes_before_expiry(cache: rcache.Cache) -> None:
@@ -453,3 +438,40 @@ async def test_cancelled_leader_does_not_cancel_its_followers(
         await leader
     assert await asyncio.wait_for(follower, 10) == 7  # fetched for itself
     assert len(calls) == 2
+
+
+def test_many_stale_keys_refresh_on_a_bounded_number_of_threads(
+    cache: rcache.Cache,
+) -> None:
+    """50 keys going stale together start at most REFRESH_WORKERS refresh threads
+    (before: one thread per stale key), and every key is still refreshed."""
+    from rcache._decorated import REFRESH_WORKERS
+
+    version = {"v": 1}
+    gate = threading.Event()
+
+    @cache.cached(ttl=0.3, stale=30)
+    def f(x: int) -> int:
+        if version["v"] > 1:
+            gate.wait(10)  # hold the refreshes so that they pile up
+        return version["v"] * 1000 + x
+
+    for x in range(50):
+        assert f(x) == 1000 + x
+    wait_past_fresh(cache, f.key_for(49))
+    version["v"] = 2
+    before = {t for t in threading.enumerate() if t.name == "rcache-refresh"}
+    for x in range(50):
+        assert f(x) == 1000 + x  # stale: served at once, one refresh queued per key
+    started = [
+        t
+        for t in threading.enumerate()
+        if t.name == "rcache-refresh" and t not in before
+    ]
+    assert 1 <= len(started) <= REFRESH_WORKERS
+    gate.set()
+    wait_until(
+        lambda: all(f(x) == 2000 + x for x in range(50)),
+        timeout=15,
+        message="every stale key refreshed",
+    )
