@@ -400,20 +400,6 @@ class Cache(LockMixin, TransactionMixin):
         """True on Redis Cluster (``redis+cluster://`` or a RedisCluster client)."""
         return self._spec.cluster
 
-    def _refuse_on_cluster(self, what: str) -> None:
-        # Every @cached entry reads its value and its version stamps (function, tags)
-        # in one MGET and claims/stores them in one Lua script: keys in different hash
-        # slots, which Redis Cluster refuses (CROSSSLOT). Until entries carry slot
-        # groups (issue 15), refuse at decoration rather than fail on every call.
-        if self._spec.cluster:
-            raise ConfigurationError(
-                f"{what} is not supported on Redis Cluster yet: its entries span hash "
-                "slots (value, version stamps, tags, stampede lease). On a cluster use "
-                "explicit cache.get/set/delete, locks and one-slot transactions, or "
-                "point this Cache at one primary (redis://) or a Sentinel set "
-                "(redis+sentinel://)"
-            )
-
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
         undecodable(self.metrics, self._log, name, exc)
 
@@ -568,8 +554,9 @@ class Cache(LockMixin, TransactionMixin):
     # -- batches: one round trip each ---------------------------------------------------
 
     def _mget(self, client: Any, keys: list[str]) -> Any:
-        # On a cluster, get_many's keys span slots: redis-py splits the read per slot
-        # (not atomic; a hit path needing atomicity is refused on clusters anyway).
+        # On a cluster, get_many's keys span slots: redis-py splits the read into one
+        # MGET per slot (explicit keys of one slot group share one), pipelined per
+        # node; not atomic across slots, as explicit keys need not be.
         return client.mget_nonatomic(keys) if self._spec.cluster else client.mget(keys)
 
     def _get_many_flow(self, keys: Iterable[str]) -> Flow[dict[str, Any]]:
@@ -896,7 +883,6 @@ class Cache(LockMixin, TransactionMixin):
             raise ConfigurationError(
                 f"cache.cached() takes a function, got {type(fn).__name__}: {hint}"
             )
-        self._refuse_on_cluster("@cache.cached")
         if ttl is None:
             self._ttl(None)  # no default either: say how to give one
         options = CachedOptions.build(
@@ -938,7 +924,7 @@ class Cache(LockMixin, TransactionMixin):
             )
         keys = KeyBuilder(
             func,
-            prefix=self.prefix,
+            prefix=self.keyspace,
             key=options.key,
             ignore=options.ignore,
             name=options.name,
@@ -970,7 +956,6 @@ class Cache(LockMixin, TransactionMixin):
         id's key. Ids the function leaves out of its result are not cached. The wrapper
         has ``invalidate(ids)``, ``invalidate_all()`` and ``keys_for(ids)``.
         """
-        self._refuse_on_cluster("@cache.cached_batch")
         seconds = self._ttl(ttl)
         if on_backend_error is not None:
             check_policy(on_backend_error)

@@ -10,23 +10,40 @@ The rules (which group an entry is in, how its keys are tagged) are pure and liv
   sends to every node before it reads a reply). A failure may have deleted some copies
   and not others, so it raises whatever ``on_backend_error`` says: a bypassed partial
   invalidation would leave the entries of the missed groups valid without a word.
+* :func:`batch`: ``@cache.cached_batch`` with its ids split by group: one MGET per
+  group (the group's function stamp and its entries), one claim per group missing its
+  stamp and one ``cache_store_many`` per group, each step pipelined per node.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from rcache._cache_protocol import CACHE_CLAIM, CACHE_STORE_MANY
 from rcache._exceptions import (
     BackendError,
     BackendUnavailableError,
     ConfigurationError,
 )
-from rcache._flow import Flow, Run
-from rcache._policy import Guard
+from rcache._flow import AsyncDriver, Command, Compute, Eval, Flow, Run, SyncDriver
+from rcache._metrics import MetricsSink
+from rcache._policy import BYPASS, Guard
+from rcache._readthrough import Batch
+from rcache._redis import LuaScript
 
-__all__ = ["GroupsRecord", "delete_each", "describe", "invalidate"]
+__all__ = [
+    "EvalEach",
+    "GroupsRecord",
+    "batch",
+    "delete_each",
+    "describe",
+    "invalidate",
+    "mget_each",
+]
 
 
 class GroupsRecord:
@@ -96,10 +113,15 @@ def delete_each(client: Any, keys: Sequence[str]) -> Any:
 
 
 def invalidate(
-    copies: Sequence[Sequence[str]], guard: Guard, what: str, groups: int
+    copies: Sequence[Sequence[str]],
+    guard: Guard,
+    what: str,
+    groups: int,
+    metrics: MetricsSink | None = None,
 ) -> Flow[int]:
     """Delete every copy of each stamp (``copies``: one list per function or tag);
-    how many had at least one. Any failure raises (see the module docstring).
+    how many had at least one (each counted as a removal if ``metrics`` is given). Any
+    failure raises (see the module docstring).
 
     :param guard: names the metric; its policy is not followed (always "raise").
     :param what: what is invalidated, for the error message (``"tag 'user:1'"``).
@@ -128,6 +150,9 @@ def invalidate(
         end = start + len(stamp)
         found += any(int(n) for n in replies[start:end])
         start = end
+    if metrics is not None:
+        for _ in range(found):
+            metrics.cache_removal(guard.name)
     return found
 
 
@@ -135,3 +160,123 @@ def describe(kind: str, names: Sequence[str]) -> str:
     """``"tag 'a'"``, ``"tags 'a', 'b'"``: what an invalidation is of, for messages."""
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     return f"{kind}{'s' if len(names) > 1 else ''} {shown}"
+
+
+def mget_each(client: Any, reads: Sequence[Sequence[str]]) -> Any:
+    """One ``MGET`` per list of keys (each list in one slot), pipelined per node."""
+    pipe = client.pipeline()
+    for keys in reads:
+        pipe.execute_command("MGET", *keys)
+    return pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class EvalEach(Command):
+    """A Lua script once per ``(keys, args)``, pipelined per node (``LuaScript.each``):
+    the replies in order."""
+
+    script: LuaScript
+    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    guard: Guard | None = None
+
+    def run(self, driver: SyncDriver) -> Any:
+        script, calls = self.script, self.calls
+        return driver.redis.run(lambda c: script.each(c, calls))
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        script, calls = self.script, self.calls
+        return await driver.redis.run(lambda c: script.aeach(c, calls))
+
+
+def _eval(command: Command) -> Eval:
+    # Batch builds its script calls as Eval commands; here their KEYS and ARGV go
+    # into one pipeline with the other groups'
+    assert isinstance(command, Eval)
+    return command
+
+
+def batch(
+    part: Callable[[int], Batch],
+    ids: list[Any],
+    bound: dict[str, Any],
+    keys: list[str],
+    group_of: Callable[[str], int | None],
+) -> Flow[dict[Any, Any]]:
+    """A call of a batch function on a cluster (``_readthrough.batch`` split by slot
+    group): present entries in one pipelined read, the function called once with every
+    missing id, their results stored per group (each group's store rejected if
+    ``invalidate_all`` raced the computation). ``part(g)`` is the function's settings
+    with group ``g``'s stamp. Returns ``{id: value}``."""
+    if not ids:
+        return {}
+    members: dict[int, list[int]] = {}  # group -> positions in ids
+    for i, key in enumerate(keys):
+        group = group_of(key)
+        assert group is not None  # a value key of a grouped KeySpace
+        members.setdefault(group, []).append(i)
+    groups = list(members)
+    parts = {g: part(g) for g in groups}
+    head = parts[groups[0]]
+    clock = head.host._clock
+    stamps: dict[int, bytes | None] = {}
+    found: dict[Any, Any] = {}
+    missing: list[Any] = []
+    reply: Any = BYPASS
+    offset = clock.offset()
+    if offset is None:  # Redis's clock, from any node (they share the host's clock)
+        now_reply = yield Run(lambda c: c.time(), head.get)
+        if now_reply is not BYPASS:
+            clock.saw(int(now_reply[0]) * 1_000_000 + int(now_reply[1]))
+            offset = clock.offset()
+    if offset is not None:
+        reads = [[parts[g].fn_stamp, *(keys[i] for i in members[g])] for g in groups]
+        reply = yield Run(lambda c: mget_each(c, reads), head.get)
+    if reply is BYPASS:  # without Redis: compute all, store nothing
+        missing = list(ids)
+    else:
+        now = clock.monotonic() + (offset or 0.0)
+        for g, rows in zip(groups, reply, strict=True):
+            got, lost = parts[g].split([ids[i] for i in members[g]], now, rows)
+            found.update(got)
+            missing.extend(lost)
+            if lost:
+                stamps[g] = rows[0]
+        if not missing:
+            return found
+        unstamped = [g for g, stamp in stamps.items() if stamp is None]
+        if unstamped:  # no stamp yet: create the groups' copies to store under
+            claims = [_eval(parts[g].stamp_claim()) for g in unstamped]
+            got = yield EvalEach(
+                CACHE_CLAIM.script, [(c.keys, c.args) for c in claims], head.get
+            )
+            if got is not BYPASS:
+                for g, r in zip(unstamped, got, strict=True):
+                    stamps[g] = parts[g].claimed(r).stamps[0]
+    start = time.perf_counter()
+    computed = head.check_result(
+        (yield Compute(head.fn, (), {**bound, head.ids_param: missing}))
+    )
+    elapsed = time.perf_counter() - start
+    head.host.metrics.cache_load(head.name, "success", elapsed)
+    stores = [
+        _eval(
+            parts[g].store(
+                [ids[i] for i in members[g]],
+                [keys[i] for i in members[g]],
+                computed,
+                stamp,
+                elapsed,
+            )
+        )
+        for g, stamp in stamps.items()
+        if stamp is not None
+    ]
+    stores = [c for c in stores if c.keys[1:]]  # groups with something to store
+    if stores and computed:
+        n = yield EvalEach(
+            CACHE_STORE_MANY.script, [(c.keys, c.args) for c in stores], head.put
+        )
+        if n is not BYPASS:
+            for _ in range(sum(CACHE_STORE_MANY.parse(x) for x in n)):
+                head.host.metrics.cache_put(head.name)
+    return {**found, **{i: computed[i] for i in missing if i in computed}}

@@ -1117,6 +1117,54 @@ class LuaScript:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def _queue(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> Any:
+        pipe = client.pipeline()
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        return pipe
+
+    @staticmethod
+    def _failed(replies: Sequence[Any]) -> list[int]:
+        """The calls that met NOSCRIPT (their node lost the script), or raise the
+        first other error."""
+        missing = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, rex.NoScriptError):
+                missing.append(i)
+            elif isinstance(reply, Exception):
+                raise reply
+        return missing
+
+    def each(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run the script once per ``(keys, args)`` in one pipeline: on a cluster, one
+        round trip per node, all nodes at once. The calls that met NOSCRIPT run again
+        after SCRIPT LOAD (which a cluster client sends to every primary)."""
+        replies = list(self._queue(client, calls).execute(raise_on_error=False))
+        missing = self._failed(replies)
+        if missing:
+            client.script_load(self.source)
+            again = self._queue(client, [calls[i] for i in missing]).execute()
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def aeach(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """Async twin of :meth:`each`."""
+        replies = list(await self._queue(client, calls).execute(raise_on_error=False))
+        missing = self._failed(replies)
+        if missing:
+            await client.script_load(self.source)
+            again = await self._queue(client, [calls[i] for i in missing]).execute()
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
 
 def command_within(
     client: redis.Redis,
