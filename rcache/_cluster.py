@@ -33,16 +33,14 @@ from rcache._flow import AsyncDriver, Command, Compute, Eval, Flow, Run, SyncDri
 from rcache._metrics import MetricsSink
 from rcache._policy import BYPASS, Guard
 from rcache._readthrough import Batch
-from rcache._redis import LuaScript
+from rcache._redis import LuaScript, delete_each, mget_each
 
 __all__ = [
     "EvalEach",
     "GroupsRecord",
     "batch",
-    "delete_each",
     "describe",
     "invalidate",
-    "mget_each",
 ]
 
 
@@ -103,15 +101,6 @@ class GroupsRecord:
         )
 
 
-def delete_each(client: Any, keys: Sequence[str]) -> Any:
-    """``DEL`` of each key (they span slots), pipelined per node: the replies in order
-    (a list, or an awaitable of one with an asyncio cluster client)."""
-    pipe = client.pipeline()
-    for key in keys:
-        pipe.execute_command("DEL", key)
-    return pipe.execute()
-
-
 def invalidate(
     copies: Sequence[Sequence[str]],
     guard: Guard,
@@ -160,14 +149,6 @@ def describe(kind: str, names: Sequence[str]) -> str:
     """``"tag 'a'"``, ``"tags 'a', 'b'"``: what an invalidation is of, for messages."""
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     return f"{kind}{'s' if len(names) > 1 else ''} {shown}"
-
-
-def mget_each(client: Any, reads: Sequence[Sequence[str]]) -> Any:
-    """One ``MGET`` per list of keys (each list in one slot), pipelined per node."""
-    pipe = client.pipeline()
-    for keys in reads:
-        pipe.execute_command("MGET", *keys)
-    return pipe.execute()
 
 
 @dataclass(frozen=True, slots=True)
