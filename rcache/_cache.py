@@ -10,8 +10,15 @@ from __future__ import annotations
 import inspect
 import secrets
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar, cast, overload
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, overload
 
 import redis
 import redis.asyncio
@@ -33,11 +40,14 @@ from rcache._breaker import CircuitBreaker
 from rcache._cache_protocol import CACHE_RENEW
 from rcache._cluster import GroupsRecord, describe, invalidate
 from rcache._config import (
+    TX_MAX_TIME,
+    TX_RETRIES,
     BackendErrorPolicy,
     BreakerPolicy,
     CachedOptions,
     Duration,
     RetryPolicy,
+    TxOptions,
     check_policy,
     parse_duration,
     ttl_ms,
@@ -51,7 +61,18 @@ from rcache._exceptions import (
 from rcache._flow import AsyncDriver, Flow, Run, SyncDriver
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import KeyLeases
-from rcache._lock import LockMixin
+from rcache._lock import (
+    Lock,
+    LockedDecorator,
+    LockedKwargs,
+    LockKwargs,
+    RWLock,
+    Semaphore,
+    make_lock,
+    make_locked,
+    make_rwlock,
+    make_semaphore,
+)
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._metrics import InMemoryMetrics, MetricsSink
 from rcache._policy import BYPASS, MISSING, Failures, Guard
@@ -72,9 +93,19 @@ from rcache._serializers import (
     resolve_serializer,
 )
 from rcache._slots import DEFAULT_GROUPS, check_groups
-from rcache._transaction import TransactionMixin
+from rcache._transaction import (
+    Script,
+    TransactionStats,
+    transaction_flow,
+    update_flow,
+)
 from rcache._typed import caller_namespace, typed_values
 from rcache._types import AsyncCachedFunction, CachedFunction, P, R
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline as AsyncPipeline
+    from redis.client import Pipeline
+    from typing_extensions import Unpack
 
 __all__ = ["BYPASS", "Cache"]
 
@@ -90,9 +121,10 @@ class _CachedDecorator(Protocol):
 
 
 F = TypeVar("F")
+V = TypeVar("V")
 
 
-class Cache(LockMixin, TransactionMixin):
+class Cache:
     """A Redis-backed cache for sync and async code.
 
     :param url: ``redis://``, ``rediss://``, ``unix://`` or ``memory://`` (embedded,
@@ -421,7 +453,8 @@ class Cache(LockMixin, TransactionMixin):
 
     # -- explicit operations ----------------------------------------------------------
 
-    # _key(key): the full Redis key of an explicit key, one of these two (see _apply)
+    #: the full Redis key of an explicit key: one of the two below (set in _apply)
+    _key: Callable[[str], str]
 
     def _plain_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
@@ -688,6 +721,162 @@ class Cache(LockMixin, TransactionMixin):
         if isinstance(self._lock_cache, Cache):
             await self._lock_cache.aclose()
 
+    # -- transactions and scripts (rcache._transaction) -------------------------------
+
+    def transaction(
+        self,
+        fn: Callable[[Pipeline], object],
+        *,
+        watch: Sequence[str | bytes] = (),
+        retries: int = TX_RETRIES,
+        max_time: Duration = TX_MAX_TIME,
+        prefixed: bool = False,
+        stats: TransactionStats | None = None,
+    ) -> list[Any]:
+        """Run ``fn(pipe)`` as an optimistic transaction; return EXEC's replies.
+
+        ``pipe`` is a redis-py pipeline already WATCHing ``watch``. ``fn`` reads, calls
+        ``pipe.multi()``, then queues writes; rcache sends EXEC. If a watched key changed
+        meanwhile, nothing is written and ``fn`` runs again after a jittered backoff.
+        **``fn`` may run several times: no side effects outside the pipeline.**
+
+        :param watch: keys to WATCH (your own Redis keys; see ``prefixed``).
+        :param retries: runs after the first one before giving up.
+        :param max_time: total time budget for the retries (seconds, ``"2s"``, ...).
+        :param prefixed: watch ``f"{cache.prefix}:k:{key}"`` (the keys ``cache.get``
+            uses) instead of the keys as given; ``fn`` must use those full names.
+        :param stats: a :class:`TransactionStats` that counts attempts and conflicts.
+        :raises TransactionConflictError: still conflicting after the budget.
+        :raises BackendUnavailableError: Redis unreachable, or the connection was lost
+            after EXEC was sent (then the transaction may have been applied; it is not
+            retried because that could apply it twice).
+        :raises BackendError: Redis answered an error (e.g. WRONGTYPE).
+        :raises ConfigurationError: bad arguments; keys in several Cluster slots.
+
+        Any exception raised by ``fn`` abandons the transaction (nothing written, no
+        retry) and propagates unchanged.
+
+        Example::
+
+            def take_one(pipe):
+                stock = int(pipe.get("stock:42") or 0)
+                if stock <= 0:
+                    raise OutOfStock()
+                pipe.multi()
+                pipe.set("stock:42", stock - 1)
+
+            cache.transaction(take_one, watch=["stock:42"], retries=20)
+
+        Use it for read-decide-write on a few keys under contention; for a cached value
+        use :meth:`update`; for a write that needs no read, a single command or a
+        :meth:`script` is cheaper.
+        """
+        options = TxOptions.of(retries, max_time)
+        flow = transaction_flow(self, fn, watch, prefixed, options, stats)
+        return self._driver.drive(flow)
+
+    async def atransaction(
+        self,
+        fn: Callable[[AsyncPipeline], Awaitable[object]],
+        *,
+        watch: Sequence[str | bytes] = (),
+        retries: int = TX_RETRIES,
+        max_time: Duration = TX_MAX_TIME,
+        prefixed: bool = False,
+        stats: TransactionStats | None = None,
+    ) -> list[Any]:
+        """Async twin of :meth:`transaction`: ``fn`` is ``async def fn(pipe)`` over a
+        ``redis.asyncio`` pipeline (``await pipe.get(...)``; ``pipe.multi()`` and the
+        queued writes are not awaited)."""
+        options = TxOptions.of(retries, max_time)
+        flow = transaction_flow(self, fn, watch, prefixed, options, stats)
+        return await self._adriver.drive(flow)
+
+    def update(
+        self,
+        key: str,
+        fn: Callable[[Any], V],
+        ttl: Duration | None = None,
+        *,
+        retries: int = TX_RETRIES,
+        max_time: Duration = TX_MAX_TIME,
+        stats: TransactionStats | None = None,
+    ) -> V:
+        """Atomically replace the cached value of ``key`` by ``fn(current)``; return it.
+
+        ``key`` is the key of :meth:`get`/:meth:`set`; ``current`` is the decoded value,
+        or ``None`` when there is none (or it cannot be decoded). The new value is
+        stored for ``ttl`` (default: the cache's ttl) with the cache's serializer, under
+        WATCH, so concurrent updates never lose each other's changes. ``fn`` may run
+        several times: keep it a pure function of its argument.
+
+        :raises TransactionConflictError: still conflicting after ``retries``.
+        :raises SerializationError: the new value cannot be serialized (nothing
+            written). Exceptions from ``fn`` propagate unchanged (nothing written).
+
+        Example::
+
+            cache.update("cart:7", lambda cart: {**(cart or {}), "qty": 3}, ttl=600)
+
+        Transactions fail closed: unlike ``get``/``set``, a Redis outage raises
+        BackendUnavailableError instead of being bypassed.
+        """
+        options = TxOptions.of(retries, max_time)
+        return self._driver.drive(update_flow(self, key, fn, ttl, options, stats))
+
+    async def aupdate(
+        self,
+        key: str,
+        fn: Callable[[Any], V],
+        ttl: Duration | None = None,
+        *,
+        retries: int = TX_RETRIES,
+        max_time: Duration = TX_MAX_TIME,
+        stats: TransactionStats | None = None,
+    ) -> V:
+        """Async twin of :meth:`update`. ``fn`` is a plain function (it only computes
+        the new value; it may run several times)."""
+        options = TxOptions.of(retries, max_time)
+        return await self._adriver.drive(
+            update_flow(self, key, fn, ttl, options, stats)
+        )
+
+    def script(
+        self, source: str, *, idempotent: bool = False, load: bool = False
+    ) -> Script:
+        """Register a Lua script; returns a :class:`Script` (``s.run(keys, args)``).
+
+        Nothing is sent until the first run (or now with ``load=True``): define scripts
+        once, at module level or at startup. Each run uses EVALSHA and reloads the source
+        transparently after NOSCRIPT, e.g. after a Redis restart.
+
+        :param idempotent: the script may safely run twice, so a connection error while
+            it was being sent is retried; default False (raise BackendUnavailableError).
+        :param load: SCRIPT LOAD now, to fail early if Redis is unreachable.
+
+        Example::
+
+            INCR_CAP = cache.script(
+                "local v = redis.call('INCR', KEYS[1]) "
+                "if v > tonumber(ARGV[1]) then redis.call('DECR', KEYS[1]) return -1 end "
+                "return v"
+            )
+            INCR_CAP.run(keys=["quota:7"], args=[100])
+        """
+        s = Script(self._driver, self._adriver, source, idempotent=idempotent)
+        if load:
+            s.load()
+        return s
+
+    async def ascript(
+        self, source: str, *, idempotent: bool = False, load: bool = False
+    ) -> Script:
+        """Async twin of :meth:`script` (``load=True`` loads with the async client)."""
+        s = Script(self._driver, self._adriver, source, idempotent=idempotent)
+        if load:
+            await s.aload()
+        return s
+
     # -- operating: clear, stats, locks (flows in _admin.py) ----------------------------
 
     def clear(
@@ -772,6 +961,84 @@ class Cache(LockMixin, TransactionMixin):
     async def alocks(self, *, batch_size: int = DEFAULT_BATCH) -> list[LockInfo]:
         """Async twin of :meth:`locks`."""
         return await self._adriver.drive(locks_flow(self.prefix, batch_size))
+
+    # -- locks (_lock.py) ---------------------------------------------------------------
+
+    def _lock_home(self) -> Cache:
+        """The Cache that keeps locks: the lock-only one of ``lock_url=``, else this."""
+        return self if self._lock_cache is None else self._lock_cache
+
+    def lock(
+        self, name: str, *, fair: bool = False, **options: Unpack[LockKwargs]
+    ) -> Lock:
+        """A distributed lock (an efficiency lock: see :mod:`rcache._lock`) named ``name``.
+
+        Options (keyword-only, validated here; the same for :meth:`rwlock`,
+        :meth:`semaphore` and, but for the two marked, :meth:`locked`):
+
+        - ``ttl``: the lease, 10 ms to a year (default 30 s); always set, so a crashed
+          holder frees the lock.
+        - ``timeout``: longest wait in ``with``/``acquire()`` (None: forever, the
+          default; 0: one try).
+        - ``auto_renew`` (not for ``locked``): renew every ttl/3 from the per-process
+          renewer thread; by default on inside ``with``/``async with``/``@locked``,
+          off for explicit ``acquire()``.
+        - ``max_hold``: stop renewing after this long (the lease then runs out).
+        - ``on_lost``: called once with the :class:`~rcache.Lease` when the lease is
+          found gone or its client-side deadline passes; it runs in the renewer thread
+          (or on the event loop of an async lease), so keep it short and thread-safe.
+        - ``raise_on_not_owned`` (not for ``locked``): raise
+          :class:`~rcache.LockNotOwnedError` on a release that found the lease gone
+          (default True).
+        - ``metrics_name``: metric label (default ``name``: keep names
+          low-cardinality).
+
+        ``fair=True`` grants in strict FIFO order (a :class:`~rcache.FairLock`). By
+        default a release gives the waiter it wakes a 10 ms head start, which keeps
+        contenders within a small spread without a queue.
+
+        Example::
+
+            with cache.lock("report:2024-11", ttl=30, timeout=10) as lock:
+                write_report(fence=lock.fence)
+                lock.ensure_held()
+        """
+        return make_lock(self._lock_home(), name, options, fair)
+
+    def rwlock(self, name: str, **options: Unpack[LockKwargs]) -> RWLock:
+        """A writer-preferring read/write lock: ``with cache.rwlock("doc:1").read(): ...``.
+
+        Options as for :meth:`lock`; every reader and the writer hold their own lease.
+        """
+        return make_rwlock(self._lock_home(), name, options)
+
+    def semaphore(
+        self, name: str, limit: int, **options: Unpack[LockKwargs]
+    ) -> Semaphore:
+        """At most ``limit`` holders at once; permits are leases reclaimed after a crash.
+
+        Options as for :meth:`lock`. Example::
+
+            with cache.semaphore("api-quota", limit=5, timeout=10):
+                call_api()
+        """
+        return make_semaphore(self._lock_home(), name, limit, options)
+
+    def locked(
+        self, name: str, /, *, fair: bool = False, **options: Unpack[LockedKwargs]
+    ) -> LockedDecorator:
+        """Run the decorated function (``def`` or ``async def``) under a lock.
+
+        ``name`` is a template over the function's parameters, checked at decoration
+        time: ``@cache.locked("invoice:{invoice_id}", ttl=30, timeout=5)``. The lease is
+        auto-renewed while the function runs. A sync callable returning an awaitable
+        counts as sync (the lock covers only the call). Metrics use the template as
+        label unless ``metrics_name=`` is given; ``fair=True`` grants in FIFO order.
+        Options as for :meth:`lock` (but ``auto_renew`` and ``raise_on_not_owned``).
+
+        :raises LockNotAcquiredError: not acquired within ``timeout``.
+        """
+        return make_locked(self._lock_home(), name, options, fair)
 
     # -- decorator --------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ drivers.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, Union
@@ -19,7 +19,9 @@ __all__ = [
     "BackendErrorPolicy",
     "CachedOptions",
     "Duration",
+    "LockOptions",
     "RetryPolicy",
+    "TxOptions",
     "check_policy",
     "parse_duration",
 ]
@@ -278,3 +280,113 @@ class CachedOptions:
             on_wait_timeout=on_wait_timeout,
             refresh_runner=refresh_runner,
         )
+
+
+#: Retries of a transaction after its first attempt (so at most 17 runs of its function).
+TX_RETRIES = 16
+#: Upper bound, in seconds, on the time one transaction spends retrying.
+TX_MAX_TIME = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TxOptions:
+    """How one transaction retries on conflict (``transaction``, ``update`` and their
+    twins), validated once: build it with :meth:`of` from the caller's arguments.
+
+    :ivar retries: runs after the first one before giving up (an int >= 0).
+    :ivar max_time: seconds the retries may take in total, counted from the first
+        failed attempt.
+    """
+
+    retries: int = TX_RETRIES
+    max_time: float = TX_MAX_TIME
+
+    def __post_init__(self) -> None:
+        retries = self.retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(
+                f"retries= counts retries after the first attempt (an int >= 0), "
+                f"got {retries!r}"
+            )
+        parse_duration(self.max_time, what="max_time")
+
+    @classmethod
+    def of(cls, retries: int, max_time: Duration) -> TxOptions:
+        """The options for ``retries=`` and ``max_time=`` (seconds, ``"2s"``, a
+        timedelta); raises ConfigurationError for a bad value."""
+        if type(max_time) is not float:  # the default and most callers: no parsing
+            max_time = parse_duration(max_time, what="max_time")
+        return cls(retries, max_time)
+
+
+#: A lock's default lease (seconds).
+DEFAULT_LOCK_TTL = 30.0
+#: Lease bounds: below 10 ms a lease ends before a round trip under load confirms it;
+#: above a year is a mistake (ttl=1e17 overflows Redis' PX and the ZSET scores).
+_MIN_LOCK_TTL = 0.01
+_MAX_LOCK_TTL = 365 * 86400.0
+
+
+def lock_ttl(value: Duration, what: str = "ttl") -> float:
+    """A lock lease in seconds, between 10 ms and a year."""
+    seconds = parse_duration(value, what=what)
+    if not _MIN_LOCK_TTL <= seconds <= _MAX_LOCK_TTL:
+        raise ConfigurationError(
+            f"lock {what} must be between 10ms and 365 days, got {value!r}: write "
+            f'{what}=30 (seconds) or {what}="5m"; for long jobs keep a short lease '
+            "and let auto-renewal (with max_hold=) extend it"
+        )
+    return seconds
+
+
+def wait_timeout(value: float | Duration | None) -> float | None:
+    """A lock wait: ``None`` (forever), ``0`` (one try) or a positive duration (s)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    return parse_duration(value, what="timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class LockOptions:
+    """The options every lock kind takes (``Cache.lock``, ``rwlock``, ``semaphore``,
+    ``locked``), validated once: durations given as ``"5m"`` or a timedelta are stored
+    in seconds, and a bad value raises :class:`ConfigurationError` where it was given.
+
+    :param ttl: the lease (10 ms to a year; default 30 s).
+    :param timeout: longest wait of ``with``/``acquire()``: None forever, 0 one try.
+    :param auto_renew: renew every ttl/3 (None: on in ``with`` and ``@locked``).
+    :param max_hold: stop renewing after this long.
+    :param on_lost: called once with the Lease when it is found lost.
+    :param raise_on_not_owned: raise on a release that found the lease gone.
+    :param metrics_name: the metric label (default: the lock's name).
+    """
+
+    ttl: float = DEFAULT_LOCK_TTL
+    timeout: float | None = None
+    auto_renew: bool | None = None
+    max_hold: float | None = None
+    on_lost: Callable[[Any], object] | None = None
+    raise_on_not_owned: bool = True
+    metrics_name: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalized in place: the fields then always hold seconds (frozen, so through
+        # object.__setattr__, as dataclasses' own docs show for derived fields).
+        object.__setattr__(self, "ttl", lock_ttl(self.ttl))
+        object.__setattr__(self, "timeout", wait_timeout(self.timeout))
+        if self.max_hold is not None:
+            hold = parse_duration(self.max_hold, what="max_hold")
+            object.__setattr__(self, "max_hold", hold)
+        if self.on_lost is not None and not callable(self.on_lost):
+            raise ConfigurationError(
+                "on_lost must be a callable taking the Lease, got "
+                f"{type(self.on_lost).__name__}"
+            )
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any]) -> LockOptions:
+        """Validate keyword options as given by a caller (durations in any form the
+        parameters accept); an unknown name raises TypeError, as a signature would."""
+        return cls(**options)

@@ -37,11 +37,19 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   every reply was lost raises :class:`LockReleaseUnconfirmedError`.
 * Redis errors fail closed: acquire raises :class:`LockNotAcquiredError` (chained to the
   backend error), release/extend raise :class:`LockError`; nothing pretends to hold.
+  Lock commands carry no failure-policy guard (``rcache._policy``): they never bypass.
 * Waits keep their budget: each call of a wait (script or BLPOP) waits for its reply at
   most the rest of the budget plus ``_IO_MARGIN``, so a hung Redis cannot hold a
   waiter on a socket timeout; clean-up after giving up runs in the background.
 * The lock server's eviction policy is read once per Cache when locks are first used:
   an evicting policy can take a held lock, so it is logged at ERROR and counted.
+
+Code layout: the acquire, release and extend loops are written once, as flows
+(``rcache._flow``): generators that yield commands (a lock script, a blocking wait on
+the wake-up list, a sleep, a clean-up run without the caller waiting) and receive the
+replies. ``acquire()`` drives a flow with the Cache's sync driver, ``aacquire()`` with
+its async one; the flows are unit-tested with scripted replies, without Redis. The
+protocol of each Lua script (KEYS/ARGV builders, reply codes) sits in one section.
 
 Metric labels: ``cache.lock(name)`` reports under ``name`` and ``@locked(template)``
 under the template, so keep lock names low-cardinality or pass ``metrics_name=``.
@@ -50,18 +58,28 @@ under the template, so keep lock names low-cardinality or pass ``metrics_name=``
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import random
-import secrets
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
+from enum import IntEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    NamedTuple,
+    Protocol,
+    TypedDict,
+    overload,
+)
 
-from rcache._config import Duration, parse_duration, ttl_ms
+from rcache._config import Duration, LockOptions, lock_ttl, ttl_ms, wait_timeout
 from rcache._exceptions import (
     BackendUnavailableError,
     ConfigurationError,
@@ -72,11 +90,10 @@ from rcache._exceptions import (
     LockReleaseUnconfirmedError,
     RCacheError,
 )
-from rcache._flow import Eval
-from rcache._keys import KeyBuilder
+from rcache._flow import Command, Eval, Flow, Sleep
+from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import Renewable, get_renewer
 from rcache._logging import lock_log
-from rcache._mixin import CacheBase
 from rcache._redis import (
     LuaScript,
     acommand_within,
@@ -92,35 +109,30 @@ from rcache._types import P, R
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
+    from typing_extensions import Self, Unpack
 
     from rcache._admin import ForceReleaseResult
+    from rcache._flow import AsyncDriver, SyncDriver
     from rcache._metrics import MetricsSink
+    from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
 
 __all__ = [
     "FairLock",
     "Lease",
     "Lock",
-    "LockMixin",
+    "LockKwargs",
+    "LockedDecorator",
+    "LockedKwargs",
     "RWLock",
     "ReadLock",
     "Semaphore",
     "WriteLock",
+    "make_lock",
+    "make_locked",
+    "make_rwlock",
+    "make_semaphore",
 ]
 
-_ACQUIRE = LuaScript("lock_acquire")
-_RELEASE = LuaScript("lock_release")
-_EXTEND = LuaScript("lock_extend")
-_FAIR_ACQUIRE = LuaScript("lock_fair_acquire")
-_FAIR_RELEASE = LuaScript("lock_fair_release")
-_WAKE = LuaScript("lock_wake")
-_SEM_ACQUIRE = LuaScript("sem_acquire")
-_SEM_RELEASE = LuaScript("sem_release")
-_SEM_EXTEND = LuaScript("sem_extend")
-_RW_READ = LuaScript("rwlock_read")
-_RW_WRITE = LuaScript("rwlock_write")
-_RW_RELEASE = LuaScript("rwlock_release")
-
-DEFAULT_TTL = 30.0
 #: Lifetime of an unconsumed wake-up signal (ms): long enough for a waiter between its
 #: failed try and its BLPOP, short enough that a stale signal costs one spurious retry.
 _SIGNAL_MS = 2000
@@ -139,76 +151,567 @@ _FALLBACK = (0.005, 0.05)
 #: (ms): long enough for a woken process to be scheduled and send its try on a loaded
 #: 2-core box, short enough to cost little throughput if it never comes.
 _GRACE_MS = 10
-#: Acquire-script status: the lock is free but reserved for a woken waiter (lock only).
-_RESERVED = 2
 #: A call made for a wait may take the rest of the wait's budget plus this for its reply
 #: (issue 14: with Redis stopped, acquire(timeout=2) returned after 9.4 s).
 _IO_MARGIN = 0.2
-#: Lease bounds: below 10 ms a lease ends before a round trip under load confirms it;
-#: above a year is a mistake (ttl=1e17 overflows Redis' PX and the ZSET scores).
-_MIN_TTL = 0.01
-_MAX_TTL = 365 * 86400.0
 #: Eviction policies that never evict a key: every other one can take a held lock
 #: (allkeys-*) or, since lock keys carry a TTL, volatile-* too.
 _SAFE_POLICIES = frozenset({"noeviction"})
 
 _DEFAULT: Any = object()
+#: The clock of leases and waits (a module global, so that flows are unit-tested with a
+#: fake clock, as CircuitBreaker(clock=) is).
+_monotonic = time.monotonic
 _Callback = Callable[["Lease"], object]
-F = TypeVar("F")
+#: Who holds a lease: (process, thread, asyncio task or 0).
+_Owner = tuple[int, int, int]
 
 
-def _owner_key() -> tuple[int, int, int]:
+# -- protocol: one section per Lua script ----------------------------------------------
+#
+# Each script's header (rcache/_scripts/*.lua) documents its KEYS, ARGV and replies; the
+# builders below are the only places that put them in order, and the enums name every
+# reply code and mode flag the code compares.
+
+
+class Acquired(IntEnum):
+    """First element of an acquire script's reply."""
+
+    BUSY = 0  #: held by someone else: the value is the wait hint in ms
+    GRANTED = 1  #: the value is the fence (0 for read leases)
+    RESERVED = 2  #: free, but a woken waiter's turn for the value ms (lock_acquire)
+
+
+class Released(IntEnum):
+    """Reply of a release script."""
+
+    OTHER = 0  #: the key holds another token: left untouched
+    RELEASED = 1
+    GONE = -1  #: the lease expired (or was never granted)
+
+
+class Extended(IntEnum):
+    """Reply of an extend script (lock_extend, sem_extend)."""
+
+    OTHER = 0
+    EXTENDED = 1
+    GONE = -1
+
+
+class Try:
+    """lock_acquire ARGV[3]: which try of an acquisition this is."""
+
+    FIRST: Final = "0"  #: first try of a waiting acquire (leaves a grace to a waiter)
+    RETRY: Final = "1"  #: retry after a wake-up
+    ONCE: Final = "2"  #: single try (timeout=0): never waits, ignores the grace
+
+
+class Side:
+    """rwlock_release ARGV[2] / lock_fair_release ARGV[3]: what is given up."""
+
+    READ: Final = "r"  #: a read lease (rwlock) or the lock (fair: "r" releases it)
+    WRITE: Final = "w"  #: the write lease
+    ABANDON: Final = "a"  #: a waiter's place: writer intent or fair-queue entry
+
+
+#: Release and extend replies that mean "the lease is gone" (Released and Extended
+#: share the codes): why, for the lease's ``lost_reason``. The caller then gets
+#: LockNotOwnedError (see _not_owned): nothing was deleted or extended.
+_GONE: Final[Mapping[int, str]] = {
+    Released.OTHER: "taken over by another holder",
+    Released.GONE: "expired",
+}
+
+_ACQUIRED = {code.value: code for code in Acquired}  # an Enum call costs ~1 µs
+
+
+class Attempt(NamedTuple):
+    """The parsed reply of an acquire script."""
+
+    code: Acquired
+    value: int  #: the fence when granted, else ms until a re-check is worth it
+
+    @classmethod
+    def parse(cls, reply: Any) -> Attempt:
+        return cls(_ACQUIRED[int(reply[0])], int(reply[1]))
+
+
+class LockScript:
+    """One lock script: its name, and its source loaded on first use (nothing is read
+    at import time)."""
+
+    __slots__ = ("_lua", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lua: LuaScript | None = None
+
+    @property
+    def lua(self) -> LuaScript:
+        lua = self._lua
+        if lua is None:
+            lua = self._lua = LuaScript(self.name)
+        return lua
+
+
+_LOCK_ACQUIRE = LockScript("lock_acquire")
+_LOCK_RELEASE = LockScript("lock_release")
+_LOCK_EXTEND = LockScript("lock_extend")
+_LOCK_WAKE = LockScript("lock_wake")
+_FAIR_ACQUIRE = LockScript("lock_fair_acquire")
+_FAIR_RELEASE = LockScript("lock_fair_release")
+_RW_READ = LockScript("rwlock_read")
+_RW_WRITE = LockScript("rwlock_write")
+_RW_RELEASE = LockScript("rwlock_release")
+_SEM_ACQUIRE = LockScript("sem_acquire")
+_SEM_RELEASE = LockScript("sem_release")
+_SEM_EXTEND = LockScript("sem_extend")
+
+#: How a call waits for its reply: (seconds, or None for the client's socket timeout;
+#: a callback run once the command is written, or None).
+_Within = tuple[float | None, Callable[[], object] | None]
+
+
+class ScriptCall:
+    """A lock script with its keys and arguments, run with a sync or an async client."""
+
+    __slots__ = ("args", "keys", "spec")
+
+    def __init__(self, spec: LockScript, keys: list[str], args: list[Any]) -> None:
+        self.spec = spec
+        self.keys = keys
+        self.args = args
+
+    @property
+    def script(self) -> LuaScript:
+        return self.spec.lua
+
+    def run(self, client: redis.Redis, within: _Within | None = None) -> Any:
+        """Run the script; ``within`` bounds the wait for its reply (see _Within)."""
+        if within is None:
+            return self.spec.lua(client, self.keys, self.args)
+        return eval_within(client, self.spec.lua, self.keys, self.args, *within)
+
+    def arun(
+        self, client: redis.asyncio.Redis, within: _Within | None = None
+    ) -> Awaitable[Any]:
+        if within is None:
+            return self.spec.lua.acall(client, self.keys, self.args)
+        return aeval_within(client, self.spec.lua, self.keys, self.args, *within)
+
+
+def lock_acquire(
+    key: str,
+    fence: str,
+    waiting: str,
+    grace: str,
+    *,
+    token: str,
+    ttl: float,
+    mode: str,
+    marker: float,
+) -> ScriptCall:
+    """``lock_acquire.lua``: take the lease ``ttl`` s and a fence; ``mode`` is a
+    :class:`Try`; a failed try marks "someone waits" for ``marker`` s. Replies an
+    :class:`Attempt`."""
+    return ScriptCall(
+        _LOCK_ACQUIRE,
+        [key, fence, waiting, grace],
+        [token, ttl_ms(ttl), mode, ttl_ms(marker)],
+    )
+
+
+def lock_release(
+    key: str, signal: str, waiting: str, grace: str, *, token: str
+) -> ScriptCall:
+    """``lock_release.lua``: compare-and-delete, one wake-up (and a hand-off grace)
+    when someone waits. Replies :class:`Released`."""
+    return ScriptCall(
+        _LOCK_RELEASE, [key, signal, waiting, grace], [token, _SIGNAL_MS, 1, _GRACE_MS]
+    )
+
+
+def lock_extend(key: str, *, token: str, ttl: float) -> ScriptCall:
+    """``lock_extend.lua``: replace the lease of a string key. Replies
+    :class:`Extended`."""
+    return ScriptCall(_LOCK_EXTEND, [key], [token, ttl_ms(ttl)])
+
+
+def lock_wake(signal: str, key: str | None = None) -> ScriptCall:
+    """``lock_wake.lua``: pass a wake-up on (only while ``key`` is free, if given).
+    Replies 1 if one was pushed."""
+    keys = [signal] if key is None else [signal, key]
+    return ScriptCall(_LOCK_WAKE, keys, [_SIGNAL_MS, 1])
+
+
+def fair_acquire(
+    key: str,
+    fence: str,
+    queue: str,
+    queue_expiry: str,
+    tickets: str,
+    *,
+    token: str,
+    ttl: float,
+    place: float,
+) -> ScriptCall:
+    """``lock_fair_acquire.lua``: take the lease in FIFO order, else (re)join the
+    queue, keeping the place ``place`` s. Replies an :class:`Attempt`."""
+    return ScriptCall(
+        _FAIR_ACQUIRE,
+        [key, fence, queue, queue_expiry, tickets],
+        [token, ttl_ms(ttl), ttl_ms(place), "1"],
+    )
+
+
+def fair_release(
+    key: str, queue: str, queue_expiry: str, signals: str, *, token: str, side: str
+) -> ScriptCall:
+    """``lock_fair_release.lua``: release (``side`` "r") or leave the queue ("a"), and
+    wake the first waiter. Replies :class:`Released`."""
+    return ScriptCall(
+        _FAIR_RELEASE, [key, queue, queue_expiry, signals], [token, _SIGNAL_MS, side]
+    )
+
+
+def rw_read(
+    readers: str,
+    writer: str,
+    intents: str,
+    signal: str,
+    *,
+    token: str,
+    ttl: float,
+    waited: bool,
+) -> ScriptCall:
+    """``rwlock_read.lua``: take a read lease unless a writer holds or waits. Replies an
+    :class:`Attempt` (the value is 0 when granted: reads are not fenced)."""
+    return ScriptCall(
+        _RW_READ,
+        [readers, writer, intents, signal],
+        [token, ttl_ms(ttl), "1" if waited else "0", _SIGNAL_MS],
+    )
+
+
+def rw_write(
+    readers: str,
+    writer: str,
+    intents: str,
+    fence: str,
+    *,
+    token: str,
+    ttl: float,
+    intent: float,
+) -> ScriptCall:
+    """``rwlock_write.lua``: take the write lease, else record an intent kept
+    ``intent`` s. Replies an :class:`Attempt`."""
+    return ScriptCall(
+        _RW_WRITE,
+        [readers, writer, intents, fence],
+        [token, ttl_ms(ttl), ttl_ms(intent)],
+    )
+
+
+def rw_release(keys: list[str], *, token: str, side: str) -> ScriptCall:
+    """``rwlock_release.lua`` (keys: readers, writer, intents, reader and writer
+    signals): give up a :class:`Side`. Replies :class:`Released`."""
+    return ScriptCall(_RW_RELEASE, keys, [token, side, _SIGNAL_MS])
+
+
+def sem_acquire(
+    permits: str, fence: str, *, token: str, ttl: float, limit: int
+) -> ScriptCall:
+    """``sem_acquire.lua``: take one of ``limit`` leased permits. Replies an
+    :class:`Attempt`."""
+    return ScriptCall(_SEM_ACQUIRE, [permits, fence], [token, ttl_ms(ttl), limit])
+
+
+def sem_release(permits: str, signal: str, *, token: str, limit: int) -> ScriptCall:
+    """``sem_release.lua``: return a permit and wake one waiter. Replies
+    :class:`Released` (1 or -1)."""
+    return ScriptCall(_SEM_RELEASE, [permits, signal], [token, _SIGNAL_MS, limit])
+
+
+def sem_extend(permits: str, *, token: str, ttl: float) -> ScriptCall:
+    """``sem_extend.lua``: replace the lease of a permit or read lease (a ZSET member).
+    Replies :class:`Extended` (1 or -1)."""
+    return ScriptCall(_SEM_EXTEND, [permits], [token, ttl_ms(ttl)])
+
+
+# -- commands the lock flows yield (besides rcache._flow.Sleep) -----------------------
+#
+# Lock commands carry no guard: a failure raises (locks fail closed). Each knows how to
+# run in both modes, as rcache._flow's commands do.
+
+
+class _Caps(NamedTuple):
+    """How long a client may wait: its socket timeout (None: none), and the longest
+    BLPOP that stays under the blocking client's socket timeout; memory:// or not."""
+
+    io: float | None
+    block: float
+    memory: bool
+
+
+#: Per SyncRedis/AsyncRedis: their clients' settings do not change (read once).
+_CAPS: weakref.WeakKeyDictionary[object, _Caps] = weakref.WeakKeyDictionary()
+
+
+#: The last (SyncRedis/AsyncRedis, caps) looked up: the common case, one Cache, costs
+#: an identity test instead of a WeakKeyDictionary lookup per command.
+_LAST_CAPS: tuple[weakref.ref[Any], _Caps] | None = None
+
+
+def _caps(redis: SyncRedis | AsyncRedis) -> _Caps:
+    global _LAST_CAPS
+    last = _LAST_CAPS
+    if last is not None and last[0]() is redis:
+        return last[1]
+    caps = _CAPS.get(redis)
+    if caps is None:
+        io = _socket_timeout(redis.client)
+        block = _block_cap(redis.blocking_client)
+        caps = _CAPS[redis] = _Caps(io, block, redis.memory)
+    _LAST_CAPS = (weakref.ref(redis), caps)
+    return caps
+
+
+class _Env(NamedTuple):
+    """What an acquire flow needs to know of the driver running it."""
+
+    caps: _Caps
+    #: The event loop of an async acquisition (its lease is renewed there), else None.
+    loop: asyncio.AbstractEventLoop | None
+
+
+class _ReadEnv(Command):
+    """Replies the driver's :class:`_Env` (no IO)."""
+
+    __slots__ = ()
+
+    def run(self, driver: SyncDriver) -> _Env:
+        return _Env(_caps(driver.redis), None)
+
+    async def arun(self, driver: AsyncDriver) -> _Env:
+        return _Env(_caps(driver.redis), asyncio.get_running_loop())
+
+
+_ENV: Final = _ReadEnv()
+
+
+class _Eval(Command):
+    """A lock script, run by the driver's client with its transient-error retries.
+
+    With a ``deadline`` (a wait's budget), each attempt waits for its reply at most the
+    rest of the budget plus ``_IO_MARGIN`` (never past the client's socket timeout),
+    and no attempt starts once that is spent: a retry needs a new connection, whose
+    handshake waits the full socket timeout on a hung Redis (a reply lost fast, a
+    reset, is still retried, even by a single try). ``on_sent`` runs once the command
+    is written (a release must know whether it may have run). ``attempts`` counts the
+    attempts made (a retried release that finds its key gone deleted it itself).
+    """
+
+    __slots__ = ("attempts", "call", "deadline", "on_sent", "retry")
+
+    def __init__(
+        self,
+        call: ScriptCall,
+        deadline: float | None = None,
+        on_sent: Callable[[], object] | None = None,
+        retry: bool = True,
+    ) -> None:
+        self.call = call
+        self.deadline = deadline
+        self.on_sent = on_sent
+        self.retry = retry
+        self.attempts = 0
+
+    def _within(self, cap: float | None) -> _Within:
+        """How the next attempt waits for its reply (counted as an attempt)."""
+        self.attempts += 1
+        deadline = self.deadline
+        if deadline is None:
+            return cap, self.on_sent
+        now = _monotonic()
+        if self.attempts > 1 and now >= deadline + _IO_MARGIN:
+            raise BackendUnavailableError(
+                "Redis did not answer within the wait's budget"
+            )
+        limit = max(0.0, deadline - now) + _IO_MARGIN
+        return (limit if cap is None else min(limit, cap)), self.on_sent
+
+    # Always through command_within (ScriptCall with a `within`), even with nothing to
+    # bound beyond the socket timeout: it is also the cheapest way to run a command (no
+    # poll then, none of redis-py's command layer: retry wrapper, observability).
+    # memory:// (fakeredis, in-process: nothing can hang) runs the script as it is.
+
+    def run(self, driver: SyncDriver) -> Any:
+        redis, call = driver.redis, self.call
+        caps = _caps(redis)
+        if caps.memory:
+            return redis.run(call.run, retry=self.retry)
+        cap = caps.io
+        return redis.run(lambda c: call.run(c, self._within(cap)), retry=self.retry)
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        redis, call = driver.redis, self.call
+        caps = _caps(redis)
+        if caps.memory:
+            return await redis.run(call.arun, retry=self.retry)
+        cap = caps.io
+        op = lambda c: call.arun(c, self._within(cap))  # noqa: E731
+        return await redis.run(op, retry=self.retry)
+
+
+class _Pop(Command):
+    """Block up to ``timeout`` s for a wake-up on the list ``key``: BLPOP on the
+    blocking client, so that one release wakes one waiter (rcache._flow.Block's BLMOVE
+    wakes every waiter, as a cache fill should). The reply is awaited at most the
+    block plus ``_IO_MARGIN``: a stopped Redis must not keep a waiter past its budget
+    on the blocking client's long socket timeout (issue 14)."""
+
+    __slots__ = ("key", "timeout")
+
+    def __init__(self, key: str, timeout: float) -> None:
+        self.key = key
+        self.timeout = timeout
+
+    def run(self, driver: SyncDriver) -> Any:
+        redis, key, timeout = driver.redis, self.key, self.timeout
+        blocking = redis.blocking_client
+        if redis.memory:
+            return redis.run(lambda _c: blocking.blpop([key], timeout), retry=False)
+        limit = timeout + _IO_MARGIN
+        return redis.run(
+            lambda _c: command_within(blocking, limit, "BLPOP", key, timeout),
+            retry=False,
+        )
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        redis, key, timeout = driver.redis, self.key, self.timeout
+        blocking = redis.blocking_client
+        if redis.memory:
+            return await redis.run(
+                lambda _c: blocking.blpop([key], timeout), retry=False
+            )
+        limit = timeout + _IO_MARGIN
+        return await redis.run(
+            lambda _c: acommand_within(blocking, limit, "BLPOP", key, timeout),
+            retry=False,
+        )
+
+
+class _Detach(Command):
+    """Run ``flow`` (a clean-up, a check) without the caller waiting for it; replies
+    None at once. Sync: in the lock IO thread of this client, so a hung Redis spends
+    none of the caller's budget; with ``inline`` (the caller was interrupted, and a
+    KeyboardInterrupt may end the process) right here instead. Async: a task kept in
+    ``tasks``, so a cancelled caller finishes at once and the clean-up still runs.
+    Failures are logged at DEBUG: what a clean-up would undo expires by its TTL."""
+
+    __slots__ = ("flow", "inline", "tasks")
+
+    def __init__(
+        self, flow: Flow[None], tasks: set[asyncio.Task[Any]], inline: bool = False
+    ) -> None:
+        self.flow = flow
+        self.tasks = tasks
+        self.inline = inline
+
+    def run(self, driver: SyncDriver) -> None:
+        flow = self.flow
+
+        def job() -> None:
+            try:
+                driver.drive(flow)
+            except Exception as exc:  # Redis, or the Cache closed meanwhile
+                lock_log.debug("rcache: background lock clean-up failed: %r", exc)
+
+        if self.inline:
+            job()
+        else:
+            get_renewer().submit(job, driver.redis)
+
+    async def arun(self, driver: AsyncDriver) -> None:
+        _spawn(self.tasks, driver.drive(self.flow))
+
+
+class _ReadPolicy(Command):
+    """Replies the server's ``maxmemory-policy`` ("" if it does not say)."""
+
+    __slots__ = ()
+
+    def run(self, driver: SyncDriver) -> str:
+        return driver.redis.run(eviction_policy, retry=False)
+
+    async def arun(self, driver: AsyncDriver) -> str:
+        return await driver.redis.run(aeviction_policy, retry=False)
+
+
+_READ_POLICY: Final = _ReadPolicy()
+
+
+def _spawn(
+    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]
+) -> asyncio.Task[Any]:
+    """A background task, referenced in ``tasks`` until it is done."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(_reap(tasks))
+    return task
+
+
+def _reap(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            lock_log.debug("rcache: background lock task failed: %s", task.exception())
+
+    return done
+
+
+def _socket_timeout(client: Any) -> float | None:
+    """The client's socket timeout (None: none, or not a redis-py client). Read through
+    connection_kwargs(), which also knows cluster clients (they have no pool): without
+    it a lock wait on Redis Cluster had no I/O cap while the server hung."""
+    try:
+        kwargs = connection_kwargs(client)
+    except AttributeError:  # a pool without connection settings (a test double)
+        return None
+    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
+def _block_cap(blocking: Any) -> float:
+    """Longest BLPOP that stays under the blocking client's socket timeout."""
+    timeout = _socket_timeout(blocking)
+    if timeout is None:
+        return _MAX_BLOCK
+    return max(_MIN_BLOCK, min(_MAX_BLOCK, timeout * 0.8))
+
+
+def _owner_key() -> _Owner:
     """Who is acquiring: (process, thread, asyncio task or 0)."""
     loop = asyncio._get_running_loop()  # None outside a loop, without raising
     task = None if loop is None else asyncio.current_task(loop)
     return (os.getpid(), threading.get_ident(), 0 if task is None else id(task))
 
 
-def _parse_timeout(
-    value: float | Duration | None, what: str = "timeout"
-) -> float | None:
-    """``None`` (wait forever), ``0`` (one try) or a positive duration in seconds."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
-        return 0.0
-    return parse_duration(value, what=what)
-
-
-def _lock_ttl(value: Duration, what: str = "ttl") -> float:
-    """A lease length in seconds, between 10 ms and a year."""
-    seconds = parse_duration(value, what=what)
-    if not _MIN_TTL <= seconds <= _MAX_TTL:
-        raise ConfigurationError(
-            f"lock {what} must be between 10ms and 365 days, got {value!r}: write "
-            f'{what}=30 (seconds) or {what}="5m"; for long jobs keep a short lease '
-            "and let auto-renewal (with max_hold=) extend it"
-        )
-    return seconds
+def _check_name(name: object, what: str = "lock name") -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{what} must be a non-empty string, got {name!r}")
+    return name
 
 
 #: Leases of exclusive locks by (server, key, owner), across lock objects: re-entering a
 #: lock this thread/task holds (through another ``cache.lock(name)`` or ``@locked``
 #: call) fails at once with a clear message instead of waiting for itself (issue 12).
-_EXCLUSIVE: weakref.WeakValueDictionary[
-    tuple[str, str, tuple[int, int, int]], Lease
-] = weakref.WeakValueDictionary()
+_EXCLUSIVE: weakref.WeakValueDictionary[tuple[str, str, _Owner], Lease] = (
+    weakref.WeakValueDictionary()
+)
 
 #: The eviction policy found per client spec (checked once, when locks are first used).
 _POLICIES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
-
-
-def _check_callback(on_lost: object) -> None:
-    if on_lost is not None and not callable(on_lost):
-        raise ConfigurationError(
-            f"on_lost must be a callable taking the Lease, got {type(on_lost).__name__}"
-        )
-
-
-def _check_name(name: object, what: str = "lock name") -> str:
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"{what} must be a non-empty string, got {name!r}")
-    return name
 
 
 class Lease(Renewable):
@@ -245,7 +748,7 @@ class Lease(Renewable):
         self.token = token
         self.fence = fence
         self.pid = os.getpid()
-        self.acquired_at = time.monotonic()
+        self.acquired_at = _monotonic()
         self.waited = self.acquired_at - started
         self.released = False
         #: A release was sent but its reply never came: maybe released, so not held.
@@ -267,6 +770,10 @@ class Lease(Renewable):
         self._renewed(sent)
         self.owner._metrics.lock_renewal(self.metrics_name, "renewed")
 
+    def _sent(self) -> None:
+        """The release is written: from now on it may have run."""
+        self.release_sent = True
+
     @property
     def held(self) -> bool:
         """Not lost, not released (nor released unconfirmed), and within its deadline
@@ -275,7 +782,7 @@ class Lease(Renewable):
             not self.lost
             and not self.released
             and not self.unconfirmed
-            and time.monotonic() < self.deadline
+            and _monotonic() < self.deadline
         )
 
     def _mark_lost(self, reason: str) -> None:
@@ -296,7 +803,7 @@ class Lease(Renewable):
 
     def ensure_held(self) -> None:
         """Raise :class:`LockLostError` unless the lease is still held (local check)."""
-        if not self.lost and not self.released and time.monotonic() >= self.deadline:
+        if not self.lost and not self.released and _monotonic() >= self.deadline:
             self._mark_lost("its lease ran out without a successful renewal")
         if not self.held:
             state = "release sent, unconfirmed" if self.unconfirmed else "released"
@@ -310,39 +817,24 @@ class Lease(Renewable):
         self.ensure_held()
 
 
-#: How a call waits for its reply: (seconds, or None for the client's socket timeout;
-#: a callback run once the command is written, or None).
-_Within = tuple[float | None, Callable[[], object] | None]
+class _Home(Protocol):
+    """What a lock uses of the Cache that keeps it (the Cache, or its lock_url twin)."""
 
-
-class _Call:
-    """A Lua script with its keys and arguments, run by the sync or the async driver."""
-
-    __slots__ = ("args", "keys", "script")
-
-    def __init__(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
-        self.script = script
-        self.keys = keys
-        self.args = args
-
-    def run(self, client: redis.Redis, within: _Within | None = None) -> Any:
-        """Run the script; ``within`` bounds the wait for its reply (see _Within)."""
-        if within is None:
-            return self.script(client, self.keys, self.args)
-        return eval_within(client, self.script, self.keys, self.args, *within)
-
-    def arun(
-        self, client: redis.asyncio.Redis, within: _Within | None = None
-    ) -> Awaitable[Any]:
-        if within is None:
-            return self.script.acall(client, self.keys, self.args)
-        return aeval_within(client, self.script, self.keys, self.args, *within)
+    prefix: str
+    keyspace: KeySpace
+    metrics: MetricsSink
+    _spec: ClientSpec
+    _sync: SyncRedis  # read by the renewer
+    _driver: SyncDriver
+    _adriver: AsyncDriver
 
 
 class _LeasedLock:
     """Shared machinery of every lease-based primitive; subclasses supply the scripts.
 
-    Sync and async methods sit in adjacent pairs and differ only in awaiting.
+    The acquire, release and extend loops are flows (``_acquire_flow``,
+    ``_release_flow``, ``_extend_flow``), written once; each public method and its
+    ``a`` twin drive one with the Cache's sync or async driver.
     """
 
     _kind = "lock"
@@ -352,54 +844,69 @@ class _LeasedLock:
 
     def __init__(
         self,
-        cache: CacheBase,
+        cache: _Home,
         name: str,
-        *,
-        ttl: Duration = DEFAULT_TTL,
-        timeout: float | Duration | None = None,
-        auto_renew: bool | None = None,
-        max_hold: Duration | None = None,
-        on_lost: _Callback | None = None,
-        raise_on_not_owned: bool = True,
-        metrics_name: str | None = None,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
     ) -> None:
+        """Made by :meth:`rcache.Cache.lock` and its siblings, with the options
+        already checked (``options``); given as keywords, they are checked here."""
+        if options is None:
+            options = LockOptions.parse(given)
+        elif given:
+            raise TypeError("pass options= or keyword options, not both")
         self.name = _check_name(name)
-        self.ttl = _lock_ttl(ttl)
-        self.timeout = _parse_timeout(timeout)
-        self.auto_renew = auto_renew
-        self.max_hold = (
-            None if max_hold is None else parse_duration(max_hold, what="max_hold")
-        )
-        _check_callback(on_lost)
-        self.on_lost = on_lost
-        self.raise_on_not_owned = raise_on_not_owned
-        self.metrics_name = metrics_name or name
+        self.options = options
+        self.ttl = options.ttl
+        self.timeout = options.timeout
+        self.auto_renew = options.auto_renew
+        self.max_hold = options.max_hold
+        self.on_lost = options.on_lost
+        self.raise_on_not_owned = options.raise_on_not_owned
+        self.metrics_name = options.metrics_name or name
         self._cache = cache
         self._metrics: MetricsSink = cache.metrics
         self._lock_keys = cache.keyspace.lock(name)
-        self._holds: dict[tuple[int, int, int], Lease] = {}
+        self._holds: dict[_Owner, Lease] = {}
         self._signal = self._lock_keys.signal
         self._background: set[asyncio.Task[Any]] = set()
-        self._cap = _MAX_BLOCK  # longest single BLPOP; set from the client in use
+        #: (spec, its describe()) once seen: the re-entry table's server name
+        self._server: tuple[object, str] = (None, "")
+        #: the spec whose eviction policy is known or being read
+        self._policy_spec: object = None
         self._metrics.register_lock(self.metrics_name)
+        self._name_keys()
+
+    def _name_keys(self) -> None:
+        """Set the Redis keys this kind uses (see the protocol section)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} ttl={self.ttl:g}s>"
 
-    # -- hooks --------------------------------------------------------------------------
+    # -- the scripts of each kind (see the protocol section) -----------------------------
 
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        """One try; ``mode`` is a :class:`Try`, ``cap`` the longest block of a waiter
+        (what a waiter's marker, queue place or intent must outlive)."""
         raise NotImplementedError
 
-    def _release_call(self, token: str) -> _Call:
+    def _release_call(self, token: str) -> ScriptCall:
         raise NotImplementedError
 
-    def _extend_call(self, token: str, ttl: float) -> _Call:
+    def _extend_call(self, token: str, ttl: float) -> ScriptCall:
         raise NotImplementedError
 
-    def _abandon_call(self, token: str) -> _Call | None:
+    def _abandon_call(self, token: str) -> ScriptCall | None:
         """Undo a waiter's footprint when it gives up (writer intents)."""
         return None
+
+    def _wake_call(self, token: str) -> ScriptCall | None:
+        """Pass a wake-up on (Lock: only if the lock is free)."""
+        return lock_wake(self._signal_key(token))
+
+    def _signal_key(self, token: str) -> str:
+        """The list this waiter blocks on."""
+        return self._signal
 
     # -- the caller's lease -------------------------------------------------------------
 
@@ -444,8 +951,95 @@ class _LeasedLock:
 
     # -- acquire ------------------------------------------------------------------------
 
-    def _begin(self, timeout: Any) -> tuple[tuple[int, int, int], float | None]:
-        timeout = self.timeout if timeout is _DEFAULT else _parse_timeout(timeout)
+    def acquire(self, timeout: float | Duration | None = _DEFAULT) -> bool:
+        """Acquire, waiting up to ``timeout`` seconds (None: forever; 0: one try).
+
+        Returns within ``timeout`` plus a fraction of a second even while Redis hangs:
+        every call of the wait is bounded by the rest of its budget.
+
+        :returns: True if acquired, False if the wait timed out.
+        :raises LockNotAcquiredError: Redis failed or did not answer (fail closed).
+        """
+        return self._cache._driver.drive(self._acquire_flow(timeout))
+
+    async def aacquire(self, timeout: float | Duration | None = _DEFAULT) -> bool:
+        """Async twin of :meth:`acquire`; cancellation-safe."""
+        return await self._cache._adriver.drive(self._acquire_flow(timeout))
+
+    def _acquire_flow(
+        self, timeout: Any, renew: bool | None = None, required: bool = False
+    ) -> Flow[bool]:
+        """Try; while busy, block on the wake-up list for at most the holder's
+        remaining lease, and try again; give up at the deadline.
+
+        ``renew``: auto-renew by default (``with``, ``@locked``); ``required``: raise
+        LockNotAcquiredError instead of returning False. Whatever interrupts it, no
+        lease or queue place is left behind beyond its TTL.
+        """
+        owner, timeout = self._begin(timeout)
+        env: _Env = yield _ENV
+        if self._policy_unknown():
+            yield _Detach(self._policy_flow(), self._background)
+        # An identifier, not a secret (whoever reaches Redis can read it): 96 random
+        # bits from `random`, reseeded in a forked child, cost no system call.
+        token = f"{owner[0]}:{random.getrandbits(96):024x}"
+        started = _monotonic()
+        deadline = None if timeout is None else started + timeout
+        cap = env.caps.block
+        waited = False
+        while True:
+            mode = Try.ONCE if timeout == 0 else Try.RETRY if waited else Try.FIRST
+            call = self._acquire_call(token, mode, cap)
+            sent = _monotonic()
+            try:
+                attempt = Attempt.parse((yield _Eval(call, deadline)))
+            except RCacheError as exc:
+                # The script may have run (a lost reply): undo by token, without the
+                # caller waiting, so that a hung Redis takes no more of the budget.
+                yield _Detach(self._compensate_flow(token), self._background)
+                raise self._not_acquired(exc) from exc
+            except GeneratorExit:
+                raise
+            except BaseException:  # interrupted or cancelled: the script may have run
+                yield _Detach(self._compensate_flow(token), self._background, True)
+                raise
+            if attempt.code == Acquired.GRANTED:
+                self._grant(owner, token, attempt.value, sent, started, renew, env.loop)
+                return True
+            if deadline is not None and _monotonic() >= deadline:
+                yield from self._abandon_flow(token, deadline)
+                self._metrics.lock_acquire(
+                    self.metrics_name, "busy" if timeout == 0 else "timeout"
+                )
+                if required:
+                    raise LockNotAcquiredError(self._timed_out_message())
+                return False
+            wait = self._wait_time(attempt.value, deadline, cap)
+            if attempt.code == Acquired.RESERVED:  # a woken waiter's turn: let it in
+                yield Sleep(wait)
+                continue
+            try:
+                yield _Pop(self._signal_key(token), wait)
+            except RCacheError as exc:
+                if deadline is not None and _monotonic() >= deadline:
+                    # Redis did not answer and the budget is spent: no further call
+                    # (the clean-up of a fair/writer place runs in the background).
+                    yield _Detach(self._abandon_flow(token), self._background)
+                    raise self._not_acquired(exc) from exc
+                remaining = wait if deadline is None else deadline - _monotonic()
+                yield Sleep(max(0.0, min(remaining, random.uniform(*_FALLBACK))))
+            except GeneratorExit:
+                raise
+            except BaseException:
+                # Give up the place (writer intent, fair queue) and pass on a wake-up
+                # this waiter may have popped just before it was interrupted.
+                flow = self._abandon_flow(token, wake=True)
+                yield _Detach(flow, self._background, True)
+                raise
+            waited = True
+
+    def _begin(self, timeout: Any) -> tuple[_Owner, float | None]:
+        timeout = self.timeout if timeout is _DEFAULT else wait_timeout(timeout)
         key = _owner_key()
         held = self._holds.get(key)
         if held is not None and not held.held:
@@ -463,41 +1057,22 @@ class _LeasedLock:
             raise LockError(self._held_here_message("cannot wait for"))
         return key, timeout
 
-    def _held_here_message(self, doing: str) -> str:
-        other = self._exclusive_hold(_owner_key())
-        fence = "" if other is None else f" (fence {other.fence})"
-        return (
-            f"{doing} {self._kind} {self.name!r}: this thread/task already holds it"
-            f"{fence} through another lock object, and rcache locks are not reentrant "
-            "(release it first, or pass the held lock down)"
-        )
-
-    def _timed_out_message(self) -> str:
-        if self._exclusive_hold(_owner_key()) is not None:
-            return self._held_here_message("could not acquire")
-        return f"could not acquire {self._kind} {self.name!r} within {self.timeout}s"
-
-    def _exclusive_id(
-        self, owner: tuple[int, int, int]
-    ) -> tuple[str, str, tuple[int, int, int]] | None:
-        if self._exclusive_key is None:
-            return None
-        return (self._cache._spec.describe(), self._exclusive_key, owner)
-
-    def _exclusive_hold(self, owner: tuple[int, int, int]) -> Lease | None:
-        ident = self._exclusive_id(owner)
-        lease = None if ident is None else _EXCLUSIVE.get(ident)
-        return lease if lease is not None and lease.held else None
+    def _wait_time(self, hint_ms: int, deadline: float | None, cap: float) -> float:
+        wait = hint_ms / 1000 + _EXPIRY_SLACK if hint_ms > 0 else _FALLBACK[1]
+        wait = min(wait, cap)
+        if deadline is not None:
+            wait = min(wait, deadline - _monotonic())
+        return max(wait, _MIN_BLOCK)
 
     def _grant(
         self,
-        key: tuple[int, int, int],
+        key: _Owner,
         token: str,
         fence: int,
         sent: float,
         started: float,
         renew: bool | None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> Lease:
         auto = self.auto_renew if self.auto_renew is not None else bool(renew)
         lease = Lease(
@@ -516,60 +1091,88 @@ class _LeasedLock:
             get_renewer().add(lease)
         return lease
 
-    def _wait_time(self, hint_ms: int, deadline: float | None, cap: float) -> float:
-        wait = hint_ms / 1000 + _EXPIRY_SLACK if hint_ms > 0 else _FALLBACK[1]
-        wait = min(wait, cap)
-        if deadline is not None:
-            wait = min(wait, deadline - time.monotonic())
-        return max(wait, _MIN_BLOCK)
-
-    def _not_acquired(
-        self, timeout: float | None, exc: RCacheError
-    ) -> LockNotAcquiredError:
+    def _not_acquired(self, exc: RCacheError) -> LockNotAcquiredError:
         self._metrics.lock_acquire(self.metrics_name, "error")
         return LockNotAcquiredError(
             f"could not acquire {self._kind} {self.name!r}: Redis failed ({exc}); "
             "locks fail closed"
         )
 
-    def _gave_up(self, timeout: float | None) -> None:
-        self._metrics.lock_acquire(
-            self.metrics_name, "busy" if timeout == 0 else "timeout"
+    def _compensate_flow(self, token: str) -> Flow[None]:
+        """Undo an acquire that may have run on the server (its reply was lost, or the
+        caller was interrupted): release by token, then leave any queue."""
+        try:
+            yield _Eval(self._release_call(token), retry=False)
+        except RCacheError:
+            pass  # Redis is down: the lease, if any, expires by its TTL
+        yield from self._abandon_flow(token)
+
+    def _abandon_flow(
+        self, token: str, deadline: float | None = None, wake: bool = False
+    ) -> Flow[None]:
+        """Undo a waiter's footprint (writer intent, fair-queue place), bounded by the
+        wait's budget; ``wake``: else pass on a wake-up it may have popped. A failure
+        leaves only an entry that expires by itself."""
+        call = self._abandon_call(token)
+        if call is None and wake:
+            call = self._wake_call(token)
+        if call is None:
+            return
+        try:
+            yield _Eval(call, deadline, retry=False)
+        except RCacheError:
+            pass
+
+    # -- re-entry (issue 12) ------------------------------------------------------------
+
+    def _held_here_message(self, doing: str) -> str:
+        other = self._exclusive_hold(_owner_key())
+        fence = "" if other is None else f" (fence {other.fence})"
+        return (
+            f"{doing} {self._kind} {self.name!r}: this thread/task already holds it"
+            f"{fence} through another lock object, and rcache locks are not reentrant "
+            "(release it first, or pass the held lock down)"
         )
+
+    def _timed_out_message(self) -> str:
+        if self._exclusive_hold(_owner_key()) is not None:
+            return self._held_here_message("could not acquire")
+        return f"could not acquire {self._kind} {self.name!r} within {self.timeout}s"
+
+    def _exclusive_id(self, owner: _Owner) -> tuple[str, str, _Owner] | None:
+        if self._exclusive_key is None:
+            return None
+        spec = self._cache._spec
+        if self._server[0] is not spec:  # describe() formats the URL: once per spec
+            self._server = (spec, spec.describe())
+        return (self._server[1], self._exclusive_key, owner)
+
+    def _exclusive_hold(self, owner: _Owner) -> Lease | None:
+        ident = self._exclusive_id(owner)
+        lease = None if ident is None else _EXCLUSIVE.get(ident)
+        return lease if lease is not None and lease.held else None
 
     # -- eviction policy (issue 14: an evicted lock key was granted to a second client) --
 
-    def _policy_known(self) -> bool:
-        return self._cache._spec in _POLICIES or self._cache._spec.memory
-
-    def _check_policy(self) -> None:
-        """Once per client spec and process, in the background IO thread (no wait
-        spends its budget on it): warn when the server can evict lock keys."""
+    def _policy_unknown(self) -> bool:
+        """True the first time locks of this client spec are used in this process: the
+        caller then reads the policy, once (claimed here)."""
         spec = self._cache._spec
+        if self._policy_spec is spec:
+            return False
+        self._policy_spec = spec
+        if spec.memory or spec in _POLICIES:
+            return False
         _POLICIES.setdefault(spec, "")  # claimed: checked once
-        sync = self._cache._sync
+        return True
 
-        def job() -> None:
-            try:
-                policy = sync.run(eviction_policy, retry=False)
-            except RCacheError as exc:
-                lock_log.debug("rcache: cannot read the eviction policy: %s", exc)
-                return
-            self._note_policy(policy)
-
-        get_renewer().submit(job, sync)
-
-    async def _acheck_policy(self) -> None:
-        spec = self._cache._spec
-        _POLICIES.setdefault(spec, "")
+    def _policy_flow(self) -> Flow[None]:
+        """Read the server's eviction policy; say so loudly if it can evict locks."""
         try:
-            policy = await self._cache._async.run(aeviction_policy, retry=False)
+            policy: str = yield _READ_POLICY
         except RCacheError as exc:
             lock_log.debug("rcache: cannot read the eviction policy: %s", exc)
             return
-        self._note_policy(policy)
-
-    def _note_policy(self, policy: str) -> None:
         _POLICIES[self._cache._spec] = policy
         if not policy or policy in _SAFE_POLICIES:
             return
@@ -584,233 +1187,6 @@ class _LeasedLock:
             self._cache._spec.describe(),
             policy,
         )
-
-    # -- acquire ------------------------------------------------------------------------
-
-    def acquire(self, timeout: float | Duration | None = _DEFAULT) -> bool:
-        """Acquire, waiting up to ``timeout`` seconds (None: forever; 0: one try).
-
-        Returns within ``timeout`` plus a fraction of a second even while Redis hangs:
-        every call of the wait is bounded by the rest of its budget.
-
-        :returns: True if acquired, False if the wait timed out.
-        :raises LockNotAcquiredError: Redis failed or did not answer (fail closed).
-        """
-        return self._acquire(timeout, None)
-
-    async def aacquire(self, timeout: float | Duration | None = _DEFAULT) -> bool:
-        """Async twin of :meth:`acquire`; cancellation-safe."""
-        return await self._aacquire(timeout, None)
-
-    def _io_limit(self, deadline: float | None, cap: float | None) -> float | None:
-        """How long the next call of a wait may take for its reply: the rest of the
-        budget plus a margin, never above the client's own socket timeout."""
-        if deadline is None:
-            return cap
-        limit = max(0.0, deadline - time.monotonic()) + _IO_MARGIN
-        return limit if cap is None else min(limit, cap)
-
-    def _sync_op(
-        self, call: _Call, deadline: float | None, cap: float | None
-    ) -> Callable[[redis.Redis], Any]:
-        if self._cache._spec.memory:  # fakeredis: in-process, nothing can hang
-            return call.run
-        attempts = 0
-
-        def op(client: redis.Redis) -> Any:
-            nonlocal attempts
-            attempts += 1
-            _check_budget(attempts, deadline)
-            return call.run(client, (self._io_limit(deadline, cap), None))
-
-        return op
-
-    def _async_op(
-        self, call: _Call, deadline: float | None, cap: float | None
-    ) -> Callable[[redis.asyncio.Redis], Awaitable[Any]]:
-        if self._cache._spec.memory:
-            return call.arun
-        attempts = 0
-
-        def op(client: redis.asyncio.Redis) -> Awaitable[Any]:
-            nonlocal attempts
-            attempts += 1
-            _check_budget(attempts, deadline)
-            return call.arun(client, (self._io_limit(deadline, cap), None))
-
-        return op
-
-    def _acquire(self, timeout: Any, renew: bool | None) -> bool:
-        key, timeout = self._begin(timeout)
-        if not self._policy_known():
-            self._check_policy()
-        token = f"{os.getpid()}:{secrets.token_hex(12)}"
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        sync = self._cache._sync
-        io_cap = _socket_timeout(sync.client)
-        blocking = _blocking(sync)
-        cap = self._cap = _block_cap(connection_kwargs(blocking))
-        memory = self._cache._spec.memory
-        waited = False
-        while True:
-            call = self._acquire_call(token, waited, timeout == 0)
-            sent = time.monotonic()
-            try:
-                ok, value = sync.run(self._sync_op(call, deadline, io_cap))
-            except RCacheError as exc:
-                # The script may have run (a lost reply): undo by token, in the
-                # background so that a hung Redis does not take more of the budget.
-                get_renewer().submit(_quietly(self._compensate, token), sync)
-                raise self._not_acquired(timeout, exc) from exc
-            except BaseException:  # KeyboardInterrupt mid-call: the script may have run
-                self._compensate(token)
-                raise
-            if ok == 1:
-                self._grant(key, token, int(value), sent, started, renew)
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                self._abandon(token, deadline)
-                self._gave_up(timeout)
-                return False
-            wait = self._wait_time(int(value), deadline, cap)
-            if ok == _RESERVED:  # a woken waiter's turn: let it take the lock first
-                time.sleep(wait)
-                continue
-            try:
-                sync.run(
-                    _blpop(blocking, self._signal_key(token), wait, memory), retry=False
-                )
-            except RCacheError as exc:
-                if deadline is not None and time.monotonic() >= deadline:
-                    # Redis did not answer and the budget is spent: no further call
-                    # (the clean-up of a fair/writer place runs in the background).
-                    get_renewer().submit(_quietly(self._abandon, token), sync)
-                    raise self._not_acquired(timeout, exc) from exc
-                remaining = wait if deadline is None else deadline - time.monotonic()
-                time.sleep(max(0.0, min(remaining, random.uniform(*_FALLBACK))))
-            waited = True
-
-    async def _aacquire(self, timeout: Any, renew: bool | None) -> bool:
-        key, timeout = self._begin(timeout)
-        if not self._policy_known():
-            self._spawn(self._acheck_policy())
-        token = f"{os.getpid()}:{secrets.token_hex(12)}"
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        arun = self._cache._async.run
-        io_cap = _socket_timeout(self._cache._async.client)
-        ablocking = _blocking(self._cache._async)
-        cap = self._cap = _block_cap(connection_kwargs(ablocking))
-        memory = self._cache._spec.memory
-        waited = False
-        while True:
-            call = self._acquire_call(token, waited, timeout == 0)
-            sent = time.monotonic()
-            try:
-                ok, value = await arun(self._async_op(call, deadline, io_cap))
-            except asyncio.CancelledError:
-                # The script may have run: undo by token in the background (shielded),
-                # so a cancelled acquire leaves no lock behind (redis-py #3847).
-                self._spawn(self._acompensate(token))
-                raise
-            except RCacheError as exc:
-                self._spawn(self._acompensate(token))  # not on the caller's budget
-                raise self._not_acquired(timeout, exc) from exc
-            if ok == 1:
-                self._grant(
-                    key,
-                    token,
-                    int(value),
-                    sent,
-                    started,
-                    renew,
-                    asyncio.get_running_loop(),
-                )
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                await self._aabandon(token, deadline=deadline)
-                self._gave_up(timeout)
-                return False
-            wait = self._wait_time(int(value), deadline, cap)
-            if ok == _RESERVED:
-                await asyncio.sleep(wait)
-                continue
-            try:
-                await arun(
-                    _ablpop(ablocking, self._signal_key(token), wait, memory),
-                    retry=False,
-                )
-            except asyncio.CancelledError:
-                # Give up the place (writer intent, fair queue) and pass on a wake-up
-                # signal this waiter may have popped just before the cancellation.
-                self._spawn(self._aabandon(token, wake=True))
-                raise
-            except RCacheError as exc:
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._spawn(self._aabandon(token))
-                    raise self._not_acquired(timeout, exc) from exc
-                remaining = wait if deadline is None else deadline - time.monotonic()
-                await asyncio.sleep(
-                    max(0.0, min(remaining, random.uniform(*_FALLBACK)))
-                )
-            waited = True
-
-    def _signal_key(self, token: str) -> str:
-        return self._signal
-
-    def _compensate(self, token: str) -> None:
-        """Best effort: release ``token`` in case a failed acquire ran on the server."""
-        try:
-            self._cache._sync.run(self._release_call(token).run, retry=False)
-        except RCacheError:
-            pass  # Redis is down: the lease, if any, expires by its TTL
-        self._abandon(token)
-
-    async def _acompensate(self, token: str) -> None:
-        try:
-            await self._cache._async.run(self._release_call(token).arun, retry=False)
-        except RCacheError:
-            pass
-        await self._aabandon(token)
-
-    def _abandon(self, token: str, deadline: float | None = None) -> None:
-        """Undo a waiter's footprint (bounded by the wait's budget: a failure leaves
-        only an intent/queue entry that expires by itself)."""
-        call = self._abandon_call(token)
-        if call is not None:
-            sync = self._cache._sync
-            op = self._sync_op(call, deadline, _socket_timeout(sync.client))
-            try:
-                sync.run(op, retry=False)
-            except RCacheError:
-                pass  # the intent expires by itself
-
-    async def _aabandon(
-        self, token: str, wake: bool = False, deadline: float | None = None
-    ) -> None:
-        call = self._abandon_call(token)
-        if call is None and wake:
-            call = self._wake_call(token)
-        if call is not None:
-            arun = self._cache._async.run
-            op = self._async_op(
-                call, deadline, _socket_timeout(self._cache._async.client)
-            )
-            try:
-                await arun(op, retry=False)
-            except RCacheError:
-                pass
-
-    def _wake_call(self, token: str) -> _Call | None:
-        """Pass a wake-up on (Lock: only if the lock is free)."""
-        return _Call(_WAKE, [self._signal_key(token)], [_SIGNAL_MS, 1])
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(_reap(self._background))
-        return task
 
     # -- release ------------------------------------------------------------------------
 
@@ -827,68 +1203,63 @@ class _LeasedLock:
             kept so that ``release()`` can be retried, and it expires by its TTL
             otherwise.
         """
-        key = _owner_key()
-        lease = self._holds.get(key)
-        if lease is None:
-            self._not_owned_caller()
-            return
-        if lease.watched:  # stop renewing first: if the release fails, it runs out
-            get_renewer().remove(lease)
-        attempts = 0
-        call = self._release_call(lease.token)
-        memory = self._cache._spec.memory
-        cap = _socket_timeout(self._cache._sync.client)
-
-        def sent() -> None:
-            lease.release_sent = True
-
-        def op(client: redis.Redis) -> Any:
-            nonlocal attempts
-            attempts += 1
-            return call.run(client, None if memory else (cap, sent))
-
-        try:
-            result = self._cache._sync.run(op)
-        except RCacheError as exc:
-            raise self._release_failed(lease, exc) from exc
-        self._released(key, lease, int(result), attempts)
+        held = self._releasing()
+        if held is not None:
+            self._cache._driver.drive(self._release_flow(*held))
 
     async def arelease(self) -> None:
         """Async twin of :meth:`release`. Cancelling it does not cancel the release:
         the token is kept until Redis confirmed (redis-py #3847 / PR #3900)."""
+        held = self._releasing()
+        if held is not None:
+            flow = self._release_flow(*held)
+            await asyncio.shield(
+                _spawn(self._background, self._cache._adriver.drive(flow))
+            )
+
+    def _releasing(self) -> tuple[_Owner, Lease] | None:
+        """The caller's lease, no longer renewed (if the release fails, it runs
+        out); None when the caller holds nothing (counted, raised unless told not)."""
         key = _owner_key()
         lease = self._holds.get(key)
         if lease is None:
-            self._not_owned_caller()
-            return
+            self._metrics.lock_release(self.metrics_name, "not_owned")
+            if self.raise_on_not_owned:
+                self._own("release")
+            return None
         if lease.watched:
             get_renewer().remove(lease)
-        await asyncio.shield(self._spawn(self._arelease_lease(key, lease)))
+        return key, lease
 
-    async def _arelease_lease(self, key: tuple[int, int, int], lease: Lease) -> None:
-        attempts = 0
-        call = self._release_call(lease.token)
-        memory = self._cache._spec.memory
-        cap = _socket_timeout(self._cache._async.client)
-
-        def sent() -> None:
-            lease.release_sent = True
-
-        def op(client: redis.asyncio.Redis) -> Awaitable[Any]:
-            nonlocal attempts
-            attempts += 1
-            return call.arun(client, None if memory else (cap, sent))
-
+    def _release_flow(self, key: _Owner, lease: Lease) -> Flow[None]:
+        """Compare-and-delete by token; tell "gone" from "not confirmed" (see
+        :meth:`release`)."""
+        command = _Eval(self._release_call(lease.token), on_sent=lease._sent)
         try:
-            result = await self._cache._async.run(op)
+            code = int((yield command))
         except RCacheError as exc:
             raise self._release_failed(lease, exc) from exc
-        self._released(key, lease, int(result), attempts)
-
-    def _not_owned_caller(self) -> None:
+        self._forget(key, lease)
+        was_lost = lease.lost
+        lease.released = True
+        # A retried release (first reply lost, or an earlier release() left
+        # unconfirmed) that finds the key gone most likely deleted it itself the first
+        # time: do not raise spuriously. A lease known lost before the release was not
+        # deleted by it, whatever the retries found.
+        retried = command.attempts > 1 or lease.unconfirmed
+        if code == Released.RELEASED or (not was_lost and retried):
+            self._metrics.lock_release(self.metrics_name, "released")
+            return
         self._metrics.lock_release(self.metrics_name, "not_owned")
+        if not was_lost:
+            lease.lost = True
+            lease.lost_reason = f"{_GONE[code]} before the release"
+            self._metrics.lock_renewal(self.metrics_name, "lost")
         if self.raise_on_not_owned:
-            self._own("release")
+            raise LockNotOwnedError(
+                f"{self._kind} {self.name!r} (fence {lease.fence}) was no longer held at "
+                f"release: {lease.lost_reason}; nothing was deleted"
+            )
 
     def _release_failed(self, lease: Lease, exc: RCacheError) -> LockError:
         if not lease.release_sent:
@@ -908,7 +1279,7 @@ class _LeasedLock:
             "confirm"
         )
 
-    def _forget(self, key: tuple[int, int, int], lease: Lease) -> None:
+    def _forget(self, key: _Owner, lease: Lease) -> None:
         """Drop ``lease`` from the caller table (once) and count the hold as ended."""
         if self._holds.get(key) is not lease:
             return
@@ -919,31 +1290,7 @@ class _LeasedLock:
         if lease.watched:
             get_renewer().remove(lease)
         self._metrics.locks_held_change(self.metrics_name, -1)
-        self._metrics.lock_held(self.metrics_name, time.monotonic() - lease.acquired_at)
-
-    def _released(
-        self, key: tuple[int, int, int], lease: Lease, result: int, attempts: int
-    ) -> None:
-        self._forget(key, lease)
-        was_lost = lease.lost
-        lease.released = True
-        # A retried release (first reply lost, or an earlier release() left
-        # unconfirmed) that finds the key gone most likely deleted it itself the first
-        # time: do not raise spuriously. A lease known lost before the release was not
-        # deleted by it, whatever the retries found.
-        if result == 1 or (not was_lost and (attempts > 1 or lease.unconfirmed)):
-            self._metrics.lock_release(self.metrics_name, "released")
-            return
-        self._metrics.lock_release(self.metrics_name, "not_owned")
-        if not was_lost:
-            lease.lost = True
-            lease.lost_reason = "expired or taken over before the release"
-            self._metrics.lock_renewal(self.metrics_name, "lost")
-        if self.raise_on_not_owned:
-            raise LockNotOwnedError(
-                f"{self._kind} {self.name!r} (fence {lease.fence}) was no longer held at "
-                f"release: {lease.lost_reason}; nothing was deleted"
-            )
+        self._metrics.lock_held(self.metrics_name, _monotonic() - lease.acquired_at)
 
     # -- extend -------------------------------------------------------------------------
 
@@ -955,38 +1302,27 @@ class _LeasedLock:
         :raises LockNotOwnedError: the lease is gone (it is not recreated).
         :raises LockError: Redis failed.
         """
-        lease = self._own("extend")
-        seconds = self.ttl if ttl is None else _lock_ttl(ttl)
-        sent = time.monotonic()
-        try:
-            result = self._cache._sync.run(self._extend_call(lease.token, seconds).run)
-        except RCacheError as exc:
-            raise LockError(
-                f"could not extend {self._kind} {self.name!r}: {exc}"
-            ) from exc
-        self._extended(lease, int(result), sent, seconds)
+        self._cache._driver.drive(self._extend_flow(ttl))
 
     async def aextend(self, ttl: Duration | None = None) -> None:
         """Async twin of :meth:`extend`."""
+        await self._cache._adriver.drive(self._extend_flow(ttl))
+
+    def _extend_flow(self, ttl: Duration | None) -> Flow[None]:
         lease = self._own("extend")
-        seconds = self.ttl if ttl is None else _lock_ttl(ttl)
-        sent = time.monotonic()
+        seconds = self.ttl if ttl is None else lock_ttl(ttl)
+        sent = _monotonic()
         try:
-            result = await self._cache._async.run(
-                self._extend_call(lease.token, seconds).arun
-            )
+            code = int((yield _Eval(self._extend_call(lease.token, seconds))))
         except RCacheError as exc:
             raise LockError(
                 f"could not extend {self._kind} {self.name!r}: {exc}"
             ) from exc
-        self._extended(lease, int(result), sent, seconds)
-
-    def _extended(self, lease: Lease, result: int, sent: float, seconds: float) -> None:
-        if result == 1:
+        if code == Extended.EXTENDED:
             lease._renewed(sent, seconds)
             return
         get_renewer().remove(lease)
-        lease._mark_lost("expired or taken over before extend()")
+        lease._mark_lost(f"{_GONE[code]} before extend()")
         raise LockNotOwnedError(
             f"cannot extend {self._kind} {self.name!r}: the lease is gone "
             f"({lease.lost_reason})"
@@ -1014,9 +1350,8 @@ class _LeasedLock:
 
     # -- context managers ---------------------------------------------------------------
 
-    def __enter__(self) -> Any:
-        if not self._acquire(_DEFAULT, True):
-            raise LockNotAcquiredError(self._timed_out_message())
+    def __enter__(self) -> Self:
+        self._cache._driver.drive(self._acquire_flow(_DEFAULT, True, required=True))
         return self
 
     def __exit__(
@@ -1033,9 +1368,10 @@ class _LeasedLock:
         except LockError as err:
             lock_log.warning("rcache: releasing %s failed: %s", self.metrics_name, err)
 
-    async def __aenter__(self) -> Any:
-        if not await self._aacquire(_DEFAULT, True):
-            raise LockNotAcquiredError(self._timed_out_message())
+    async def __aenter__(self) -> Self:
+        await self._cache._adriver.drive(
+            self._acquire_flow(_DEFAULT, True, required=True)
+        )
         return self
 
     async def __aexit__(
@@ -1053,136 +1389,43 @@ class _LeasedLock:
             lock_log.warning("rcache: releasing %s failed: %s", self.metrics_name, err)
 
 
-def _reap(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            lock_log.debug("rcache: background lock task failed: %s", task.exception())
-
-    return done
-
-
-def _blocking(driver: Any) -> Any:
-    """The driver's client for blocking commands when it has one (a socket timeout
-    longer than any BLPOP, so an idle waiter sleeps until the end of the holder's lease
-    instead of re-checking under the main client's 1 s socket timeout), else its
-    main client."""
-    client = getattr(driver, "blocking_client", None)
-    return client if client is not None else driver.client
-
-
-def _blpop(
-    blocking: Any, key: str, wait: float, memory: bool
-) -> Callable[[redis.Redis], Any]:
-    if memory:
-        return lambda _client: blocking.blpop([key], timeout=wait)
-    # Bounded by the block itself, not by the blocking client's long socket timeout:
-    # a stopped Redis must not keep a waiter past its budget (issue 14).
-    return lambda _client: command_within(
-        blocking, wait + _IO_MARGIN, "BLPOP", key, wait
-    )
-
-
-def _ablpop(
-    blocking: Any, key: str, wait: float, memory: bool
-) -> Callable[[redis.asyncio.Redis], Awaitable[Any]]:
-    if memory:
-        return lambda _client: blocking.blpop([key], timeout=wait)
-    return lambda _client: acommand_within(
-        blocking, wait + _IO_MARGIN, "BLPOP", key, wait
-    )
-
-
-def _quietly(fn: Callable[[str], None], token: str) -> Callable[[], None]:
-    """A best-effort background clean-up: whatever fails (Redis, or the Cache closed
-    meanwhile), the lease or intent it would undo expires by its TTL."""
-
-    def job() -> None:
-        try:
-            fn(token)
-        except Exception as exc:
-            lock_log.debug("rcache: background lock clean-up failed: %r", exc)
-
-    return job
-
-
-def _check_budget(attempts: int, deadline: float | None) -> None:
-    """No retry once a wait's budget (and its reply margin) is spent: a retry needs a
-    new connection, whose handshake waits the client's full socket timeout on a hung
-    Redis. A reply lost fast (a reset) is still retried, even by a single try."""
-    if (
-        attempts > 1
-        and deadline is not None
-        and time.monotonic() >= deadline + _IO_MARGIN
-    ):
-        raise BackendUnavailableError("Redis did not answer within the wait's budget")
-
-
-def _socket_timeout(client: Any) -> float | None:
-    """The client's socket timeout (None: none, or not a redis-py client). Read through
-    connection_kwargs(), which also knows cluster clients (they have no pool): without
-    it a lock wait on Redis Cluster had no I/O cap while the server hung."""
-    try:
-        kwargs = connection_kwargs(client)
-    except AttributeError:  # a pool without connection settings (a test double)
-        return None
-    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
-    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
-
-
-def _block_cap(kwargs: Any) -> float:
-    """Longest BLPOP that stays under the client's socket timeout."""
-    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        return _MAX_BLOCK
-    return max(_MIN_BLOCK, min(_MAX_BLOCK, timeout * 0.8))
-
-
 class Lock(_LeasedLock):
     """An exclusive lease with a fencing token; use ``with``/``async with`` or the
     explicit ``acquire``/``release``/``extend`` (and their ``a`` twins).
 
-    Made by :meth:`LockMixin.lock`; see its docstring for the options.
+    Made by :meth:`rcache.Cache.lock`; see its docstring for the options.
     """
 
     _kind = "lock"
 
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
-        super().__init__(cache, name, **options)
+    def _name_keys(self) -> None:
         self._key = self._exclusive_key = self._lock_keys.base
         self._fence_key = self._lock_keys.fence
         self._waiters = self._lock_keys.waiting
         self._grace = self._lock_keys.grace
 
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
-        return _Call(
-            _ACQUIRE,
-            [self._key, self._fence_key, self._waiters, self._grace],
-            # A single try (timeout=0) may take a free lock even during a hand-off
-            # grace: it does not wait, so it must not say "busy" for a free lock.
-            [
-                token,
-                ttl_ms(self.ttl),
-                "2" if once else "1" if waited else "0",
-                ttl_ms(self._cap + 1),
-            ],
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        # A waiter's marker outlives its longest block (the release must see it).
+        return lock_acquire(
+            self._key,
+            self._fence_key,
+            self._waiters,
+            self._grace,
+            token=token,
+            ttl=self.ttl,
+            mode=mode,
+            marker=cap + 1,
         )
 
-    def _release_call(self, token: str) -> _Call:
-        keys = [self._key, self._signal, self._waiters, self._grace]
-        return _Call(_RELEASE, keys, [token, _SIGNAL_MS, 1, _GRACE_MS])
+    def _release_call(self, token: str) -> ScriptCall:
+        keys = (self._key, self._signal, self._waiters, self._grace)
+        return lock_release(*keys, token=token)
 
-    def _extend_call(self, token: str, ttl: float) -> _Call:
-        return _Call(_EXTEND, [self._key], [token, ttl_ms(ttl)])
+    def _extend_call(self, token: str, ttl: float) -> ScriptCall:
+        return lock_extend(self._key, token=token, ttl=ttl)
 
-    def _wake_call(self, token: str) -> _Call | None:
-        return _Call(_WAKE, [self._signal_key(token), self._key], [_SIGNAL_MS, 1])
-
-    def __enter__(self) -> Lock:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> Lock:
-        return await super().__aenter__()  # type: ignore[no-any-return]
+    def _wake_call(self, token: str) -> ScriptCall | None:
+        return lock_wake(self._signal_key(token), self._key)
 
 
 class FairLock(Lock):
@@ -1196,8 +1439,8 @@ class FairLock(Lock):
 
     _kind = "fair lock"
 
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
-        super().__init__(cache, name, **options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._queue = self._lock_keys.queue
         self._queue_ttl = self._lock_keys.queue_expiry
         self._tickets = self._lock_keys.tickets
@@ -1211,20 +1454,26 @@ class FairLock(Lock):
             hint_ms = int(cap * 1000)
         return super()._wait_time(hint_ms, deadline, cap)
 
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
-        return _Call(
-            _FAIR_ACQUIRE,
-            [self._key, self._fence_key, self._queue, self._queue_ttl, self._tickets],
-            [token, ttl_ms(self.ttl), max(2000, int(self._cap * 4000)), "1"],
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        # A waiter refreshes its place on every try, at least every `cap` seconds.
+        return fair_acquire(
+            self._key,
+            self._fence_key,
+            self._queue,
+            self._queue_ttl,
+            self._tickets,
+            token=token,
+            ttl=self.ttl,
+            place=max(2.0, cap * 4),
         )
 
-    def _release_call(self, token: str) -> _Call:
-        keys = [self._key, self._queue, self._queue_ttl, self._signals]
-        return _Call(_FAIR_RELEASE, keys, [token, _SIGNAL_MS, "r"])
+    def _release_call(self, token: str) -> ScriptCall:
+        keys = (self._key, self._queue, self._queue_ttl, self._signals)
+        return fair_release(*keys, token=token, side=Side.READ)
 
-    def _abandon_call(self, token: str) -> _Call | None:
-        keys = [self._key, self._queue, self._queue_ttl, self._signals]
-        return _Call(_FAIR_RELEASE, keys, [token, _SIGNAL_MS, "a"])
+    def _abandon_call(self, token: str) -> ScriptCall | None:
+        keys = (self._key, self._queue, self._queue_ttl, self._signals)
+        return fair_release(*keys, token=token, side=Side.ABANDON)
 
 
 class Semaphore(_LeasedLock):
@@ -1235,43 +1484,39 @@ class Semaphore(_LeasedLock):
     _kind = "semaphore"
 
     def __init__(
-        self, cache: CacheBase, name: str, *, limit: int, **options: Any
+        self,
+        cache: _Home,
+        name: str,
+        limit: int,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(
                 f"semaphore limit must be an int >= 1, got {limit!r}"
             )
-        super().__init__(cache, name, **options)
         self.limit = limit
+        super().__init__(cache, name, options, **given)
+
+    def _name_keys(self) -> None:
         self._key = self._lock_keys.permits
         self._fence_key = self._lock_keys.permits_fence
         self._signal = self._lock_keys.permits_signal
 
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
-        return _Call(
-            _SEM_ACQUIRE,
-            [self._key, self._fence_key],
-            [token, ttl_ms(self.ttl), self.limit],
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        return sem_acquire(
+            self._key, self._fence_key, token=token, ttl=self.ttl, limit=self.limit
         )
 
-    def _release_call(self, token: str) -> _Call:
-        return _Call(
-            _SEM_RELEASE, [self._key, self._signal], [token, _SIGNAL_MS, self.limit]
-        )
+    def _release_call(self, token: str) -> ScriptCall:
+        return sem_release(self._key, self._signal, token=token, limit=self.limit)
 
-    def _extend_call(self, token: str, ttl: float) -> _Call:
-        return _Call(_SEM_EXTEND, [self._key], [token, ttl_ms(ttl)])
-
-    def __enter__(self) -> Semaphore:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> Semaphore:
-        return await super().__aenter__()  # type: ignore[no-any-return]
+    def _extend_call(self, token: str, ttl: float) -> ScriptCall:
+        return sem_extend(self._key, token=token, ttl=ttl)
 
 
 class _RWPart(_LeasedLock):
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
-        super().__init__(cache, name, **options)
+    def _name_keys(self) -> None:
         k = self._lock_keys
         self._readers, self._writer, self._intents = k.readers, k.writer, k.intents
         self._rsignal, self._wsignal, self._fence_key = (
@@ -1294,28 +1539,26 @@ class ReadLock(_RWPart):
     _kind = "read lock"
     _fenced = False
 
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
-        super().__init__(cache, name, **options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._signal = self._rsignal
 
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
-        return _Call(
-            _RW_READ,
-            [self._readers, self._writer, self._intents, self._rsignal],
-            [token, ttl_ms(self.ttl), "1" if waited else "0", _SIGNAL_MS],
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        return rw_read(
+            self._readers,
+            self._writer,
+            self._intents,
+            self._rsignal,
+            token=token,
+            ttl=self.ttl,
+            waited=mode == Try.RETRY,
         )
 
-    def _release_call(self, token: str) -> _Call:
-        return _Call(_RW_RELEASE, self._keys5, [token, "r", _SIGNAL_MS])
+    def _release_call(self, token: str) -> ScriptCall:
+        return rw_release(self._keys5, token=token, side=Side.READ)
 
-    def _extend_call(self, token: str, ttl: float) -> _Call:
-        return _Call(_SEM_EXTEND, [self._readers], [token, ttl_ms(ttl)])
-
-    def __enter__(self) -> ReadLock:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> ReadLock:
-        return await super().__aenter__()  # type: ignore[no-any-return]
+    def _extend_call(self, token: str, ttl: float) -> ScriptCall:
+        return sem_extend(self._readers, token=token, ttl=ttl)
 
 
 class WriteLock(_RWPart):
@@ -1326,36 +1569,31 @@ class WriteLock(_RWPart):
 
     _kind = "write lock"
 
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
-        super().__init__(cache, name, **options)
+    def _name_keys(self) -> None:
+        super()._name_keys()
         self._signal = self._wsignal
         self._exclusive_key = self._writer
 
-    def _intent_ms(self) -> int:
-        # A waiting writer refreshes its intent at least every `cap` seconds.
-        return max(2000, int(self._cap * 4000))
-
-    def _acquire_call(self, token: str, waited: bool, once: bool) -> _Call:
-        return _Call(
-            _RW_WRITE,
-            [self._readers, self._writer, self._intents, self._fence_key],
-            [token, ttl_ms(self.ttl), self._intent_ms()],
+    def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
+        # A waiting writer refreshes its intent on every try, at least every `cap` s.
+        return rw_write(
+            self._readers,
+            self._writer,
+            self._intents,
+            self._fence_key,
+            token=token,
+            ttl=self.ttl,
+            intent=max(2.0, cap * 4),
         )
 
-    def _release_call(self, token: str) -> _Call:
-        return _Call(_RW_RELEASE, self._keys5, [token, "w", _SIGNAL_MS])
+    def _release_call(self, token: str) -> ScriptCall:
+        return rw_release(self._keys5, token=token, side=Side.WRITE)
 
-    def _abandon_call(self, token: str) -> _Call | None:
-        return _Call(_RW_RELEASE, self._keys5, [token, "a", _SIGNAL_MS])
+    def _abandon_call(self, token: str) -> ScriptCall | None:
+        return rw_release(self._keys5, token=token, side=Side.ABANDON)
 
-    def _extend_call(self, token: str, ttl: float) -> _Call:
-        return _Call(_EXTEND, [self._writer], [token, ttl_ms(ttl)])
-
-    def __enter__(self) -> WriteLock:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> WriteLock:
-        return await super().__aenter__()  # type: ignore[no-any-return]
+    def _extend_call(self, token: str, ttl: float) -> ScriptCall:
+        return lock_extend(self._writer, token=token, ttl=ttl)
 
 
 class RWLock:
@@ -1366,12 +1604,22 @@ class RWLock:
     lease ends; a crashed writer when its lease ends.
     """
 
-    def __init__(self, cache: CacheBase, name: str, **options: Any) -> None:
+    def __init__(
+        self,
+        cache: _Home,
+        name: str,
+        options: LockOptions | None = None,
+        **given: Unpack[LockKwargs],
+    ) -> None:
+        if options is None:
+            options = LockOptions.parse(given)  # checked once for both sides
+        elif given:
+            raise TypeError("pass options= or keyword options, not both")
         self.name = _check_name(name)
         self._cache = cache
         self._options = options
-        self._read = ReadLock(cache, name, **options)  # validates the options now
-        self._write = WriteLock(cache, name, **options)
+        self._read = ReadLock(cache, name, options)
+        self._write = WriteLock(cache, name, options)
 
     def __repr__(self) -> str:
         return f"<RWLock {self.name!r}>"
@@ -1385,7 +1633,49 @@ class RWLock:
         return self._write
 
 
-class _LockedDecorator(Protocol):
+# -- what Cache.lock/rwlock/semaphore/locked make ---------------------------------------
+
+
+class LockedKwargs(TypedDict, total=False):
+    """The options of ``Cache.locked`` (see :meth:`rcache.Cache.lock`)."""
+
+    ttl: Duration
+    timeout: float | Duration | None
+    max_hold: Duration | None
+    on_lost: _Callback | None
+    metrics_name: str | None
+
+
+class LockKwargs(LockedKwargs, total=False):
+    """The options of ``Cache.lock``, ``rwlock`` and ``semaphore``."""
+
+    auto_renew: bool | None
+    raise_on_not_owned: bool
+
+
+_LOCKED_OPTIONS = frozenset(LockedKwargs.__annotations__)
+
+
+def make_lock(home: _Home, name: str, options: Mapping[str, Any], fair: bool) -> Lock:
+    """:meth:`rcache.Cache.lock`."""
+    return (FairLock if fair else Lock)(home, name, LockOptions.parse(options))
+
+
+def make_rwlock(home: _Home, name: str, options: Mapping[str, Any]) -> RWLock:
+    """:meth:`rcache.Cache.rwlock`."""
+    return RWLock(home, name, LockOptions.parse(options))
+
+
+def make_semaphore(
+    home: _Home, name: str, limit: int, options: Mapping[str, Any]
+) -> Semaphore:
+    """:meth:`rcache.Cache.semaphore`."""
+    return Semaphore(home, name, limit, LockOptions.parse(options))
+
+
+class LockedDecorator(Protocol):
+    """What ``Cache.locked(...)`` returns: a decorator keeping the signature."""
+
     @overload
     def __call__(
         self, fn: Callable[P, Coroutine[Any, Any, R]], /
@@ -1395,195 +1685,44 @@ class _LockedDecorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
 
 
-class LockMixin(CacheBase):
-    """Adds ``lock``, ``locked``, ``rwlock`` and ``semaphore`` to ``Cache``."""
+def make_locked(
+    home: _Home, name: str, options: Mapping[str, Any], fair: bool
+) -> LockedDecorator:
+    """:meth:`rcache.Cache.locked`: the options are checked now (at decoration), and
+    every call makes a lock from them without checking again."""
+    _check_name(name, "lock name template")
+    unknown = sorted(set(options) - _LOCKED_OPTIONS)
+    if unknown:
+        raise TypeError(f"locked() got unexpected keyword arguments: {unknown}")
+    label = options.get("metrics_name") or name
+    checked = replace(LockOptions.parse(options), metrics_name=label)
+    cls = FairLock if fair else Lock
 
-    #: The lock-only Cache of ``Cache(..., lock_url=...)``; None: locks use this one.
-    _lock_cache: CacheBase | None = None
+    def decorate(fn: Any) -> Any:
+        if not callable(fn):
+            raise ConfigurationError(
+                f"@locked decorates a function, got {type(fn).__name__}"
+            )
+        keys = KeyBuilder(fn, prefix=home.prefix, key=name)
+        static = "{" not in name and "}" not in name
+        home.metrics.register_lock(label)
 
-    def _lock_home(self) -> CacheBase:
-        return self if self._lock_cache is None else self._lock_cache
+        def lock_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lock:
+            lock_name = name if static else name.format_map(keys.bind(args, kwargs))
+            return cls(home, lock_name, checked)
 
-    def lock(
-        self,
-        name: str,
-        *,
-        ttl: Duration = DEFAULT_TTL,
-        timeout: float | Duration | None = None,
-        auto_renew: bool | None = None,
-        max_hold: Duration | None = None,
-        on_lost: _Callback | None = None,
-        raise_on_not_owned: bool = True,
-        metrics_name: str | None = None,
-        fair: bool = False,
-    ) -> Lock:
-        """A distributed lock (an efficiency lock: see the module docstring) named ``name``.
+        if inspect.iscoroutinefunction(fn):
 
-        :param ttl: the lease (default 30 s); always set, so a crashed holder frees it.
-        :param timeout: longest wait in ``with``/``acquire()`` (None: forever, 0: one try).
-        :param auto_renew: renew every ttl/3 from the per-process renewer thread; by
-            default on inside ``with``/``async with``/``@locked``, off for explicit
-            ``acquire()``.
-        :param max_hold: stop renewing after this long (the lease then runs out).
-        :param on_lost: called once with the :class:`Lease` when the lease is found
-            gone or its client-side deadline passes; it runs in the renewer thread (or
-            on the event loop of an async lease), so keep it short and thread-safe.
-        :param raise_on_not_owned: raise :class:`LockNotOwnedError` on a release that
-            found the lease gone (default True).
-        :param metrics_name: metric label (default ``name``: keep names low-cardinality).
-        :param fair: strict FIFO order (a :class:`FairLock`). By default a release
-            gives the waiter it wakes a 10 ms head start, which keeps contenders
-            within a small spread without a queue.
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async with lock_for(args, kwargs):
+                    return await fn(*args, **kwargs)
 
-        Example::
+            return functools.update_wrapper(async_wrapper, fn)
 
-            with cache.lock("report:2024-11", ttl=30, timeout=10) as lock:
-                write_report(fence=lock.fence)
-                lock.ensure_held()
-        """
-        return (FairLock if fair else Lock)(
-            self._lock_home(),
-            name,
-            ttl=ttl,
-            timeout=timeout,
-            auto_renew=auto_renew,
-            max_hold=max_hold,
-            on_lost=on_lost,
-            raise_on_not_owned=raise_on_not_owned,
-            metrics_name=metrics_name,
-        )
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with lock_for(args, kwargs):
+                return fn(*args, **kwargs)
 
-    def rwlock(
-        self,
-        name: str,
-        *,
-        ttl: Duration = DEFAULT_TTL,
-        timeout: float | Duration | None = None,
-        auto_renew: bool | None = None,
-        max_hold: Duration | None = None,
-        on_lost: _Callback | None = None,
-        raise_on_not_owned: bool = True,
-        metrics_name: str | None = None,
-    ) -> RWLock:
-        """A writer-preferring read/write lock: ``with cache.rwlock("doc:1").read(): ...``.
+        return functools.update_wrapper(wrapper, fn)
 
-        Options as for :meth:`lock`; every reader and the writer hold their own lease.
-        """
-        return RWLock(
-            self._lock_home(),
-            name,
-            ttl=ttl,
-            timeout=timeout,
-            auto_renew=auto_renew,
-            max_hold=max_hold,
-            on_lost=on_lost,
-            raise_on_not_owned=raise_on_not_owned,
-            metrics_name=metrics_name,
-        )
-
-    def semaphore(
-        self,
-        name: str,
-        limit: int,
-        *,
-        ttl: Duration = DEFAULT_TTL,
-        timeout: float | Duration | None = None,
-        auto_renew: bool | None = None,
-        max_hold: Duration | None = None,
-        on_lost: _Callback | None = None,
-        raise_on_not_owned: bool = True,
-        metrics_name: str | None = None,
-    ) -> Semaphore:
-        """At most ``limit`` holders at once; permits are leases reclaimed after a crash.
-
-        Options as for :meth:`lock`. Example::
-
-            with cache.semaphore("api-quota", limit=5, timeout=10):
-                call_api()
-        """
-        return Semaphore(
-            self._lock_home(),
-            name,
-            limit=limit,
-            ttl=ttl,
-            timeout=timeout,
-            auto_renew=auto_renew,
-            max_hold=max_hold,
-            on_lost=on_lost,
-            raise_on_not_owned=raise_on_not_owned,
-            metrics_name=metrics_name,
-        )
-
-    def locked(
-        self,
-        name: str,
-        /,
-        *,
-        ttl: Duration = DEFAULT_TTL,
-        timeout: float | Duration | None = None,
-        max_hold: Duration | None = None,
-        on_lost: _Callback | None = None,
-        metrics_name: str | None = None,
-        fair: bool = False,
-    ) -> _LockedDecorator:
-        """Run the decorated function (``def`` or ``async def``) under a lock.
-
-        ``name`` is a template over the function's parameters, checked at decoration
-        time: ``@cache.locked("invoice:{invoice_id}", ttl=30, timeout=5)``. The lease is
-        auto-renewed while the function runs. A sync callable returning an awaitable
-        counts as sync (the lock covers only the call). Metrics use the template as
-        label unless ``metrics_name=`` is given; ``fair=True`` grants in FIFO order.
-
-        :raises LockNotAcquiredError: not acquired within ``timeout``.
-        """
-        _check_name(name, "lock name template")
-        _lock_ttl(ttl)
-        _parse_timeout(timeout)
-        if max_hold is not None:
-            parse_duration(max_hold, what="max_hold")
-        _check_callback(on_lost)
-        label = metrics_name or name
-        cls = FairLock if fair else Lock
-        options: dict[str, Any] = {
-            "ttl": ttl,
-            "timeout": timeout,
-            "max_hold": max_hold,
-            "on_lost": on_lost,
-            "metrics_name": label,
-        }
-        cache = self._lock_home()
-
-        def decorate(fn: Any) -> Any:
-            if not callable(fn):
-                raise ConfigurationError(
-                    f"@locked decorates a function, got {type(fn).__name__}"
-                )
-            keys = KeyBuilder(fn, prefix=cache.prefix, key=name)
-            static = "{" not in name and "}" not in name
-            cache.metrics.register_lock(label)
-
-            def lock_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lock:
-                lock_name = name if static else name.format_map(keys.bind(args, kwargs))
-                return cls(cache, lock_name, **options)
-
-            if inspect.iscoroutinefunction(fn):
-
-                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    async with lock_for(args, kwargs):
-                        return await fn(*args, **kwargs)
-
-                return _wraps(async_wrapper, fn)
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with lock_for(args, kwargs):
-                    return fn(*args, **kwargs)
-
-            return _wraps(wrapper, fn)
-
-        return decorate
-
-
-def _wraps(wrapper: F, fn: Any) -> F:
-    import functools
-
-    return functools.update_wrapper(wrapper, fn)  # type: ignore[arg-type,return-value]
+    return decorate

@@ -1,8 +1,8 @@
-"""What the capability mixins (locks, transactions) may use of ``Cache``.
+"""What the lock mixin may use of ``Cache``.
 
-``Cache`` is assembled from one mixin per concept so that each concept lives in its own
-module (``_lock.py``, ``_transaction.py``); this base declares, for the type checker, the
-attributes those mixins read.
+``Cache`` takes its lock methods from ``LockMixin`` (``_lock.py``); this base declares,
+for the type checker, the attributes that mixin reads. (Transactions and the admin
+operations are plain ``Cache`` methods over flows.)
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ __all__ = [
     "FirstUse",
     "LuaScript",
     "SyncRedis",
+    "TxConflict",
+    "TxPipeline",
+    "TxUnsent",
     "acommand_within",
     "adiagnose",
     "aeval_within",
@@ -67,6 +70,14 @@ T = TypeVar("T")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: redis-py's packer when hiredis is installed (the "fast" extra), and hiredis's own
+#: pack function: command_within packs with it directly (see _send).
+_HIREDIS_PACKER: Any = getattr(redis.connection, "HiredisRespSerializer", None)
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # without hiredis, redis-py's packer is the Python one
+    _HIREDIS_PACKER = None
+
 _SCHEMES = ("redis", "rediss", "unix", "memory", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Re-exported so that the rest of rcache never imports redis-py itself.
@@ -746,9 +757,11 @@ def connection_kwargs(client: Any) -> Mapping[str, Any]:
 
 
 def _is_cluster_client(client: object) -> bool:
-    # redis.cluster.RedisCluster routes with a nodes_manager (as _transaction checks);
-    # duck-typed so that plain redis.Redis users never import the cluster module.
-    return hasattr(client, "nodes_manager") and hasattr(client, "get_nodes")
+    """A Redis Cluster client, sync or asyncio (the one duck test for it)."""
+    # redis.cluster.RedisCluster and redis.asyncio.cluster.RedisCluster both route with
+    # a nodes_manager; duck-typed so that plain redis.Redis users never import the
+    # cluster modules.
+    return hasattr(client, "nodes_manager")
 
 
 def _sentinel_pool(client: Any) -> Any:
@@ -792,14 +805,6 @@ def _retry_options(policy: RetryPolicy) -> dict[str, Any]:
         "retry": tenacity.retry_if_exception(_transient),
         "reraise": True,
     }
-
-
-def _retrying(policy: RetryPolicy) -> tenacity.Retrying:
-    return tenacity.Retrying(**_retry_options(policy))
-
-
-def _aretrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
-    return tenacity.AsyncRetrying(**_retry_options(policy))
 
 
 class FirstUse(Protocol):
@@ -882,7 +887,7 @@ class SyncRedis:
         except REDIS_ERRORS as exc:
             raise map_error(exc) from exc
         try:
-            return _retrying(self._retry)(op, client)
+            return tenacity.Retrying(**_retry_options(self._retry))(op, client)
         except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
@@ -1000,7 +1005,7 @@ class AsyncRedis:
             return await op(client)
 
         try:
-            return await _aretrying(self._retry)(attempt)
+            return await tenacity.AsyncRetrying(**_retry_options(self._retry))(attempt)
         except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
@@ -1233,11 +1238,12 @@ def command_within(
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's connection API is untyped
     try:
-        conn.send_command(*args)
+        _send(conn, args)
         if on_sent is not None:
             on_sent()
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
-        if not conn.can_read(timeout=wait):
+        # Without a tighter limit the socket timeout bounds the read: no poll first.
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is not None and not conn.can_read(timeout=wait):
             raise rex.TimeoutError(f"no reply from Redis within {wait}s")
         return cast(Any, client).parse_response(conn, str(args[0]))
     except rex.ResponseError:
@@ -1247,6 +1253,27 @@ def command_within(
         raise
     finally:
         pool.release(conn)
+
+
+def _send(conn: Any, args: tuple[Any, ...]) -> None:
+    """``conn.send_command(*args)``; with redis-py's hiredis packer, packed by hiredis
+    directly, as that packer does for rcache's arguments (a command name without
+    spaces, str/bytes/numbers), without its per-argument generator: an EVALSHA has
+    8-10 arguments, and packing them cost a lock more than its own logic."""
+    if type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER:
+        conn.send_packed_command([_hiredis_pack(args)])
+    else:
+        conn.send_command(*args)
+
+
+def _reply_wait(limit: float | None, socket_timeout: float | None) -> float | None:
+    """How long to wait for a reply when ``limit`` bounds it more tightly than the
+    connection's socket timeout, which bounds every read anyway; else None (no poll
+    before the read, no ``wait_for`` task: the common case costs what a plain command
+    costs)."""
+    if limit is None or (socket_timeout is not None and limit >= socket_timeout):
+        return None
+    return max(limit, 0.001)
 
 
 def _cancel_requests() -> int:
@@ -1300,11 +1327,12 @@ async def acommand_within(
             on_sent()
         # before the read: a swallowed cancellation must not wait out a BLPOP
         _raise_if_cancelled(asked)
-        wait = conn.socket_timeout if limit is None else max(limit, 0.001)
+        reply = cast(Any, client).parse_response(conn, str(args[0]))
+        wait = _reply_wait(limit, conn.socket_timeout)
+        if wait is None:
+            return await reply  # the socket timeout bounds it: no wait_for task
         try:
-            return await asyncio.wait_for(
-                cast(Any, client).parse_response(conn, str(args[0])), wait
-            )
+            return await asyncio.wait_for(reply, wait)
         except asyncio.TimeoutError:
             raise rex.TimeoutError(f"no reply from Redis within {wait}s") from None
     except rex.ResponseError:
@@ -1349,6 +1377,209 @@ async def aeval_within(
     except rex.NoScriptError:
         await client.script_load(script.source)
         return await acommand_within(client, limit, *command, on_sent=on_sent)
+
+
+# -- transactions: one redis-py pipeline in WATCH/MULTI/EXEC mode -----------------------
+
+
+class TxConflict(Exception):
+    """EXEC was refused because a watched key changed: nothing was written."""
+
+
+class TxUnsent(Exception):
+    """A connection error before EXEC was sent: nothing was written."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+#: Connection-level failures: whether an EXEC already sent was applied is unknown.
+_LOST: tuple[type[BaseException], ...] = (*TRANSIENT, OSError)
+
+_AFTER_EXEC = (
+    "the connection to Redis was lost after EXEC was sent, so the transaction may "
+    "or may not have been applied; it is not retried because running it again could "
+    "apply it twice: check the data before trying again"
+)
+
+
+def _watch_lost(exc: rex.WatchError) -> bool:
+    """True if redis-py raised this WatchError for a dead connection, not a conflict.
+
+    redis-py raises ``WatchError("A ConnectionError occurred while watching ...")``
+    from inside its retry handler (``Pipeline._disconnect_raise_on_watching``), so the
+    connection error is the ``__context__``.
+    """
+    return isinstance(exc.__context__, _LOST)
+
+
+def _at_exec(exc: BaseException) -> BaseException | None:
+    """What a failure of EXEC means; None: not Redis's (a cancellation)."""
+    if isinstance(exc, rex.WatchError):
+        if _watch_lost(exc):
+            return BackendUnavailableError(_AFTER_EXEC, exc.__context__)
+        return TxConflict()
+    if isinstance(exc, _LOST):
+        return BackendUnavailableError(_AFTER_EXEC, exc)
+    if isinstance(exc, REDIS_ERRORS):
+        return map_error(exc)
+    return None
+
+
+def _cause(signal: BaseException, exc: BaseException) -> BaseException | None:
+    # a conflict is no error of redis-py's to show; the rest keep what redis-py raised
+    return None if isinstance(signal, TxConflict) else exc
+
+
+def _before_exec(exc: BaseException) -> BaseException | None:
+    """What a failure before EXEC means; None: the caller's own exception."""
+    if isinstance(exc, rex.WatchError):
+        # a conflict here means the caller's function ran EXEC itself
+        return TxUnsent(exc.__context__ or exc) if _watch_lost(exc) else TxConflict()
+    # Only redis-py's connection errors mean "nothing was sent": an OSError or
+    # TimeoutError raised by the caller's own function must propagate unchanged.
+    if isinstance(exc, REDIS_CONNECTION_ERRORS):
+        return TxUnsent(exc)
+    if isinstance(exc, REDIS_ERRORS):
+        return map_error(exc)
+    return None
+
+
+class TxPipeline:
+    """The redis-py pipeline of one optimistic transaction (sync and async twins).
+
+    The only code that knows redis-py's WATCH pipeline and its internals. Each step
+    says what a failure means for the transaction flow (``_transaction.py``):
+
+    * before EXEC (WATCH, the caller's function and reads): a lost connection raises
+      :class:`TxUnsent` (nothing written, safe to retry); a WatchError is a conflict
+      (:class:`TxConflict`) unless redis-py raised it for a lost connection; any other
+      Redis error is mapped; the caller's own exception propagates unchanged. The
+      pipeline is reset (UNWATCH, connection back to the pool) after any of them.
+    * EXEC: a conflict raises :class:`TxConflict`; a lost connection raises
+      BackendUnavailableError, since the transaction may have been applied and running
+      it again could apply it twice.
+    """
+
+    __slots__ = ("_client", "_connect", "_pipe", "cluster")
+
+    def __init__(self, client: Any) -> None:
+        self.cluster = _is_cluster_client(client)
+        self._client = client
+        # redis-py 8.1's asyncio cluster transaction does not initialize the client
+        # (slots, node connections) itself: WATCH as the client's first command fails
+        # with "got Future attached to a different loop". (The sync client initializes
+        # in its constructor.)
+        self._connect = self.cluster
+        self._pipe: Any = client.pipeline(transaction=True)  # sends nothing
+
+    def call(self, op: Callable[[Any], T]) -> T:
+        """``op(pipe)`` before EXEC (see the class docstring)."""
+        try:
+            return op(self._pipe)
+        except BaseException as exc:
+            self._reset()
+            signal = _before_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
+
+    async def acall(self, op: Callable[[Any], Any]) -> Any:
+        """Async twin of :meth:`call`; awaits what ``op`` returns if it is awaitable."""
+        if self._connect:
+            try:
+                await self._client.initialize()  # idempotent
+            except REDIS_ERRORS as exc:
+                raise map_error(exc) from exc
+            self._connect = False
+        try:
+            result = op(self._pipe)
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as exc:
+            await self._areset()
+            signal = _before_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
+
+    def execute(self, queue: Callable[[Any], object] | None = None) -> list[Any]:
+        """``queue(pipe)`` (MULTI and the writes, still before EXEC), then EXEC."""
+        if queue is not None:
+            self.call(queue)
+        try:
+            return cast("list[Any]", self._pipe.execute())
+        except BaseException as exc:
+            signal = _at_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
+
+    async def aexecute(self, queue: Callable[[Any], object] | None = None) -> list[Any]:
+        """Async twin of :meth:`execute`."""
+        if queue is not None:
+            await self.acall(queue)
+        try:
+            return cast("list[Any]", await self._pipe.execute())
+        except BaseException as exc:
+            signal = _at_exec(exc)
+            if signal is None:
+                raise
+            raise signal from _cause(signal, exc)
+
+    def release(self) -> None:
+        """Reset the pipeline if it still WATCHes or holds a connection."""
+        if self._in_use():
+            self._reset()
+
+    async def arelease(self) -> None:
+        """Async twin of :meth:`release`."""
+        if self._in_use():
+            await self._areset()
+
+    def _in_use(self) -> bool:
+        pipe = self._pipe
+        # A cluster pipeline (redis-py >= 6) keeps WATCH state in its execution
+        # strategy, not in .watching/.connection: always reset it.
+        if not hasattr(pipe, "watching"):
+            return True
+        return bool(pipe.watching or pipe.connection is not None)
+
+    def _reset(self) -> None:
+        """UNWATCH and give the connection back; a dead connection is just dropped."""
+        pipe = self._pipe
+        try:
+            pipe.reset()
+        except (RedisError, OSError):
+            if not hasattr(pipe, "watching"):
+                return  # a cluster pipeline's reset() drops its connection itself
+            # redis-py's reset() only catches ConnectionError around UNWATCH; after a
+            # timeout the connection is in an unknown state: drop it, keep the pool
+            # whole.
+            conn = self._detach()
+            if conn is not None:
+                conn.disconnect()
+                pipe.connection_pool.release(conn)
+
+    async def _areset(self) -> None:
+        pipe = self._pipe
+        try:
+            await pipe.reset()
+        except (RedisError, OSError):
+            if not hasattr(pipe, "watching"):
+                return
+            conn = self._detach()
+            if conn is not None:
+                await conn.disconnect()
+                await pipe.connection_pool.release(conn)
+
+    def _detach(self) -> Any:
+        """Take the connection off a pipeline whose reset failed; clear its state."""
+        pipe = self._pipe
+        conn, pipe.connection = pipe.connection, None
+        pipe.watching = False
+        pipe.explicit_transaction = False
+        return conn
 
 
 def _policy(reply: Any, info: Any) -> str:

@@ -33,79 +33,74 @@ watched key ``k`` to ``f"{cache.prefix}:k:{k}"``, the key ``cache.get(k)`` reads
 function must then use those full names. On Redis Cluster every key of one transaction
 must hash to one slot (use a hash tag: ``{cart:7}:items``, ``{cart:7}:total``); when
 the client is a cluster client, :func:`check_one_slot` says so before anything is sent.
+
+How it is built: the attempt loop (WATCH, the function, EXEC, backoff and retry) is one
+generator flow, :func:`attempts`, that yields commands and receives their replies; the
+sync and async drivers of ``_flow.py`` run it (``cache._driver.drive(...)``,
+``await cache._adriver.drive(...)``). What a redis-py failure means at each step is
+decided in ``_redis.py`` (:class:`~rcache._redis.TxPipeline`), the only module that
+knows redis-py's pipelines; the budget, counting and backoff are :class:`_Plan`'s.
 """
 
 from __future__ import annotations
 
-import inspect
+import random
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import tenacity
-
-from rcache._config import Duration, parse_duration, ttl_ms
+from rcache._config import Duration, TxOptions, ttl_ms
 from rcache._exceptions import (
-    BackendUnavailableError,
     ConfigurationError,
     RCacheError,
     TransactionConflictError,
 )
-from rcache._mixin import CacheBase
+from rcache._flow import Command, Eval, Flow, Run, Sleep
 from rcache._redis import (
-    REDIS_CONNECTION_ERRORS,
-    REDIS_ERRORS,
-    TRANSIENT,
     LuaScript,
-    RedisError,
-    WatchError,
+    TxConflict,
+    TxPipeline,
+    TxUnsent,
     _text,
     map_error,
 )
 from rcache._serializers import UndecodableError, decode_envelope, encode_envelope
 
 if TYPE_CHECKING:
-    import redis
-    import redis.asyncio
-    from redis.asyncio.client import Pipeline as AsyncPipeline
-    from redis.client import Pipeline
-
-    from rcache._redis import AsyncRedis, SyncRedis
+    from rcache._config import RetryPolicy
+    from rcache._flow import AsyncDriver, SyncDriver
+    from rcache._metrics import MetricsSink
+    from rcache._serializers import Serializer
 
 __all__ = [
-    "DEFAULT_MAX_TIME",
-    "DEFAULT_RETRIES",
     "Script",
-    "TransactionMixin",
     "TransactionStats",
+    "attempts",
     "check_one_slot",
     "hash_slot",
+    "transaction_flow",
+    "update_flow",
 ]
 
 V = TypeVar("V")
 T = TypeVar("T")
 KeyT = str | bytes
 ArgT = str | bytes | int | float
+#: What an attempt queues after its reads (``pipe.multi()`` and the writes), or None
+#: when the caller's function queued them itself.
+Queue = Callable[[Any], object] | None
 
-#: Retries after the first attempt (so at most ``DEFAULT_RETRIES + 1`` runs of ``fn``).
-DEFAULT_RETRIES = 16
-#: Upper bound, in seconds, on the time spent retrying one transaction.
-DEFAULT_MAX_TIME = 5.0
 # Backoff between conflicting attempts: uniform in [0, min(max, base * 2**(n-1))]. Full
 # jitter spreads contenders apart (a fixed delay makes them collide again in lockstep);
 # the first wait averages 0.25 ms, about two uncontended transactions on loopback, so
 # light contention costs little while heavy contention stops wasting attempts
-# (benchmarks/bench_transactions.py: 1.5-2x redis-py's immediate-retry loop).
+# (benchmarks/bench_transactions.py compares it with redis-py's immediate retry).
 _BACKOFF = 0.0005
 _MAX_BACKOFF = 0.05
-
-# Connection-level failures: whether an EXEC already sent was applied is unknown.
-_LOST: tuple[type[BaseException], ...] = (*TRANSIENT, OSError)
-# The same failures as redis-py reports them. Before EXEC only these count as "nothing
-# was sent, retry": an OSError or TimeoutError raised by the caller's own function is
-# the caller's exception and must propagate unchanged, not be retried.
-_REDIS_LOST = REDIS_CONNECTION_ERRORS
+# 0.0005 * 2**7 already exceeds _MAX_BACKOFF; a bigger power only risks an overflow
+_MAX_DOUBLINGS = 16
 
 
 # -- pure core ----------------------------------------------------------------------
@@ -147,12 +142,6 @@ def check_one_slot(keys: Sequence[KeyT]) -> None:
             "put the shared part of the names in a hash tag, e.g. "
             "'{cart:7}:items' and '{cart:7}:total'"
         )
-
-
-def _is_cluster(client: object) -> bool:
-    # redis.cluster.RedisCluster and redis.asyncio.cluster.RedisCluster both route with
-    # a nodes_manager; duck-typed so that no cluster module is imported for plain Redis.
-    return hasattr(client, "nodes_manager")
 
 
 @dataclass
@@ -209,42 +198,22 @@ class TransactionStats:
         self._lock = threading.Lock()
 
 
-class _Conflict(Exception):
-    """EXEC was refused: a watched key changed. Nothing was written."""
-
-
-class _Unsent(Exception):
-    """A connection error before EXEC was sent. Nothing was written."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(original)
-        self.original = original
-
-
-def _connection_lost(exc: WatchError) -> bool:
-    """True if redis-py raised this WatchError for a dead connection, not a conflict.
-
-    redis-py raises ``WatchError("A ConnectionError occurred while watching ...")``
-    from inside its retry handler, so the connection error is the ``__context__``.
-    """
-    return isinstance(exc.__context__, _LOST)
-
-
 class _Plan:
-    """IO-free state of one transaction: budget, counting and the final error.
+    """IO-free state of one transaction: budget, counting, backoff and the final error.
 
-    The drivers run attempt 1 without tenacity (a tenacity loop costs ~14 us, several
-    percent of an uncontended transaction); after a retryable failure they run
-    :meth:`retrying`, whose first attempt re-raises that failure so that tenacity
-    counts it and sleeps before attempt 2.
+    ``clock`` and ``rand`` are injected so that the retry decisions are tested without
+    waiting (``time.monotonic`` and ``random.uniform`` by default).
     """
 
     __slots__ = (
         "attempts",
+        "clock",
         "done",
         "keys",
         "max_time",
+        "rand",
         "retries",
+        "since",
         "stats",
         "transient",
         "transient_limit",
@@ -257,14 +226,20 @@ class _Plan:
         max_time: float,
         transient_limit: int,
         stats: TransactionStats | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.keys = keys
         self.retries = retries
         self.max_time = max_time
         self.transient_limit = transient_limit
         self.stats = stats
+        self.clock = clock
+        self.rand = rand
         self.attempts = 0
         self.transient = 0
+        self.since: float | None = None
         self.done = False
         if stats is not None:
             stats._add(calls=1)
@@ -272,47 +247,43 @@ class _Plan:
     def started(self) -> None:
         self.attempts += 1
 
-    def conflict(self) -> _Conflict:
+    def conflict(self) -> TxConflict:
         if self.stats is not None:
             self.stats._add(conflicts=1)
-        return _Conflict()
+        return TxConflict()
 
-    def unsent(self, exc: BaseException) -> _Unsent:
+    def unsent(self, exc: BaseException) -> TxUnsent:
         self.transient += 1
         if self.stats is not None:
             self.stats._add(transient=1)
-        return _Unsent(exc)
+        return TxUnsent(exc)
 
     def should_retry(self, exc: BaseException) -> bool:
-        if isinstance(exc, _Conflict):
+        """Whether this kind of failure may be retried (budgets aside)."""
+        if isinstance(exc, TxConflict):
             return True
-        if isinstance(exc, _Unsent):
+        if isinstance(exc, TxUnsent):
             return self.transient < self.transient_limit
         return False
 
-    def _strategies(self) -> dict[str, Any]:
-        return {
-            "stop": tenacity.stop_after_attempt(self.retries + 1)
-            | tenacity.stop_after_delay(self.max_time),
-            "wait": tenacity.wait_random_exponential(
-                multiplier=_BACKOFF, max=_MAX_BACKOFF
-            ),
-            "retry": tenacity.retry_if_exception(self.should_retry),
-            "reraise": True,
-        }
+    def delay(self, failure: TxConflict | TxUnsent) -> float | None:
+        """Seconds to back off before the next attempt; None when the attempt that
+        just failed was the last one (count or time budget spent, or not retryable)."""
+        if self.attempts > self.retries or not self.should_retry(failure):
+            return None
+        now = self.clock()
+        # The time budget counts from the first failure: a slow first run still gets
+        # its retries.
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.max_time:
+            return None
+        doublings = min(self.attempts - 1, _MAX_DOUBLINGS)
+        return self.rand(0.0, min(_MAX_BACKOFF, _BACKOFF * 2**doublings))
 
-    def retrying(self) -> tenacity.Retrying:
-        return tenacity.Retrying(**self._strategies())
-
-    def aretrying(self) -> tenacity.AsyncRetrying:
-        return tenacity.AsyncRetrying(**self._strategies())
-
-    def can_retry_first(self, exc: BaseException) -> bool:
-        return self.retries > 0 and self.should_retry(exc)
-
-    def final_error(self, exc: _Conflict | _Unsent) -> RCacheError:
+    def final_error(self, exc: TxConflict | TxUnsent) -> RCacheError:
         """The error the caller sees once the budget is spent."""
-        if isinstance(exc, _Conflict):
+        if isinstance(exc, TxConflict):
             keys = [
                 k if isinstance(k, str) else k.decode(errors="replace")
                 for k in self.keys
@@ -321,7 +292,7 @@ class _Plan:
         return map_error(exc.original)
 
     def finished(self, *, committed: bool) -> None:
-        """Record the outcome once (the drivers call it on every exit path)."""
+        """Record the outcome once (the flow calls it on every exit path)."""
         if self.done:
             return
         self.done = True
@@ -342,218 +313,204 @@ def _check_watch(watch: Sequence[KeyT]) -> list[KeyT]:
     return keys
 
 
-def _check_retries(retries: int) -> int:
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigurationError(
-            f"retries= counts retries after the first attempt (an int >= 0), "
-            f"got {retries!r}"
-        )
-    return retries
+def _cause(exc: TxConflict | TxUnsent) -> BaseException | None:
+    return exc.original if isinstance(exc, TxUnsent) else None
 
 
-def _pipe_in_use(pipe: Any) -> bool:
-    # A cluster pipeline (redis-py >= 6) keeps WATCH state in its execution strategy,
-    # not in .watching/.connection: always reset it.
-    if not hasattr(pipe, "watching"):
-        return True
-    return bool(pipe.watching or pipe.connection is not None)
+# -- commands: the steps of an attempt, run by TxPipeline in _redis.py ---------------
+# None carries a guard: transactions fail closed (their errors always raise).
 
 
-def _reset_quietly(pipe: Pipeline) -> None:
-    """UNWATCH and give the connection back; a dead connection is just dropped."""
-    try:
-        pipe.reset()
-    except (RedisError, OSError):
-        if not hasattr(pipe, "watching"):
-            return  # a cluster pipeline's reset() drops its connection itself
+@dataclass(frozen=True, slots=True)
+class _Open(Command):
+    """The transaction's pipeline on the main client (sends nothing)."""
 
-        # redis-py's reset() only catches ConnectionError around UNWATCH; after a
-        # timeout the connection is in an unknown state: drop it, keep the pool whole.
-        conn, pipe.connection = pipe.connection, None
-        pipe.watching = False
-        pipe.explicit_transaction = False
-        if conn is not None:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            pipe.connection_pool.release(conn)
+    def run(self, driver: SyncDriver) -> TxPipeline:
+        return TxPipeline(driver.redis.client)
+
+    async def arun(self, driver: AsyncDriver) -> TxPipeline:
+        return TxPipeline(driver.redis.client)
 
 
-async def _areset_quietly(pipe: AsyncPipeline) -> None:
-    try:
-        await pipe.reset()  # type: ignore[no-untyped-call]
-    except (RedisError, OSError):
-        if not hasattr(pipe, "watching"):
-            return
+@dataclass(frozen=True, slots=True)
+class _Step(Command):
+    """``op(pipe)`` before EXEC: WATCH, the caller's function, a read."""
 
-        conn, pipe.connection = pipe.connection, None
-        pipe.watching = False
-        pipe.explicit_transaction = False
-        if conn is not None:
-            await conn.disconnect()
-            await pipe.connection_pool.release(conn)
+    pipe: TxPipeline
+    op: Callable[[Any], Any]
 
+    def run(self, driver: SyncDriver) -> Any:
+        return self.pipe.call(self.op)
 
-_AFTER_EXEC = (
-    "the connection to Redis was lost after EXEC was sent, so the transaction may "
-    "or may not have been applied; it is not retried because running it again could "
-    "apply it twice: check the data before trying again"
-)
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return await self.pipe.acall(self.op)
 
 
-# -- sync and async drivers ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Exec(Command):
+    """Queue the writes (if the attempt left them to rcache), then EXEC."""
+
+    pipe: TxPipeline
+    queue: Queue = None
+
+    def run(self, driver: SyncDriver) -> list[Any]:
+        return self.pipe.execute(self.queue)
+
+    async def arun(self, driver: AsyncDriver) -> list[Any]:
+        return await self.pipe.aexecute(self.queue)
 
 
-def _attempt(
-    plan: _Plan, pipe: Pipeline, keys: list[KeyT], body: Callable[[Pipeline], T]
-) -> tuple[list[Any], T]:
-    """One attempt: WATCH, the body, EXEC. Raises _Conflict/_Unsent to ask for a retry."""
-    plan.started()
-    # Before EXEC: a failure here wrote nothing, so a retry is safe.
-    try:
-        if keys:
-            pipe.watch(*keys)  # type: ignore[no-untyped-call]
-        value = body(pipe)
-    except WatchError as exc:
-        _reset_quietly(pipe)
-        if _connection_lost(exc):
-            raise plan.unsent(exc.__context__ or exc) from exc
-        raise plan.conflict() from None  # the body ran EXEC itself
-    except _REDIS_LOST as exc:
-        _reset_quietly(pipe)
-        raise plan.unsent(exc) from exc
-    except REDIS_ERRORS as exc:
-        _reset_quietly(pipe)
-        raise map_error(exc) from exc
-    except BaseException:
-        _reset_quietly(pipe)  # the caller's own exception: abandon, propagate as is
-        raise
-    # EXEC sent: after a connection error the outcome is unknown, never retry.
-    try:
-        return pipe.execute(), value
-    except WatchError as exc:
-        if _connection_lost(exc):
-            raise BackendUnavailableError(_AFTER_EXEC, exc.__context__) from exc
-        raise plan.conflict() from None
-    except _LOST as exc:
-        raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except REDIS_ERRORS as exc:
-        raise map_error(exc) from exc
+@dataclass(frozen=True, slots=True)
+class _Release(Command):
+    """UNWATCH and return the connection if the pipeline still holds them."""
+
+    pipe: TxPipeline
+
+    def run(self, driver: SyncDriver) -> None:
+        self.pipe.release()
+
+    async def arun(self, driver: AsyncDriver) -> None:
+        await self.pipe.arelease()
 
 
-async def _aattempt(
+# -- flows ---------------------------------------------------------------------------
+
+
+def _watching(keys: list[KeyT]) -> Callable[[Any], Any]:
+    return lambda pipe: pipe.watch(*keys)
+
+
+def attempts(
     plan: _Plan,
-    pipe: AsyncPipeline,
     keys: list[KeyT],
-    body: Callable[[AsyncPipeline], Awaitable[T]],
-) -> tuple[list[Any], T]:
-    """Async twin of :func:`_attempt`."""
-    plan.started()
-    try:
-        if keys:
-            await pipe.watch(*keys)
-        value = await body(pipe)
-    except WatchError as exc:
-        await _areset_quietly(pipe)
-        if _connection_lost(exc):
-            raise plan.unsent(exc.__context__ or exc) from exc
-        raise plan.conflict() from None
-    except _REDIS_LOST as exc:
-        await _areset_quietly(pipe)
-        raise plan.unsent(exc) from exc
-    except REDIS_ERRORS as exc:
-        await _areset_quietly(pipe)
-        raise map_error(exc) from exc
-    except BaseException:
-        await _areset_quietly(pipe)
-        raise
-    try:
-        return await pipe.execute(), value
-    except WatchError as exc:
-        if _connection_lost(exc):
-            raise BackendUnavailableError(_AFTER_EXEC, exc.__context__) from exc
-        raise plan.conflict() from None
-    except _LOST as exc:
-        raise BackendUnavailableError(_AFTER_EXEC, exc) from exc
-    except REDIS_ERRORS as exc:
-        raise map_error(exc) from exc
+    attempt: Callable[[TxPipeline], Flow[tuple[Queue, T]]],
+) -> Flow[tuple[list[Any], T]]:
+    """An optimistic transaction on ``keys``: EXEC's replies and the attempt's value.
 
-
-def _run(
-    plan: _Plan, client: redis.Redis, keys: list[KeyT], body: Callable[[Pipeline], T]
-) -> tuple[list[Any], T]:
-    if len(keys) > 1 and _is_cluster(client):
-        check_one_slot(keys)
-    pipe = client.pipeline(transaction=True)
+    Each attempt WATCHes ``keys``, runs the sub-flow ``attempt(pipe)`` (the caller's
+    reads; it returns what to queue, if anything, and its value), then EXEC. A conflict
+    or a connection lost before EXEC backs off and tries again within ``plan``'s
+    budget; any other error, the caller's own included, abandons the transaction
+    (the pipeline is reset: UNWATCH, nothing written) and propagates.
+    """
+    pipe: TxPipeline = yield _Open()
+    if pipe.cluster and len(keys) > 1:
+        check_one_slot(keys)  # before anything is sent: Redis would refuse at EXEC
+    watch = _watching(keys) if keys else None
     try:
-        try:
-            out = _attempt(plan, pipe, keys, body)
-        except (_Conflict, _Unsent) as exc:
-            if not plan.can_retry_first(exc):
-                raise plan.final_error(exc) from _cause(exc)
-            first: BaseException | None = exc
+        while True:
+            plan.started()
             try:
-                for attempt in plan.retrying():
-                    with attempt:
-                        if first is not None:
-                            failed, first = first, None
-                            raise failed  # let tenacity count attempt 1 and back off
-                        out = _attempt(plan, pipe, keys, body)
-            except (_Conflict, _Unsent) as last:
-                raise plan.final_error(last) from _cause(last)
-    except BaseException:
+                if watch is not None:
+                    yield _Step(pipe, watch)
+                queue, value = yield from attempt(pipe)
+                replies: list[Any] = yield _Exec(pipe, queue)
+            except TxConflict:
+                failure: TxConflict | TxUnsent = plan.conflict()
+            except TxUnsent as exc:
+                failure = plan.unsent(exc.original)
+            else:
+                plan.finished(committed=True)
+                break
+            delay = plan.delay(failure)
+            if delay is None:
+                raise plan.final_error(failure) from _cause(failure)
+            yield Sleep(delay)
+    except GeneratorExit:  # closed without being driven on: no command can run now
         plan.finished(committed=False)
         raise
-    finally:
-        if _pipe_in_use(pipe):
-            _reset_quietly(pipe)
-    plan.finished(committed=True)
-    return out
-
-
-async def _arun(
-    plan: _Plan,
-    client: redis.asyncio.Redis,
-    keys: list[KeyT],
-    body: Callable[[AsyncPipeline], Awaitable[T]],
-) -> tuple[list[Any], T]:
-    if _is_cluster(client):
-        if len(keys) > 1:
-            check_one_slot(keys)
-        # redis-py 8.1's asyncio cluster transaction does not initialize the client
-        # (slots, node connections) itself: WATCH as the client's first command fails
-        # with "got Future attached to a different loop". initialize() is idempotent.
-        try:
-            await client.initialize()
-        except REDIS_ERRORS as exc:
-            raise map_error(exc) from exc
-    pipe = client.pipeline(transaction=True)
-    try:
-        try:
-            out = await _aattempt(plan, pipe, keys, body)
-        except (_Conflict, _Unsent) as exc:
-            if not plan.can_retry_first(exc):
-                raise plan.final_error(exc) from _cause(exc)
-            first: BaseException | None = exc
-            try:
-                async for attempt in plan.aretrying():
-                    with attempt:
-                        if first is not None:
-                            failed, first = first, None
-                            raise failed
-                        out = await _aattempt(plan, pipe, keys, body)
-            except (_Conflict, _Unsent) as last:
-                raise plan.final_error(last) from _cause(last)
     except BaseException:
         plan.finished(committed=False)
+        yield _Release(pipe)
         raise
-    finally:
-        if _pipe_in_use(pipe):
-            await _areset_quietly(pipe)
-    plan.finished(committed=True)
-    return out
+    yield _Release(pipe)  # a cluster pipeline keeps state after EXEC
+    return replies, value
 
 
-def _cause(exc: _Conflict | _Unsent) -> BaseException | None:
-    return exc.original if isinstance(exc, _Unsent) else None
+class _Host(Protocol):
+    """What the flows read of ``Cache`` (a Protocol: this module never imports it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def serializer(self) -> Serializer: ...
+    @property
+    def metrics(self) -> MetricsSink: ...
+    @property
+    def retry(self) -> RetryPolicy: ...
+    def _key(self, key: str) -> str: ...
+    def _ttl(self, ttl: Duration | None) -> float: ...
+
+
+def transaction_flow(
+    cache: _Host,
+    fn: Callable[[Any], object],
+    watch: Sequence[KeyT],
+    prefixed: bool,
+    options: TxOptions,
+    stats: TransactionStats | None,
+) -> Flow[list[Any]]:
+    """``cache.transaction(fn, ...)`` and ``atransaction``: ``fn(pipe)`` in a
+    transaction WATCHing ``watch``; EXEC's replies. (``fn`` queues its own writes; an
+    async ``fn`` is awaited by the async driver.)"""
+    keys = _check_watch(watch)
+    plan = _Plan(keys, options.retries, options.max_time, cache.retry.attempts, stats)
+    if prefixed:
+        keys = [cache._key(k if isinstance(k, str) else k.decode()) for k in keys]
+
+    def attempt(pipe: TxPipeline) -> Flow[tuple[Queue, None]]:
+        yield _Step(pipe, fn)
+        return None, None
+
+    replies, _ = yield from attempts(plan, keys, attempt)
+    return replies
+
+
+def update_flow(
+    cache: _Host,
+    key: str,
+    fn: Callable[[Any], V],
+    ttl: Duration | None,
+    options: TxOptions,
+    stats: TransactionStats | None,
+) -> Flow[V]:
+    """``cache.update`` and ``aupdate``: read the cached value of ``key``, store
+    ``fn(value)`` for ``ttl`` under WATCH; the new value."""
+    seconds = cache._ttl(ttl)
+    rkey = cache._key(key)
+    px = ttl_ms(seconds)
+    plan = _Plan([key], options.retries, options.max_time, cache.retry.attempts, stats)
+
+    def attempt(pipe: TxPipeline) -> Flow[tuple[Queue, V]]:
+        current = _decoded(cache, (yield _Step(pipe, lambda p: p.get(rkey))))
+        new = fn(current)  # the caller's: its exception abandons the transaction
+        data = encode_envelope(cache.serializer, new, fresh_for=seconds)
+
+        def queue(p: Any) -> None:
+            p.multi()
+            p.set(rkey, data, px=px)
+
+        return queue, new
+
+    _, value = yield from attempts(plan, [rkey], attempt)
+    cache.metrics.cache_put(cache.name)
+    return value
+
+
+def _decoded(cache: _Host, raw: bytes | None) -> Any:
+    """The cached value in ``raw``, None for a missing or undecodable entry."""
+    if raw is None:
+        return None
+    try:
+        return decode_envelope(cache.serializer, raw).value
+    except UndecodableError:
+        # Same rule as cache.get: a foreign or corrupt entry is a miss; counted so that
+        # it is not silent.
+        cache.metrics.cache_error(cache.name, "decode", "UndecodableError")
+        return None
+
+
+# -- scripts ---------------------------------------------------------------------------
 
 
 class Script:
@@ -569,16 +526,16 @@ class Script:
     RetryPolicy); otherwise BackendUnavailableError is raised, as for a transaction.
     """
 
-    __slots__ = ("_async", "_lua", "_sync", "idempotent")
+    __slots__ = ("_adriver", "_driver", "_lua", "idempotent")
 
     def __init__(
-        self, sync: SyncRedis, async_: AsyncRedis, source: str, *, idempotent: bool
+        self, driver: SyncDriver, adriver: AsyncDriver, source: str, *, idempotent: bool
     ) -> None:
         if not isinstance(source, str) or not source.strip():
             raise ConfigurationError("cache.script() takes the Lua source as a string")
         self._lua = LuaScript("user", source=source)
-        self._sync = sync
-        self._async = async_
+        self._driver = driver
+        self._adriver = adriver
         self.idempotent = idempotent
 
     def __repr__(self) -> str:
@@ -599,264 +556,24 @@ class Script:
 
         :raises BackendError: a Lua error; BackendUnavailableError: Redis unreachable.
         """
-        k, a = list(keys), list(args)
-        return self._sync.run(lambda c: self._lua(c, k, a), retry=self.idempotent)
+        return self._driver.execute(self._eval(keys, args))
 
     async def arun(self, keys: Sequence[KeyT] = (), args: Sequence[ArgT] = ()) -> Any:
         """Async twin of :meth:`run`."""
-        k, a = list(keys), list(args)
-        return await self._async.run(
-            lambda c: self._lua.acall(c, k, a), retry=self.idempotent
-        )
+        return await self._adriver.execute(self._eval(keys, args))
 
     def load(self) -> str:
         """SCRIPT LOAD now (optional: the first run loads it anyway); the SHA1."""
-        return _text(self._sync.run(lambda c: c.script_load(self.source)))
+        return _text(self._driver.execute(self._load()))
 
     async def aload(self) -> str:
         """Async twin of :meth:`load`."""
-        return _text(await self._async.run(lambda c: c.script_load(self.source)))
+        return _text(await self._adriver.execute(self._load()))
 
+    def _eval(self, keys: Sequence[KeyT], args: Sequence[ArgT]) -> Eval:
+        # no guard: a user's script fails closed, as a transaction does
+        return Eval(self._lua, list(keys), list(args), retry=self.idempotent)
 
-# -- the mixin -----------------------------------------------------------------------
-
-
-class TransactionMixin(CacheBase):
-    """Adds ``transaction``, ``update`` and ``script`` (and a-twins) to ``Cache``."""
-
-    if TYPE_CHECKING:
-        _explicit_prefix: str
-        _key: Callable[[str], str]
-
-        def _ttl(self, ttl: Duration | None) -> float: ...
-
-    # -- helpers shared by both drivers -------------------------------------------------
-
-    def _tx_plan(
-        self,
-        watch: Sequence[KeyT],
-        retries: int,
-        max_time: Duration,
-        stats: TransactionStats | None,
-    ) -> tuple[_Plan, list[KeyT]]:
-        user_keys = _check_watch(watch)
-        plan = _Plan(
-            user_keys,
-            _check_retries(retries),
-            max_time
-            if type(max_time) is float and 0 < max_time < float("inf")
-            else parse_duration(max_time, what="max_time"),
-            self.retry.attempts,
-            stats,
-        )
-        return plan, user_keys
-
-    def _tx_keys(self, keys: list[KeyT], prefixed: bool) -> list[KeyT]:
-        if not prefixed:
-            return keys
-        return [self._key(k if isinstance(k, str) else k.decode()) for k in keys]
-
-    def _tx_decode(self, raw: bytes | None) -> Any:
-        """The cached value in ``raw``, None for a missing or undecodable entry."""
-        if raw is None:
-            return None
-        try:
-            return decode_envelope(self.serializer, raw).value
-        except UndecodableError:
-            # Same rule as cache.get: a foreign or corrupt entry is a miss; counted so
-            # that it is not silent.
-            self.metrics.cache_error(self.name, "decode", "UndecodableError")
-            return None
-
-    # -- transaction --------------------------------------------------------------------
-
-    def transaction(
-        self,
-        fn: Callable[[Pipeline], object],
-        *,
-        watch: Sequence[KeyT] = (),
-        retries: int = DEFAULT_RETRIES,
-        max_time: Duration = DEFAULT_MAX_TIME,
-        prefixed: bool = False,
-        stats: TransactionStats | None = None,
-    ) -> list[Any]:
-        """Run ``fn(pipe)`` as an optimistic transaction; return EXEC's replies.
-
-        ``pipe`` is a redis-py pipeline already WATCHing ``watch``. ``fn`` reads, calls
-        ``pipe.multi()``, then queues writes; rcache sends EXEC. If a watched key changed
-        meanwhile, nothing is written and ``fn`` runs again after a jittered backoff.
-        **``fn`` may run several times: no side effects outside the pipeline.**
-
-        :param watch: keys to WATCH (your own Redis keys; see ``prefixed``).
-        :param retries: runs after the first one before giving up.
-        :param max_time: total time budget for the retries (seconds, ``"2s"``, ...).
-        :param prefixed: watch ``f"{cache.prefix}:k:{key}"`` (the keys ``cache.get``
-            uses) instead of the keys as given; ``fn`` must use those full names.
-        :param stats: a :class:`TransactionStats` that counts attempts and conflicts.
-        :raises TransactionConflictError: still conflicting after the budget.
-        :raises BackendUnavailableError: Redis unreachable, or the connection was lost
-            after EXEC was sent (then the transaction may have been applied; it is not
-            retried because that could apply it twice).
-        :raises BackendError: Redis answered an error (e.g. WRONGTYPE).
-        :raises ConfigurationError: bad arguments; keys in several Cluster slots.
-
-        Any exception raised by ``fn`` abandons the transaction (nothing written, no
-        retry) and propagates unchanged.
-
-        Example::
-
-            def take_one(pipe):
-                stock = int(pipe.get("stock:42") or 0)
-                if stock <= 0:
-                    raise OutOfStock()
-                pipe.multi()
-                pipe.set("stock:42", stock - 1)
-
-            cache.transaction(take_one, watch=["stock:42"], retries=20)
-
-        Use it for read-decide-write on a few keys under contention; for a cached value
-        use :meth:`update`; for a write that needs no read, a single command or a
-        :meth:`script` is cheaper.
-        """
-        plan, keys = self._tx_plan(watch, retries, max_time, stats)
-        redis_keys = self._tx_keys(keys, prefixed)
-
-        result, _ = _run(plan, self._sync.client, redis_keys, fn)
-        return result
-
-    async def atransaction(
-        self,
-        fn: Callable[[AsyncPipeline], Awaitable[object]],
-        *,
-        watch: Sequence[KeyT] = (),
-        retries: int = DEFAULT_RETRIES,
-        max_time: Duration = DEFAULT_MAX_TIME,
-        prefixed: bool = False,
-        stats: TransactionStats | None = None,
-    ) -> list[Any]:
-        """Async twin of :meth:`transaction`: ``fn`` is ``async def fn(pipe)`` over a
-        ``redis.asyncio`` pipeline (``await pipe.get(...)``; ``pipe.multi()`` and the
-        queued writes are not awaited)."""
-        plan, keys = self._tx_plan(watch, retries, max_time, stats)
-        redis_keys = self._tx_keys(keys, prefixed)
-
-        async def body(pipe: AsyncPipeline) -> None:
-            result = fn(pipe)
-            if inspect.isawaitable(result):
-                await result
-
-        result, _ = await _arun(plan, self._async.client, redis_keys, body)
-        return result
-
-    # -- update -------------------------------------------------------------------------
-
-    def update(
-        self,
-        key: str,
-        fn: Callable[[Any], V],
-        ttl: Duration | None = None,
-        *,
-        retries: int = DEFAULT_RETRIES,
-        max_time: Duration = DEFAULT_MAX_TIME,
-        stats: TransactionStats | None = None,
-    ) -> V:
-        """Atomically replace the cached value of ``key`` by ``fn(current)``; return it.
-
-        ``key`` is the key of :meth:`get`/:meth:`set`; ``current`` is the decoded value,
-        or ``None`` when there is none (or it cannot be decoded). The new value is
-        stored for ``ttl`` (default: the cache's ttl) with the cache's serializer, under
-        WATCH, so concurrent updates never lose each other's changes. ``fn`` may run
-        several times: keep it a pure function of its argument.
-
-        :raises TransactionConflictError: still conflicting after ``retries``.
-        :raises SerializationError: the new value cannot be serialized (nothing
-            written). Exceptions from ``fn`` propagate unchanged (nothing written).
-
-        Example::
-
-            cache.update("cart:7", lambda cart: {**(cart or {}), "qty": 3}, ttl=600)
-
-        Transactions fail closed: unlike ``get``/``set``, a Redis outage raises
-        BackendUnavailableError instead of being bypassed.
-        """
-        seconds = self._ttl(ttl)
-        rkey = self._key(key)
-        plan, _ = self._tx_plan([key], retries, max_time, stats)
-
-        def body(pipe: Pipeline) -> V:
-            current = self._tx_decode(cast("bytes | None", pipe.get(rkey)))
-            new = fn(current)
-            data = encode_envelope(self.serializer, new, fresh_for=seconds)
-            pipe.multi()
-            pipe.set(rkey, data, px=ttl_ms(seconds))
-            return new
-
-        _, value = _run(plan, self._sync.client, [rkey], body)
-        self.metrics.cache_put(self.name)
-        return value
-
-    async def aupdate(
-        self,
-        key: str,
-        fn: Callable[[Any], V],
-        ttl: Duration | None = None,
-        *,
-        retries: int = DEFAULT_RETRIES,
-        max_time: Duration = DEFAULT_MAX_TIME,
-        stats: TransactionStats | None = None,
-    ) -> V:
-        """Async twin of :meth:`update`. ``fn`` is a plain function (it only computes
-        the new value; it may run several times)."""
-        seconds = self._ttl(ttl)
-        rkey = self._key(key)
-        plan, _ = self._tx_plan([key], retries, max_time, stats)
-
-        async def body(pipe: AsyncPipeline) -> V:
-            current = self._tx_decode(cast("bytes | None", await pipe.get(rkey)))
-            new = fn(current)
-            data = encode_envelope(self.serializer, new, fresh_for=seconds)
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.set(rkey, data, px=ttl_ms(seconds))
-            return new
-
-        _, value = await _arun(plan, self._async.client, [rkey], body)
-        self.metrics.cache_put(self.name)
-        return value
-
-    # -- scripts ------------------------------------------------------------------------
-
-    def script(
-        self, source: str, *, idempotent: bool = False, load: bool = False
-    ) -> Script:
-        """Register a Lua script; returns a :class:`Script` (``s.run(keys, args)``).
-
-        Nothing is sent until the first run (or now with ``load=True``): define scripts
-        once, at module level or at startup. Each run uses EVALSHA and reloads the source
-        transparently after NOSCRIPT, e.g. after a Redis restart.
-
-        :param idempotent: the script may safely run twice, so a connection error while
-            it was being sent is retried; default False (raise BackendUnavailableError).
-        :param load: SCRIPT LOAD now, to fail early if Redis is unreachable.
-
-        Example::
-
-            INCR_CAP = cache.script(
-                "local v = redis.call('INCR', KEYS[1]) "
-                "if v > tonumber(ARGV[1]) then redis.call('DECR', KEYS[1]) return -1 end "
-                "return v"
-            )
-            INCR_CAP.run(keys=["quota:7"], args=[100])
-        """
-        s = Script(self._sync, self._async, source, idempotent=idempotent)
-        if load:
-            s.load()
-        return s
-
-    async def ascript(
-        self, source: str, *, idempotent: bool = False, load: bool = False
-    ) -> Script:
-        """Async twin of :meth:`script` (``load=True`` loads with the async client)."""
-        s = Script(self._sync, self._async, source, idempotent=idempotent)
-        if load:
-            await s.aload()
-        return s
+    def _load(self) -> Run:
+        source = self.source
+        return Run(lambda c: c.script_load(source))

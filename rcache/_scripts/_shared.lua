@@ -8,6 +8,10 @@
 --                  counter is seeded from the server clock in microseconds, above every
 --                  fence issued before unless the server clock went back (issue 14:
 --                  fences restarted at 1 after a SHUTDOWN NOSAVE restart).
+-- push_wakeup(list, keep, ms)
+--                  wake one waiter blocked on `list` (LPUSH: its BLPOP pops it), keep
+--                  at most `keep` wake-ups in it (one release, one grant) and let an
+--                  unconsumed one expire after `ms` (a stale one costs a spurious retry)
 local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -17,8 +21,15 @@ local function server_us()
   return t[1] .. string.sub('00000' .. t[2], -6)
 end
 local function next_fence(key)
-  if redis.call('EXISTS', key) == 0 then
+  local fence = redis.call('INCR', key)
+  if fence == 1 then  -- the counter was missing: seed it (one call less than EXISTS)
     redis.call('SET', key, server_us())
+    fence = redis.call('INCR', key)
   end
-  return redis.call('INCR', key)
+  return fence
+end
+local function push_wakeup(list, keep, ms)
+  redis.call('LPUSH', list, '1')
+  redis.call('LTRIM', list, 0, tonumber(keep) - 1)
+  redis.call('PEXPIRE', list, ms)
 end

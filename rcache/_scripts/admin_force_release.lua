@@ -47,10 +47,7 @@ end
 if ARGV[5] == '1' then
   local head = redis.call('ZRANGE', KEYS[3 + n], 0, 0)
   if head[1] then
-    local sig = KEYS[4 + n] .. head[1]
-    redis.call('LPUSH', sig, '1')
-    redis.call('LTRIM', sig, 0, 0)
-    redis.call('PEXPIRE', sig, ARGV[2])
+    push_wakeup(KEYS[4 + n] .. head[1], 1, ARGV[2])
   end
 end
 return {tokens, fence}

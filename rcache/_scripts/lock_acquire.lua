@@ -25,23 +25,22 @@ local function mark_waiting()
     redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
   end
 end
-local cur = redis.call('GET', KEYS[1])
-if cur == false then
-  if ARGV[3] == '0' then
-    local grace = redis.call('PTTL', KEYS[4])
-    if grace > 0 then
-      mark_waiting()
-      return {2, grace}
-    end
+-- The uncontended try is three calls (grace, SET NX, fence): each call inside a script
+-- costs about what a GET costs the server.
+if ARGV[3] == '0' then
+  local grace = redis.call('PTTL', KEYS[4])
+  if grace > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+    mark_waiting()
+    return {2, grace}
   end
-  local fence = next_fence(KEYS[2])
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] ~= '0' then
     redis.call('DEL', KEYS[4])
   end
-  return {1, fence}
+  return {1, next_fence(KEYS[2])}
 end
-if cur == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
 end

@@ -10,6 +10,7 @@
 -- Returns  1  released (or left the queue)
 --          0  the key holds another token: left untouched
 --         -1  the key is gone: the lease expired
+-- @include _shared
 local result = 1
 if ARGV[3] == 'a' then
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -25,9 +26,6 @@ else
 end
 local head = redis.call('ZRANGE', KEYS[2], 0, 0)
 if head[1] then
-  local sig = KEYS[4] .. head[1]
-  redis.call('LPUSH', sig, '1')
-  redis.call('LTRIM', sig, 0, 0)
-  redis.call('PEXPIRE', sig, ARGV[2])
+  push_wakeup(KEYS[4] .. head[1], 1, ARGV[2])
 end
 return result

@@ -10,6 +10,7 @@
 -- Returns  1  released (and one signal pushed when the waiters marker exists)
 --          0  the key holds another token: someone else's lock, left untouched
 --         -1  the key is gone: the lease expired
+-- @include _shared
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -22,9 +23,7 @@ if cur == ARGV[1] then
   if tonumber(ARGV[4]) > 0 then
     redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
   end
-  redis.call('LPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  push_wakeup(KEYS[2], ARGV[3], ARGV[2])
   return 1
 end
 if cur == false then

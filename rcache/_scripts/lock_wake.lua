@@ -4,10 +4,9 @@
 --         nothing is pushed
 -- ARGV[1] signal lifetime ms, ARGV[2] maximum signals kept in the list
 -- Returns 1 if a signal was pushed, 0 otherwise. A spurious signal costs one retry.
+-- @include _shared
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
-redis.call('LPUSH', KEYS[1], '1')
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+push_wakeup(KEYS[1], ARGV[2], ARGV[1])
 return 1

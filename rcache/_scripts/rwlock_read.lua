@@ -29,8 +29,6 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]) + 1)
 if ARGV[3] == '1' then
-  redis.call('LPUSH', KEYS[4], '1')
-  redis.call('LTRIM', KEYS[4], 0, 0)
-  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  push_wakeup(KEYS[4], 1, ARGV[4])
 end
 return {1, 0}

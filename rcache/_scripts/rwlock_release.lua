@@ -39,9 +39,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
     sig = KEYS[4]
   end
   if sig then
-    redis.call('LPUSH', sig, '1')
-    redis.call('LTRIM', sig, 0, 0)
-    redis.call('PEXPIRE', sig, ARGV[3])
+    push_wakeup(sig, 1, ARGV[3])
   end
 end
 return result

@@ -14,7 +14,5 @@ if score == false or tonumber(score) <= now then
   return -1
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], '1')
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+push_wakeup(KEYS[2], ARGV[3], ARGV[2])
 return 1

@@ -261,11 +261,21 @@ def _waiter(cache: rcache.Cache, kind: str) -> tuple[Any, Any]:
     return rw.read(), cache.rwlock("w", ttl=30).write()
 
 
-def _outcome(call: Callable[[], bool]) -> str:
+async def _acquire(lock: Any, mode: str, timeout: float) -> bool:
+    """``acquire`` (in a worker thread: the loop keeps running) or ``aacquire``."""
+    if mode == "sync":
+        return bool(await asyncio.to_thread(lock.acquire, timeout))
+    return bool(await lock.aacquire(timeout))
+
+
+async def _timed_wait(lock: Any, mode: str, budget: float) -> tuple[str, float]:
+    """(acquired/timeout/error, seconds taken) of one acquire with a budget."""
+    start = time.monotonic()
     try:
-        return "acquired" if call() else "timeout"
+        outcome = "acquired" if await _acquire(lock, mode, budget) else "timeout"
     except LockNotAcquiredError:
-        return "error"
+        outcome = "error"
+    return outcome, time.monotonic() - start
 
 
 KINDS = ["lock", "fair", "semaphore", "read", "write"]
@@ -273,9 +283,11 @@ KINDS = ["lock", "fair", "semaphore", "read", "write"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("when", ["blocked", "before"])
-def test_sync_wait_keeps_its_budget_while_redis_is_stopped(
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_wait_keeps_its_budget_while_redis_is_stopped(
     redis_server_factory: Callable[[], RedisServer],
     paused_later: list[RedisServer],
+    mode: str,
     kind: str,
     when: str,
 ) -> None:
@@ -283,62 +295,20 @@ def test_sync_wait_keeps_its_budget_while_redis_is_stopped(
     paused_later.append(server)
     cache = rcache.Cache(server.url, prefix="t")
     holder, waiter = _waiter(cache, kind)
-    assert holder.acquire(timeout=2)
+    assert await _acquire(holder, mode, 2)
     budget = 1.5
-    result: list[tuple[str, float]] = []
-
-    def wait() -> None:
-        start = time.monotonic()
-        outcome = _outcome(lambda: bool(waiter.acquire(timeout=budget)))
-        result.append((outcome, time.monotonic() - start))
-
     if when == "before":
         server.pause()
-        wait()
+        outcome, elapsed = await _timed_wait(waiter, mode, budget)
     else:
-        t = threading.Thread(target=wait)
-        t.start()
+        task = asyncio.ensure_future(_timed_wait(waiter, mode, budget))
         probe = server.client()
-        wait_until(  # blocked in BLPOP, on the long-timeout blocking client
-            lambda: b"cmd=blpop" in probe.execute_command("CLIENT", "LIST"),
-            5,
-            message="the waiter blocked in BLPOP",
+        await _apoll(  # blocked in BLPOP, on the long-timeout blocking client
+            lambda: b"cmd=blpop" in probe.execute_command("CLIENT", "LIST"), 5
         )
         probe.close()
         server.pause()
-        t.join(budget + 10)
-    server.resume()
-    outcome, elapsed = result[0]
-    assert outcome in ("timeout", "error")
-    assert elapsed < budget + OVERRUN, f"{kind}: {elapsed:.2f}s for a {budget}s budget"
-    cache.close()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_async_wait_keeps_its_budget_while_redis_is_stopped(
-    redis_server_factory: Callable[[], RedisServer],
-    paused_later: list[RedisServer],
-    kind: str,
-) -> None:
-    server = redis_server_factory()
-    paused_later.append(server)
-    cache = rcache.Cache(server.url, prefix="t")
-    holder, waiter = _waiter(cache, kind)
-    assert await holder.aacquire(timeout=2)
-    budget = 1.5
-    start = time.monotonic()
-    task = asyncio.ensure_future(waiter.aacquire(timeout=budget))
-    probe = server.client()
-    while b"cmd=blpop" not in probe.execute_command("CLIENT", "LIST"):
-        assert time.monotonic() - start < 5, "the waiter never blocked in BLPOP"
-        await asyncio.sleep(0.005)
-    probe.close()
-    server.pause()
-    try:
-        outcome = "acquired" if await task else "timeout"
-    except LockNotAcquiredError:
-        outcome = "error"
-    elapsed = time.monotonic() - start
+        outcome, elapsed = await task
     server.resume()
     assert outcome in ("timeout", "error")
     assert elapsed < budget + OVERRUN, f"{kind}: {elapsed:.2f}s for a {budget}s budget"

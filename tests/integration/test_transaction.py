@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -54,6 +54,68 @@ async def atake_one(pipe: Any) -> None:
     pipe.set("stock:42", stock - 1)
 
 
+class Mode:
+    """Runs one behaviour test in sync or async mode.
+
+    ``await mode(obj, "transaction", ...)`` calls ``obj.transaction(...)``, or awaits
+    ``obj.atransaction(...)``. The caller's function is written once as a generator
+    that yields each pipeline read (``stock = yield pipe.get(k)``); ``mode.fn(gen)``
+    turns it into a plain function (a read answers at once) or an ``async def`` (it
+    awaits each read).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    async def __call__(self, obj: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.name == "sync":
+            return getattr(obj, method)(*args, **kwargs)
+        return await getattr(obj, "a" + method)(*args, **kwargs)
+
+    async def transaction(self, cache: rcache.Cache, gen: Body, **kwargs: Any) -> Any:
+        return await self(cache, "transaction", self.fn(gen), **kwargs)
+
+    def fn(self, gen: Body) -> Callable[[Any], Any]:
+        def fn(pipe: Any) -> Any:
+            steps, reply = gen(pipe), None
+            try:
+                while True:
+                    reply = steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+
+        async def afn(pipe: Any) -> Any:
+            steps, reply = gen(pipe), None
+            try:
+                while True:
+                    reply = await steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+
+        return fn if self.name == "sync" else afn
+
+
+#: A caller's transaction function written for both modes (see Mode).
+Body = Callable[[Any], Generator[Any, Any, Any]]
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> Mode:
+    return Mode(request.param)
+
+
+def taking_one(pipe: Any) -> Generator[Any, Any, None]:
+    """take_one for both modes."""
+    stock = int((yield pipe.get("stock:42")) or 0)
+    if stock <= 0:
+        raise OutOfStockError()
+    pipe.multi()
+    pipe.set("stock:42", stock - 1)
+
+
 # -- transaction: happy path ------------------------------------------------------------
 
 
@@ -91,33 +153,33 @@ async def test_atransaction_commits_and_returns_exec_replies(
 # -- a raising function aborts --------------------------------------------------------
 
 
-def test_raising_function_aborts_writes_nothing_and_is_not_retried(
-    cache: rcache.Cache, redis_client: redis.Redis
+async def test_raising_function_aborts_writes_nothing_and_is_not_retried(
+    mode: Mode, cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
     redis_client.set("stock:42", 1)
     calls = 0
     error = OutOfStockError("sold out")
 
-    def fn(pipe: Any) -> None:
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
         nonlocal calls
         calls += 1
-        pipe.get("stock:42")
+        yield pipe.get("stock:42")
         pipe.multi()
         pipe.set("stock:42", 999)  # queued, must never be applied
         pipe.set("other", 1)
         raise error
 
     with pytest.raises(OutOfStockError) as info:
-        cache.transaction(fn, watch=["stock:42"], retries=5)
+        await mode.transaction(cache, fn, watch=["stock:42"], retries=5)
     assert info.value is error  # the caller's exception, unchanged
     assert calls == 1
     assert redis_client.get("stock:42") == b"1"
     assert redis_client.exists("other") == 0
     # The pooled connection was UNWATCHed and reset: the next transaction is normal.
-    assert cache.transaction(take_one, watch=["stock:42"]) == [True]
+    assert await mode.transaction(cache, taking_one, watch=["stock:42"]) == [True]
     assert redis_client.get("stock:42") == b"0"
     with pytest.raises(OutOfStockError):
-        cache.transaction(take_one, watch=["stock:42"])
+        await mode.transaction(cache, taking_one, watch=["stock:42"])
     assert redis_client.get("stock:42") == b"0"
 
 
@@ -140,28 +202,6 @@ def test_callers_os_errors_are_not_mistaken_for_redis_outages(
         cache.transaction(fn, watch=["stock:42"])
     assert info.value is error
     assert calls == 1
-
-
-async def test_raising_async_function_aborts_writes_nothing(
-    acache: rcache.Cache, redis_client: redis.Redis
-) -> None:
-    redis_client.set("stock:42", 1)
-    calls = 0
-
-    async def fn(pipe: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await pipe.get("stock:42")
-        pipe.multi()
-        pipe.set("stock:42", 999)
-        raise OutOfStockError()
-
-    with pytest.raises(OutOfStockError):
-        await acache.atransaction(fn, watch=["stock:42"], retries=5)
-    assert calls == 1
-    assert redis_client.get("stock:42") == b"1"
-    assert await acache.atransaction(atake_one, watch=["stock:42"]) == [True]
-    assert redis_client.get("stock:42") == b"0"
 
 
 # -- conflicts ----------------------------------------------------------------------------
@@ -199,18 +239,18 @@ def test_conflict_is_retried_and_the_retry_sees_the_new_value(
     )
 
 
-def test_exception_on_a_retry_propagates_unchanged(
-    cache: rcache.Cache, redis_client: redis.Redis
+async def test_exception_on_a_retry_propagates_unchanged(
+    mode: Mode, cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
     """The last item is bought by someone else between our read and our EXEC: the
     retry sees 0 and the caller gets OutOfStockError, not a conflict error."""
     redis_client.set("stock:42", 1)
     runs = 0
 
-    def fn(pipe: Any) -> None:
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
         nonlocal runs
         runs += 1
-        stock = int(pipe.get("stock:42"))
+        stock = int((yield pipe.get("stock:42")))
         if stock <= 0:
             raise OutOfStockError()
         redis_client.decr("stock:42")  # the concurrent buyer
@@ -219,28 +259,10 @@ def test_exception_on_a_retry_propagates_unchanged(
 
     stats = TransactionStats()
     with pytest.raises(OutOfStockError):
-        cache.transaction(fn, watch=["stock:42"], stats=stats)
+        await mode.transaction(cache, fn, watch=["stock:42"], stats=stats)
     assert runs == 2
     assert redis_client.get("stock:42") == b"0"
     assert (stats.conflicts, stats.commits, stats.attempts) == (1, 0, 2)
-
-
-async def test_async_exception_on_a_retry_propagates_unchanged(
-    acache: rcache.Cache, redis_client: redis.Redis
-) -> None:
-    redis_client.set("stock:42", 1)
-
-    async def fn(pipe: Any) -> None:
-        stock = int(await pipe.get("stock:42"))
-        if stock <= 0:
-            raise OutOfStockError()
-        redis_client.decr("stock:42")
-        pipe.multi()
-        pipe.set("stock:42", stock - 1)
-
-    with pytest.raises(OutOfStockError):
-        await acache.atransaction(fn, watch=["stock:42"])
-    assert redis_client.get("stock:42") == b"0"
 
 
 def test_retry_budget_exhausted_raises_conflict_error_and_writes_nothing(
@@ -362,37 +384,26 @@ def test_no_watch_runs_multi_exec_once(
 # -- errors are mapped, transactions fail closed -------------------------------------------
 
 
-def test_redis_error_in_function_is_mapped(
-    cache: rcache.Cache, redis_client: redis.Redis
+async def test_redis_error_in_function_is_mapped(
+    mode: Mode, cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
     redis_client.rpush("alist", 1)
 
-    def fn(pipe: Any) -> None:
-        pipe.get("alist")  # WRONGTYPE
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
+        yield pipe.get("alist")  # WRONGTYPE
 
     with pytest.raises(rcache.BackendError) as info:
-        cache.transaction(fn, watch=["alist"])
+        await mode.transaction(cache, fn, watch=["alist"])
     assert not isinstance(info.value, rcache.BackendUnavailableError)
     assert isinstance(info.value.original, redis.ResponseError)
 
-    def queued_error(pipe: Any) -> None:
+    def queued_error(pipe: Any) -> Generator[Any, Any, None]:
         pipe.multi()
         pipe.incr("alist")  # fails inside EXEC
+        yield from ()
 
     with pytest.raises(rcache.BackendError):
-        cache.transaction(queued_error, watch=["alist"])
-
-
-async def test_async_redis_error_in_function_is_mapped(
-    acache: rcache.Cache, redis_client: redis.Redis
-) -> None:
-    redis_client.rpush("alist", 1)
-
-    async def fn(pipe: Any) -> None:
-        await pipe.get("alist")
-
-    with pytest.raises(rcache.BackendError):
-        await acache.atransaction(fn, watch=["alist"])
+        await mode.transaction(cache, queued_error, watch=["alist"])
 
 
 def test_transaction_fails_closed_when_redis_is_down(
@@ -415,8 +426,8 @@ def test_transaction_fails_closed_when_redis_is_down(
     cache.close()
 
 
-def test_connection_lost_after_exec_is_not_retried(
-    own_server: tuple[RedisServer, redis.Redis],
+async def test_connection_lost_after_exec_is_not_retried(
+    mode: Mode, own_server: tuple[RedisServer, redis.Redis]
 ) -> None:
     """The EXEC reached Redis but its reply did not reach us: never run it again.
 
@@ -430,17 +441,17 @@ def test_connection_lost_after_exec_is_not_retried(
     )
     calls = 0
 
-    def fn(pipe: Any) -> None:
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
         nonlocal calls
         calls += 1
-        stock = int(pipe.get("stock:42"))
+        stock = int((yield pipe.get("stock:42")))
         pipe.multi()
         pipe.set("stock:42", stock - 1)
         server.pause()  # EXEC will be sent, and its reply will time out
 
     try:
         with pytest.raises(rcache.BackendUnavailableError, match="after EXEC"):
-            cache.transaction(fn, watch=["stock:42"], retries=10)
+            await mode.transaction(cache, fn, watch=["stock:42"], retries=10)
     finally:
         server.resume()
     assert calls == 1
@@ -449,45 +460,12 @@ def test_connection_lost_after_exec_is_not_retried(
         lambda: admin.get("stock:42") == b"4", timeout=10, message="EXEC applied"
     )
     assert admin.get("stock:42") == b"4"
-    assert cache.transaction(take_one, watch=["stock:42"]) == [True]
+    assert await mode.transaction(cache, taking_one, watch=["stock:42"]) == [True]
     assert admin.get("stock:42") == b"3"
+    await cache.aclose()
     cache.close()
 
 
-async def test_async_connection_lost_after_exec_is_not_retried(
-    own_server: tuple[RedisServer, redis.Redis],
-) -> None:
-    server, admin = own_server
-    admin.set("stock:42", 5)
-    cache = rcache.Cache(
-        server.url, prefix="test", redis_options={"socket_timeout": 0.3}
-    )
-    calls = 0
-
-    async def fn(pipe: Any) -> None:
-        nonlocal calls
-        calls += 1
-        stock = int(await pipe.get("stock:42"))
-        pipe.multi()
-        pipe.set("stock:42", stock - 1)
-        server.pause()
-
-    try:
-        with pytest.raises(rcache.BackendUnavailableError, match="after EXEC"):
-            await cache.atransaction(fn, watch=["stock:42"], retries=10)
-    finally:
-        server.resume()
-    assert calls == 1
-    wait_until(
-        lambda: admin.get("stock:42") == b"4", timeout=10, message="EXEC applied"
-    )
-    await cache.aclose()
-
-
-# Keeps Redis busy inside EXEC (after our SET) for BUSY_MS, so that the client's read of
-# the EXEC reply times out although the transaction commits. DEBUG SLEEP, not a Lua loop
-# on redis.call('TIME'): Redis 8 and Valkey 9 freeze TIME during a script, so such a loop
-# spun for 5-10 s there instead of BUSY_MS.
 BUSY_MS = 900
 
 
@@ -506,8 +484,8 @@ def debug_server() -> Iterator[tuple[RedisServer, redis.Redis]]:
 EXEC_READ_TIMEOUT = 0.6
 
 
-def test_committed_exec_reported_as_watch_error_is_not_retried(
-    debug_server: tuple[RedisServer, redis.Redis],
+async def test_committed_exec_reported_as_watch_error_is_not_retried(
+    mode: Mode, debug_server: tuple[RedisServer, redis.Redis]
 ) -> None:
     """redis-py turns "reply lost after EXEC" into ``WatchError`` when it can reconnect
     (``Pipeline._disconnect_raise_on_watching``); ``Redis.transaction`` then runs the
@@ -520,44 +498,16 @@ def test_committed_exec_reported_as_watch_error_is_not_retried(
     )
     calls = 0
 
-    def fn(pipe: Any) -> None:
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
         nonlocal calls
         calls += 1
-        stock = int(pipe.get("stock:42"))
+        stock = int((yield pipe.get("stock:42")))
         pipe.multi()
         pipe.set("stock:42", stock - 1)
         busy(pipe)
 
     with pytest.raises(rcache.BackendUnavailableError, match="after EXEC") as info:
-        cache.transaction(fn, watch=["stock:42"], retries=10)
-    assert isinstance(info.value.__cause__, redis.WatchError)
-    assert calls == 1
-    wait_until(
-        lambda: admin.get("stock:42") == b"4", timeout=10, message="EXEC applied"
-    )
-    cache.close()
-
-
-async def test_async_committed_exec_reported_as_watch_error_is_not_retried(
-    debug_server: tuple[RedisServer, redis.Redis],
-) -> None:
-    server, admin = debug_server
-    admin.set("stock:42", 5)
-    cache = rcache.Cache(
-        server.url, prefix="test", redis_options={"socket_timeout": EXEC_READ_TIMEOUT}
-    )
-    calls = 0
-
-    async def fn(pipe: Any) -> None:
-        nonlocal calls
-        calls += 1
-        stock = int(await pipe.get("stock:42"))
-        pipe.multi()
-        pipe.set("stock:42", stock - 1)
-        busy(pipe)
-
-    with pytest.raises(rcache.BackendUnavailableError, match="after EXEC") as info:
-        await cache.atransaction(fn, watch=["stock:42"], retries=10)
+        await mode.transaction(cache, fn, watch=["stock:42"], retries=10)
     assert isinstance(info.value.__cause__, redis.WatchError)
     assert calls == 1
     wait_until(
@@ -565,97 +515,58 @@ async def test_async_committed_exec_reported_as_watch_error_is_not_retried(
     )
     assert admin.get("stock:42") == b"4"
     await cache.aclose()
+    cache.close()
 
 
-def test_connection_lost_before_exec_is_retried(
-    own_server: tuple[RedisServer, redis.Redis],
+async def test_connection_lost_before_exec_is_retried(
+    mode: Mode, own_server: tuple[RedisServer, redis.Redis]
 ) -> None:
     server, admin = own_server
     admin.set("stock:42", 5)
     cache = rcache.Cache(server.url, prefix="test")
     runs = 0
 
-    def fn(pipe: Any) -> None:
+    def fn(pipe: Any) -> Generator[Any, Any, None]:
         nonlocal runs
         runs += 1
         if runs == 1:
             # The server drops our WATCHing connection before we send anything else.
-            admin.client_kill_filter(_id=pipe.client_id())
-        stock = int(pipe.get("stock:42"))
+            admin.client_kill_filter(_id=(yield pipe.client_id()))
+        stock = int((yield pipe.get("stock:42")))
         pipe.multi()
         pipe.set("stock:42", stock - 1)
 
     stats = TransactionStats()
-    assert cache.transaction(fn, watch=["stock:42"], stats=stats) == [True]
+    assert await mode.transaction(cache, fn, watch=["stock:42"], stats=stats) == [True]
     assert runs == 2
     assert admin.get("stock:42") == b"4"
     assert (stats.transient_retries, stats.conflicts, stats.attempts) == (1, 0, 2)
-    cache.close()
-
-
-async def test_async_connection_lost_before_exec_is_retried(
-    own_server: tuple[RedisServer, redis.Redis],
-) -> None:
-    server, admin = own_server
-    admin.set("stock:42", 5)
-    cache = rcache.Cache(server.url, prefix="test")
-    runs = 0
-
-    async def fn(pipe: Any) -> None:
-        nonlocal runs
-        runs += 1
-        if runs == 1:
-            admin.client_kill_filter(_id=await pipe.client_id())
-        stock = int(await pipe.get("stock:42"))
-        pipe.multi()
-        pipe.set("stock:42", stock - 1)
-
-    stats = TransactionStats()
-    assert await cache.atransaction(fn, watch=["stock:42"], stats=stats) == [True]
-    assert runs == 2
-    assert admin.get("stock:42") == b"4"
-    assert stats.transient_retries == 1
     await cache.aclose()
-
-
-def test_transaction_right_after_a_redis_restart(
-    own_server: tuple[RedisServer, redis.Redis],
-) -> None:
-    server, admin = own_server
-    cache = rcache.Cache(server.url, prefix="test")
-    admin.set("stock:42", 5)
-    assert cache.transaction(take_one, watch=["stock:42"]) == [True]
-    admin.close()
-    server.restart()  # the pooled connection is dead; the dataset is gone
-    admin = server.client()
-    admin.set("stock:42", 7)
-    assert cache.transaction(take_one, watch=["stock:42"]) == [True]
-    assert admin.get("stock:42") == b"6"
-    admin.close()
     cache.close()
 
 
-async def test_atransaction_right_after_a_redis_restart(
-    own_server: tuple[RedisServer, redis.Redis],
+async def test_transaction_right_after_a_redis_restart(
+    mode: Mode, own_server: tuple[RedisServer, redis.Redis]
 ) -> None:
     """The stale pooled connection fails at WATCH, before anything was written: the
     attempt is retried on a new connection (a safe, transient retry)."""
     server, admin = own_server
     cache = rcache.Cache(server.url, prefix="test")
     admin.set("stock:42", 5)
-    assert await cache.atransaction(atake_one, watch=["stock:42"]) == [True]
+    assert await mode.transaction(cache, taking_one, watch=["stock:42"]) == [True]
     admin.close()
-    await asyncio.to_thread(server.restart)
+    await asyncio.to_thread(server.restart)  # the pooled connection is dead
     admin = server.client()
     admin.set("stock:42", 7)
     stats = TransactionStats()
-    assert await cache.atransaction(atake_one, watch=["stock:42"], stats=stats) == [
-        True
-    ]
+    assert await mode.transaction(
+        cache, taking_one, watch=["stock:42"], stats=stats
+    ) == [True]
     assert admin.get("stock:42") == b"6"
     assert stats.commits == 1
     admin.close()
     await cache.aclose()
+    cache.close()
 
 
 def test_transient_retries_follow_the_cache_retry_policy(
