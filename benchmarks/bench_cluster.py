@@ -290,7 +290,11 @@ def batch_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[
         return dict.fromkeys(ids, PAYLOAD)
 
     rows = [
-        [where, "rcache @cached_batch, 20 ids", med(per_call(lambda: users(ids), calls))]
+        [
+            where,
+            "rcache @cached_batch, 20 ids",
+            med(per_call(lambda: users(ids), calls)),
+        ]
     ]
     region = dogpile_region(url, cluster, "dpm:")
 
