@@ -264,3 +264,77 @@ def test_nothing_to_invalidate_sends_nothing() -> None:
         invalidate([], GUARD, "nothing", 4).send(None)
     assert done.value.value == 0
     assert describe("tag", ["a", "b", "c", "d"]) == "tags 'a', 'b', 'c', ..."
+
+
+# -- configure() and the batch flow, driven by hand -----------------------------------------
+
+
+def test_configure_moves_decorated_functions_between_layouts() -> None:
+    cache = rcache.Cache("redis://127.0.0.1:1", prefix="app", ttl=60)
+
+    @cache.cached(name="m.f", tags=["user:{x}"])
+    def f(x: int) -> int:
+        return x
+
+    assert f.key_for(1) == "app:c:m.f:[1]"
+    cache.configure(url="redis+cluster://127.0.0.1:1", slot_groups=16)
+    ks = KeySpace("app", groups=16)
+    key = f.key_for(1)
+    assert key == ks.value("m.f", "[1]")
+    group = ks.group_of_key(key)
+    spec = f._spec  # type: ignore[attr-defined]
+    assert spec.stamp_keys((1,), {}, key) == [
+        ks.function_stamp("m.f", group),
+        ks.tag_stamp("user:1", group),
+    ]
+    cache.configure(url="redis://127.0.0.1:1")
+    assert f.key_for(1) == "app:c:m.f:[1]"
+    assert spec.stamp_keys((1,), {}, "app:c:m.f:[1]") == [
+        "app:s:f:m.f",
+        "app:s:t:user:1",
+    ]
+
+
+def test_the_grouped_batch_flow_reads_claims_computes_and_stores_per_group() -> None:
+    from rcache._cluster import EvalEach
+    from rcache._flow import Compute
+
+    cache = rcache.Cache("redis+cluster://127.0.0.1:1", prefix="app", slot_groups=4)
+    computed: list[list[int]] = []
+
+    @cache.cached_batch(ttl=60, name="m.users")
+    def users(ids: list[int]) -> dict[int, int]:
+        computed.append(ids)
+        return {i: i * 10 for i in ids}
+
+    spec = users._spec  # type: ignore[attr-defined]
+    ids = [1, 2, 3, 4, 5, 6]
+    keys = users.keys_for(ids)  # type: ignore[attr-defined]
+    groups = list(dict.fromkeys(cache.keyspace.group_of_key(k) for k in keys))
+    assert len(groups) > 1
+    flow = spec.flow((ids,), {})
+    first = flow.send(None)  # Redis's clock is not known yet: TIME from any node
+    assert isinstance(first, Run)
+    read = flow.send([1_700_000_000, 0])
+    assert isinstance(read, Run)  # one pipelined MGET per group
+    # every group: no stamp, no values (a cold cache)
+    rows = [
+        [None] * (1 + sum(1 for k in keys if cache.keyspace.group_of_key(k) == g))
+        for g in groups
+    ]
+    claims = flow.send(rows)
+    assert isinstance(claims, EvalEach) and len(claims.calls) == len(groups)
+    for (claim_keys, _), g in zip(claims.calls, groups, strict=True):
+        stamp = cache.keyspace.function_stamp("m.users", g)
+        assert claim_keys[2:] == [stamp]  # each group's own copy
+    compute = flow.send([[1, 0, 1_700_000_000_000_000, 0, b"s%d" % g] for g in groups])
+    assert isinstance(compute, Compute)
+    stores = flow.send({i: i * 10 for i in ids})
+    assert isinstance(stores, EvalEach) and len(stores.calls) == len(groups)
+    for (store_keys, store_args), g in zip(stores.calls, groups, strict=True):
+        assert store_keys[0] == cache.keyspace.function_stamp("m.users", g)
+        assert all(cache.keyspace.group_of_key(k) == g for k in store_keys[1:])
+        assert store_args[0] == b"s%d" % g  # stored under its group's stamp
+    with pytest.raises(StopIteration) as done:
+        flow.send([len(c[0]) - 1 for c in stores.calls])
+    assert done.value.value == {i: i * 10 for i in ids}
