@@ -262,10 +262,11 @@ class CachedSpec:
         # stamp_keys on Redis Cluster: the copies in the entry's slot group
         ks = self.keyspace
         group = ks.group_of_key(key)
+        assert group is not None  # built by a grouped KeyBuilder
         if not self._tag_has_fields:
-            stamps = self._group_stamps.get(group)  # type: ignore[arg-type]
+            stamps = self._group_stamps.get(group)
             if stamps is None:
-                stamps = self._group_stamps[group] = [  # type: ignore[index]
+                stamps = self._group_stamps[group] = [
                     ks.function_stamp(self.name, group),
                     *(ks.tag_stamp(t, group) for t in self.options.tags),
                 ]
