@@ -7,6 +7,8 @@ replicas, ``rcache.testing``) and prints, for each, medians of one run:
 1. warm hit (sync and async), per call: a raw GET + json.loads floor beside rcache
    (stampede protection and two tags on: value and stamps in one MGET), dogpile, cashews;
 2. miss (a new argument per call: claim, compute, store);
+   the last column counts the Redis errors each carried on from (cashews logs and
+   swallows them; dogpile raises them);
 3. tag invalidation: rcache deletes a tag's stamp (one DEL on one server; one DEL per
    slot group on a cluster: O(B), whatever the number of entries), cashews deletes the
    tagged keys (O(n)); dogpile has no tags;
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import importlib.metadata as md
 import json
+import logging
 import os
 import statistics
 import sys
@@ -46,6 +49,24 @@ from rcache.testing import RedisCluster, RedisServer
 
 PAYLOAD = {"id": 42, "name": "Ada Lovelace", "email": "ada@example.com", "n": 99.5}
 RAISES = "raises"
+
+
+class Swallowed(logging.Handler):
+    """Counts the Redis errors cashews logs and carries on from (its SafeRedis)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+    def take(self) -> str:
+        n, self.count = self.count, 0
+        return str(n)
+
+
+SWALLOWED = Swallowed()
 
 
 def med(values: list[float]) -> str:
@@ -97,6 +118,12 @@ def rcache_fns(url: str, prefix: str) -> tuple[Any, Any, Any]:
     return cache, hit, miss
 
 
+def errors(cache: rcache.Cache) -> str:
+    """How many Redis errors an rcache Cache counted (and bypassed)."""
+    counts = cache.metrics.counts  # type: ignore[attr-defined]
+    return str(sum(n for event, n in counts.items() if event[0] == "cache_errors"))
+
+
 def dogpile_region(url: str, cluster: RedisCluster | None, prefix: str) -> Any:
     from dogpile.cache import make_region
 
@@ -138,6 +165,7 @@ def sync_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[s
             "redis-py GET + json.loads (floor)",
             med(per_call(lambda: json.loads(raw.get("raw:user")), calls)),
             "",
+            "",
         ]
     ]
     cache, hit, miss = rcache_fns(url, "b")
@@ -148,6 +176,7 @@ def sync_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[s
             "rcache @cached (stampede + 2 tags)",
             med(per_call(lambda: hit(42), calls)),
             med(per_call(lambda: miss(next(counter)), calls // 4)),
+            errors(cache),
         ]
     )
     region = dogpile_region(url, cluster, "dp:")
@@ -162,6 +191,7 @@ def sync_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[s
             "dogpile cache_on_arguments",
             med(per_call(lambda: dp(42), calls)),
             med(per_call(lambda: dp(next(counter)), calls // 4)),
+            "raises",
         ]
     )
     cache.close()
@@ -190,6 +220,7 @@ def async_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[
                 "rcache @cached async (stampede + 2 tags)",
                 med(await aper_call(lambda: hit(42), calls)),
                 med(await aper_call(lambda: miss(next(counter)), calls // 4)),
+                errors(cache),
             ]
         ]
         cw = cashews_cache(url, cluster)
@@ -208,6 +239,7 @@ def async_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[
                 "cashews @cache",
                 med(await aper_call(lambda: cwf(42), calls)),
                 med(await aper_call(lambda: cwf(next(counter)), calls // 4)),
+                SWALLOWED.take(),
             ]
         )
         rows.append(
@@ -216,6 +248,7 @@ def async_rows(url: str, cluster: RedisCluster | None, calls: int) -> list[list[
                 "cashews @cache lock=True",
                 med(await aper_call(lambda: cwl(42), calls)),
                 med(await aper_call(lambda: cwl(next(counter)), calls // 4)),
+                SWALLOWED.take(),
             ]
         )
         await cw.close()
@@ -332,6 +365,9 @@ def main() -> None:
         f"{d} {md.version(d)}" for d in ("redis", "dogpile.cache", "cashews")
     )
     out: dict[str, Any] = {}
+    cashews_log = logging.getLogger("cashews")
+    cashews_log.addHandler(SWALLOWED)
+    cashews_log.propagate = False  # counted, not printed
     with RedisServer() as server, RedisCluster(replicas=0) as cluster:
         version = server.client().info("server")["redis_version"]
         print(
@@ -349,7 +385,9 @@ def main() -> None:
             rows += async_rows(url, cl, args.calls)
         rows.sort(key=lambda r: (r[1], r[0] != "one server"))
         print(f"1-2. Warm hit and miss (median µs per call; {args.calls:,} hits)")
-        print(table(rows, ["where", "subject", "hit µs", "miss µs"]))
+        print(
+            table(rows, ["where", "subject", "hit µs", "miss µs", "errors swallowed"])
+        )
         out["hit_miss"] = rows
         print()
         rows = []
