@@ -6,9 +6,10 @@ The rules (which group an entry is in, how its keys are tagged) are pure and liv
 * :class:`GroupsRecord`: every process must use the same number of groups (B); the
   first command of a process records B or compares it with the recorded one.
 * :func:`invalidate`: a function's or a tag's stamp has a copy in each of the B groups,
-  and an invalidation deletes them all, pipelined per node (redis-py's ClusterPipeline
-  sends to every node before it reads a reply). A failure may have deleted some copies
-  and not others, so it raises whatever ``on_backend_error`` says: a bypassed partial
+  and an invalidation deletes them all with one command per node, every node at once
+  (``cluster_delete.lua``: B = 256 took 0.9 ms against 8.7 ms for 256 pipelined
+  DELs, whose cost is redis-py's client CPU per command). A failure may have deleted some
+  copies and not others, so it raises whatever ``on_backend_error`` says: a bypassed partial
   invalidation would leave the entries of the missed groups valid without a word.
 * :func:`batch`: ``@cache.cached_batch`` with its ids split by group: one MGET per
   group (the group's function stamp and its entries), one claim per group missing its
@@ -33,9 +34,10 @@ from rcache._flow import AsyncDriver, Command, Compute, Eval, Flow, Run, SyncDri
 from rcache._metrics import MetricsSink
 from rcache._policy import BYPASS, Guard
 from rcache._readthrough import Batch
-from rcache._redis import LuaScript, delete_each, mget_each
+from rcache._redis import LuaScript, adelete_by_node, delete_by_node, mget_each
 
 __all__ = [
+    "DeleteCopies",
     "EvalEach",
     "GroupsRecord",
     "batch",
@@ -101,6 +103,23 @@ class GroupsRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DeleteCopies(Command):
+    """Delete keys that span slots, one command per node (``delete_by_node``): one
+    integer per key, 1 if it existed."""
+
+    keys: Sequence[str]
+    guard: Guard | None = None
+
+    def run(self, driver: SyncDriver) -> Any:
+        keys = self.keys
+        return driver.redis.run(lambda c: delete_by_node(c, keys))
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        keys = self.keys
+        return await driver.redis.run(lambda c: adelete_by_node(c, keys))
+
+
 def invalidate(
     copies: Sequence[Sequence[str]],
     guard: Guard,
@@ -120,7 +139,7 @@ def invalidate(
         return 0
     strict = Guard(guard.name, guard.operation, "raise")
     try:
-        replies = yield Run(lambda c: delete_each(c, keys), strict)
+        replies = yield DeleteCopies(keys, strict)
     except BackendError as exc:
         kind = (
             BackendUnavailableError

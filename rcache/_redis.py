@@ -47,6 +47,7 @@ __all__ = [
     "TxPipeline",
     "TxUnsent",
     "acommand_within",
+    "adelete_by_node",
     "adiagnose",
     "aeval_within",
     "aeviction_policy",
@@ -54,6 +55,7 @@ __all__ = [
     "check_url",
     "command_within",
     "connection_kwargs",
+    "delete_by_node",
     "delete_each",
     "diagnose",
     "eval_within",
@@ -1182,18 +1184,14 @@ def by_slot(client: Any, commands: Sequence[Sequence[Any]], keys: Sequence[str])
     pipeline's client time); the pipeline still follows MOVED/ASK. Its ``execute()``
     writes to every node before it reads a reply: one round trip per node, all at
     once."""
-    from redis.crc import key_slot
-
     pipe = client.pipeline()
-    manager = client.nodes_manager
-    if not manager.slots_cache:  # an asyncio client before its first command
+    if not client.nodes_manager.slots_cache:  # an asyncio client before its first use
         for command in commands:
             pipe.execute_command(*command)
         return pipe
-    node_of = manager.get_node_from_slot
+    primary = _primary_of(client)
     for command, key in zip(commands, keys, strict=True):
-        node = node_of(key_slot(key.encode("utf-8", "surrogatepass")))
-        pipe.execute_command(*command, target_nodes=[node])
+        pipe.execute_command(*command, target_nodes=[primary(key)])
     return pipe
 
 
@@ -1201,6 +1199,127 @@ def delete_each(client: Any, keys: Sequence[str]) -> Any:
     """``DEL`` of each key (they span slots), pipelined per node: the replies in order
     (a list, or an awaitable of one with an asyncio cluster client)."""
     return by_slot(client, [("DEL", k) for k in keys], keys).execute()
+
+
+#: deletes keys of several slots on the node that serves them (cluster_delete.lua)
+_CLUSTER_DELETE: list[LuaScript] = []
+
+
+def _cluster_delete() -> LuaScript:
+    if not _CLUSTER_DELETE:  # read on first use, not at import
+        _CLUSTER_DELETE.append(LuaScript("cluster_delete"))
+    return _CLUSTER_DELETE[0]
+
+
+def _primary_of(client: Any) -> Callable[[str], Any]:
+    """key -> the primary serving its slot, from the cluster client's slot map. Read
+    straight from ``slots_cache`` (primary first): ``get_node_from_slot`` goes through a
+    deprecation wrapper that cost more than the rest of a 256-key fan-out."""
+    from redis.crc import key_slot
+
+    manager = client.nodes_manager
+    slots = manager.slots_cache
+
+    def primary(key: str) -> Any:
+        slot = key_slot(key.encode("utf-8", "surrogatepass"))
+        nodes = slots.get(slot)
+        # an uncovered slot: redis-py's own call raises SlotNotCoveredError
+        return nodes[0] if nodes else manager.get_node_from_slot(slot)
+
+    return primary
+
+
+def _by_node(client: Any, keys: Sequence[str]) -> dict[str, tuple[Any, list[int]]]:
+    """node name -> (node, positions in ``keys`` of the keys it serves)."""
+    primary = _primary_of(client)
+    nodes: dict[str, tuple[Any, list[int]]] = {}
+    for i, key in enumerate(keys):
+        node = primary(key)
+        nodes.setdefault(node.name, (node, []))[1].append(i)
+    return nodes
+
+
+def _delete_pipe(
+    client: Any,
+    script: LuaScript,
+    keys: Sequence[str],
+    parts: list[tuple[Any, list[int]]],
+) -> Any:
+    pipe = client.pipeline()
+    for node, positions in parts:
+        args = [keys[i] for i in positions]
+        pipe.execute_command("EVALSHA", script.sha, 0, *args, target_nodes=[node])
+    return pipe
+
+
+def _delete_replies(
+    keys: Sequence[str],
+    parts: list[tuple[Any, list[int]]],
+    replies: Sequence[Any],
+    out: list[int],
+) -> tuple[list[tuple[Any, list[int]]], list[int]]:
+    """Fill ``out`` from the nodes that answered; (the parts that met NOSCRIPT, the
+    positions of keys to delete one by one: a node no longer serves their slot)."""
+    noscript: list[tuple[Any, list[int]]] = []
+    single: list[int] = []
+    for part, reply in zip(parts, replies, strict=True):
+        if isinstance(reply, rex.NoScriptError):
+            noscript.append(part)
+        elif isinstance(reply, rex.ResponseError):
+            single.extend(part[1])  # "non local key": slots moved since the map
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            for i, n in zip(part[1], reply, strict=True):
+                out[i] = int(n)
+    return noscript, single
+
+
+def delete_by_node(client: Any, keys: Sequence[str]) -> list[int]:
+    """Delete ``keys`` (they span slots) with one command per node serving them, all
+    nodes at once (cluster_delete.lua); one integer per key, 1 if it existed. A node
+    that no longer serves a key's slot (resharding, a failover not seen yet) has its
+    keys deleted one by one, following MOVED."""
+    if not client.nodes_manager.slots_cache:
+        return [int(n) for n in delete_each(client, keys)]
+    script = _cluster_delete()
+    out = [0] * len(keys)
+    parts = list(_by_node(client, keys).values())
+    replies = _delete_pipe(client, script, keys, parts).execute(raise_on_error=False)
+    noscript, single = _delete_replies(keys, parts, replies, out)
+    if noscript:
+        client.script_load(script.source)  # every primary
+        replies = _delete_pipe(client, script, keys, noscript).execute(
+            raise_on_error=False
+        )
+        single += _delete_replies(keys, noscript, replies, out)[1]
+    if single:
+        replies = delete_each(client, [keys[i] for i in single])
+        for i, n in zip(single, replies, strict=True):
+            out[i] = int(n)
+    return out
+
+
+async def adelete_by_node(client: Any, keys: Sequence[str]) -> list[int]:
+    """Async twin of :func:`delete_by_node`."""
+    if not client.nodes_manager.slots_cache:
+        return [int(n) for n in await delete_each(client, keys)]
+    script = _cluster_delete()
+    out = [0] * len(keys)
+    parts = list(_by_node(client, keys).values())
+    pipe = _delete_pipe(client, script, keys, parts)
+    replies = await pipe.execute(raise_on_error=False)
+    noscript, single = _delete_replies(keys, parts, replies, out)
+    if noscript:
+        await client.script_load(script.source)
+        pipe = _delete_pipe(client, script, keys, noscript)
+        replies = await pipe.execute(raise_on_error=False)
+        single += _delete_replies(keys, noscript, replies, out)[1]
+    if single:
+        replies = await delete_each(client, [keys[i] for i in single])
+        for i, n in zip(single, replies, strict=True):
+            out[i] = int(n)
+    return out
 
 
 def mget_each(client: Any, reads: Sequence[Sequence[str]]) -> Any:

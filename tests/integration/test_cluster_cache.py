@@ -315,7 +315,9 @@ async def test_a_tag_is_invalidated_in_every_group(
         for c in clients:
             c.config_resetstat()
         assert cache.invalidate_tags("users") == 1
-        # one DEL per group's copy, pipelined per node: B commands, O(B) not O(n)
+        # one command per node (cluster_delete.lua), every node at once, deleting the
+        # node's copies: B DELs in all, O(B) not O(entries)
+        assert _calls(clients, "evalsha") == len(clients)
         assert _calls(clients, "del") == 256
     finally:
         for c in clients:

@@ -13,7 +13,7 @@ import pytest
 from redis.crc import key_slot
 
 import rcache
-from rcache._cluster import GroupsRecord, describe, invalidate
+from rcache._cluster import DeleteCopies, GroupsRecord, describe, invalidate
 from rcache._exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -234,7 +234,8 @@ def test_an_invalidation_deletes_every_copy_and_counts_what_had_one() -> None:
     copies = [["t1.0", "t1.1", "t1.2"], ["t2.0", "t2.1", "t2.2"]]
     flow = invalidate(copies, GUARD, "tags 't1', 't2'", 3)
     command = flow.send(None)
-    assert isinstance(command, Run)
+    assert isinstance(command, DeleteCopies)
+    assert list(command.keys) == [k for c in copies for k in c]
     # whatever the cache's policy, a failure raises (it may be partial)
     assert command.guard == Guard("app", "delete", "raise")
     with pytest.raises(StopIteration) as done:
