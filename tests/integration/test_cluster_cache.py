@@ -310,6 +310,7 @@ async def test_a_tag_is_invalidated_in_every_group(
     assert len(runs) == 240
     assert [user(i) for i in ids] == list(ids)  # all hits
     assert len(runs) == 240
+    assert cache.invalidate_tags("nobody") == 0  # loads the script on every node
     clients = _primaries(redis_cluster)
     try:
         for c in clients:
