@@ -19,6 +19,7 @@ import redis
 from redis.crc import key_slot
 
 import rcache
+import rcache._redis
 from rcache import spi
 from rcache.testing import RedisCluster, wait_until
 
@@ -155,6 +156,49 @@ def test_tryagain_and_clusterdown_are_backend_unavailable() -> None:
         finally:
             src.close()
             dst.close()
+            cache.close()
+
+
+def test_an_invalidation_follows_a_slot_that_moved_since_the_map_was_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-node delete script fails on a key its node no longer serves ("non local
+    key"); those copies are then deleted one by one, following MOVED."""
+    one_by_one: list[list[str]] = []
+    delete_each = rcache._redis.delete_each
+
+    def spy(client: Any, keys: list[str]) -> Any:
+        one_by_one.append(list(keys))
+        return delete_each(client, keys)
+
+    monkeypatch.setattr(rcache._redis, "delete_each", spy)
+    with RedisCluster(replicas=0) as cluster:
+        cache = rcache.Cache(cluster.url, prefix="t", ttl=60, on_backend_error="raise")
+        assert cache.invalidate_tags("t") == 0  # the client has read the slot map
+        moved = cache.keyspace.tag_stamp("t", 7)
+        slot = _slot(moved)
+        source = cluster.node_for(moved)
+        target = next(n for n in cluster.primaries() if n.port != source.port)
+        clients = _primaries(cluster)
+        try:
+            target_id = target.client().execute_command("CLUSTER MYID").decode()
+            for c in clients:  # the slot is empty: hand it over without MIGRATE
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+            fresh = cluster.client()
+            wait_until(
+                lambda: cluster.node_for(moved).port == target.port,
+                timeout=10,
+                message="the slot moved",
+            )
+            fresh.set(moved, "s")  # written where the slot is now
+            assert cache.invalidate_tags("t") == 1  # with the old map
+            assert not fresh.exists(moved)
+            # the source node's copies went one by one (the moved one among them)
+            assert len(one_by_one) == 1 and moved in one_by_one[0]
+            fresh.close()
+        finally:
+            for c in clients:
+                c.close()
             cache.close()
 
 
