@@ -26,6 +26,7 @@ SECTIONS = [
     ("Cache", "bench_cache.py", ["--json", str(DOCS / "benchmarks-cache.json")]),
     ("Where a warm hit's microseconds go", "profile_hit.py", []),
     ("Cold-key stampede", "bench_stampede.py", []),
+    ("The local tier", "bench_local.py", []),
     ("Locks", "bench_locks.py", []),
     ("Transactions", "bench_transactions.py", []),
     ("Metrics overhead", "bench_metrics.py", []),

@@ -35,6 +35,7 @@ from rcache._exceptions import (
     TransactionConflictError,
     TransactionError,
 )
+from rcache._local import LocalTier
 from rcache._lock import FairLock, Lease, Lock, ReadLock, RWLock, Semaphore, WriteLock
 from rcache._metrics import InMemoryMetrics, MetricsSink
 from rcache._serializers import (
@@ -65,6 +66,7 @@ __all__ = [
     "InMemoryMetrics",
     "JsonSerializer",
     "Lease",
+    "LocalTier",
     "Lock",
     "LockError",
     "LockInfo",

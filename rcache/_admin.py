@@ -30,15 +30,12 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from rcache._exceptions import ConfigurationError
 from rcache._flow import Eval, Flow, Run, SyncDriver
 from rcache._keys import ENTRY_KEY, LOCK_KEY, KeySpace, escape_glob
 from rcache._redis import LuaScript
-
-if TYPE_CHECKING:
-    from rcache._lock import _LeasedLock
 
 __all__ = [
     "CacheStats",
@@ -57,7 +54,6 @@ _FORCE_RELEASE = LuaScript("admin_force_release")
 DEFAULT_BATCH = 500
 #: Keys whose MEMORY USAGE is read to estimate the namespace's memory.
 DEFAULT_SAMPLE = 200
-_SIGNAL_MS = 2000  # same lifetime as the lock scripts' wake-up signals
 
 Kind = Literal["lock", "fair lock", "rwlock", "semaphore"]
 
@@ -592,41 +588,15 @@ def _run_commands(client: Any, cmds: list[list[Any]]) -> Any:
 # -- force release -----------------------------------------------------------------------
 
 
-def _force_call(lock: _LeasedLock) -> tuple[str, list[str], list[Any]]:
-    """Kind, KEYS and ARGV of ``admin_force_release.lua`` for one lock object."""
-    from rcache._lock import FairLock, Lock, ReadLock, Semaphore, WriteLock
-
-    o: Any = lock
-    if isinstance(lock, (Lock, FairLock)):
-        # both queues are woken: the object may be plain while the holders are fair
-        lk = o._lock_keys
-        keys = [o._key, o._fence_key, o._signal, lk.queue, lk.fair_signals]
-        return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
-    if isinstance(lock, WriteLock):
-        keys = [o._writer, o._fence_key, o._wsignal, o._rsignal]
-        return "rwlock write", keys, ["string", _SIGNAL_MS, "1", 2, "0"]
-    if isinstance(lock, ReadLock):
-        keys = [o._readers, o._fence_key, o._wsignal, o._rsignal]
-        return "rwlock read", keys, ["zset", _SIGNAL_MS, "0", 2, "0"]
-    if isinstance(lock, Semaphore):
-        keys = [o._key, o._fence_key, o._signal]
-        return "semaphore", keys, ["zset", _SIGNAL_MS, "1", 1, "0"]
-    raise ConfigurationError(f"cannot force-release a {type(lock).__name__}")
-
-
-def _force_result(
-    lock: _LeasedLock, kind: str, reply: Sequence[Any]
-) -> ForceReleaseResult:
+def force_release_flow(
+    name: str, kind: str, keys: list[str], args: list[Any]
+) -> Flow[ForceReleaseResult]:
+    """:meth:`Lock.force_release` as a flow: ``admin_force_release.lua`` with the KEYS
+    and ARGV that the lock object gives for its kind (``_LeasedLock._force_call``)."""
+    reply = yield Eval(_FORCE_RELEASE, keys, args)
     tokens = tuple(_text(t) for t in reply[0])
     fence = int(reply[1]) if kind != "rwlock read" and int(reply[1]) > 0 else None
-    return ForceReleaseResult(lock.name, kind, tokens, fence)
-
-
-def force_release_flow(lock: _LeasedLock) -> Flow[ForceReleaseResult]:
-    """:meth:`Lock.force_release` as a flow."""
-    kind, keys, args = _force_call(lock)
-    reply = yield Eval(_FORCE_RELEASE, keys, args)
-    return _force_result(lock, kind, reply)
+    return ForceReleaseResult(name, kind, tokens, fence)
 
 
 def stats_flow(prefix: str, sample: int, batch_size: int) -> Flow[CacheStats]:
@@ -663,13 +633,3 @@ def locks_flow(prefix: str, batch_size: int) -> Flow[list[LockInfo]]:
     cmds = _lock_commands(prefix, names, now_ms)
     replies = yield Run(lambda c: _run_commands(c, cmds))
     return _lock_rows(prefix, names, now_ms, replies)
-
-
-def force_release(lock: _LeasedLock) -> ForceReleaseResult:
-    """Sync driver of :meth:`Lock.force_release`."""
-    return lock._cache._driver.drive(force_release_flow(lock))
-
-
-async def aforce_release(lock: _LeasedLock) -> ForceReleaseResult:
-    """Async twin of :func:`force_release`."""
-    return await lock._cache._adriver.drive(force_release_flow(lock))

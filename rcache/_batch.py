@@ -103,12 +103,13 @@ class BatchSpec:
 
     def invalidate_all_flow(self) -> Flow[int]:
         """Delete the function's stamp (on a cluster: every group's copy)."""
-        ks, metrics = self.keyspace, self.cache.metrics
+        ks, cache = self.keyspace, self.cache
+        metrics, written = cache.metrics, cache._local_written
         if ks.groups is None:
-            return delete([self.bt.fn_stamp], self.delete_guard, metrics)
+            return delete([self.bt.fn_stamp], self.delete_guard, metrics, written)
         what = describe("function", [self.name])
         stamps = [ks.function_stamps(self.name)]
-        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics)
+        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics, written)
 
     @property
     def ttl(self) -> float:
@@ -144,7 +145,9 @@ class SyncCachedBatch(_BatchBase):
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
         return spec.cache._driver.drive(
-            delete(keys, spec.delete_guard, spec.cache.metrics)
+            delete(
+                keys, spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
         )
 
     def invalidate_all(self) -> bool:
@@ -168,7 +171,9 @@ class AsyncCachedBatch(_BatchBase):
         spec = self._spec
         keys = spec.plan(args, kwargs)[2]
         return await spec.cache._adriver.drive(
-            delete(keys, spec.delete_guard, spec.cache.metrics)
+            delete(
+                keys, spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
         )
 
     async def invalidate_all(self) -> bool:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import threading
+import time
 import weakref
 from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Hashable,
     Iterable,
     Mapping,
     Sequence,
@@ -61,6 +64,7 @@ from rcache._exceptions import (
 from rcache._flow import AsyncDriver, Flow, Run, SyncDriver
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import KeyLeases
+from rcache._local import LocalTier, resolve_local
 from rcache._lock import (
     Lock,
     LockedDecorator,
@@ -93,6 +97,15 @@ from rcache._serializers import (
     resolve_serializer,
 )
 from rcache._slots import DEFAULT_GROUPS, check_groups
+from rcache._tracking import (
+    Tier,
+    TrackedReader,
+    server_key,
+    tracking_supported,
+)
+from rcache._tracking import attach as tracking_attach
+from rcache._tracking import guard_for as tracking_guard
+from rcache._tracking import is_active as tracking_active
 from rcache._transaction import (
     Script,
     TransactionStats,
@@ -108,6 +121,9 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["BYPASS", "Cache"]
+
+#: the options of ``local=True`` on a Cache created without ``local=``
+_DEFAULT_LOCAL = LocalTier()
 
 
 class _CachedDecorator(Protocol):
@@ -163,6 +179,11 @@ class Cache:
         tag or a function deletes its stamp's copy in every group (O(B), about 2 ms
         for 256 on three primaries). Every process must use the same B: it is recorded
         in Redis at first use (``{prefix}:cluster:groups``) and another B is refused.
+    :param local: the local (in-process) tier by default for :meth:`get` and
+        ``@cache.cached``: ``True`` or a :class:`LocalTier` with its bounds. Hits are
+        served from process memory, dropped by Redis's invalidation messages when any
+        client writes (README "The local tier"). Default off; ``get(key, local=...)``
+        and ``cached(local=...)`` choose per call site.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -192,6 +213,7 @@ class Cache:
         name: str | None = None,
         lock_url: str | None = None,
         slot_groups: int | None = None,
+        local: LocalTier | bool | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
         # computation leases, renewed by the process's lease renewer through this
@@ -224,6 +246,7 @@ class Cache:
             name=name,
             lock_url=lock_url,
             slot_groups=slot_groups,
+            local=local,
         )
 
     def configure(
@@ -243,6 +266,7 @@ class Cache:
         name: str | None = None,
         lock_url: str | None = None,
         slot_groups: int | None = None,
+        local: LocalTier | bool | None = None,
         force: bool = False,
     ) -> Cache:
         """Set options after construction, before first use (e.g. in an app factory).
@@ -277,6 +301,7 @@ class Cache:
             name=name,
             lock_url=lock_url,
             slot_groups=slot_groups,
+            local=local,
         )
         if settings == self._settings:
             return self  # nothing changes: a second init_app with the same config
@@ -290,6 +315,7 @@ class Cache:
             self._sync.close()
             if isinstance(self._lock_cache, Cache):
                 self._lock_cache.close()
+        self._close_local()
         self._apply(**settings)
         return self
 
@@ -322,6 +348,7 @@ class Cache:
         name: str | None,
         lock_url: str | None,
         slot_groups: int | None = None,
+        local: LocalTier | bool | None = None,
     ) -> None:
         """Validate every setting first, then switch to them (all or nothing)."""
         if (
@@ -349,6 +376,11 @@ class Cache:
             if keyspace.groups is None
             else GroupsRecord(keyspace.groups_record(), groups, prefix)
         )
+        local = resolve_local(local)
+        if local and not spec.memory:
+            why = tracking_supported(spec)
+            if why is not None:
+                raise ConfigurationError(why)
         sink: MetricsSink = metrics if metrics is not None else self.metrics
         # behind Sentinel, probe every reset_after: a failover ends at once (_breaker)
         circuit = CircuitBreaker(
@@ -384,6 +416,7 @@ class Cache:
             "name": name,
             "lock_url": lock_url,
             "slot_groups": slot_groups,
+            "local": local,
         }
         self._lock_cache = lock_cache
         self.prefix = prefix
@@ -415,6 +448,16 @@ class Cache:
             self._key = self._plain_key
         else:
             self._key = self._grouped_key
+        # the local tier: the default options (None: off unless asked per call site),
+        # the Cache's shared tier and per-function ones, made on first use
+        self._local_default: LocalTier | None = (
+            local if isinstance(local, LocalTier) else LocalTier() if local else None
+        )
+        self._local_shared: Tier | None = None
+        self._local_reader: TrackedReader | None = None
+        self._local_tiers: list[Tier] = []
+        self._local_key: Hashable | None = None
+        self._local_lock = threading.Lock()
         self.metrics.register_cache(self.name)
         for decorated in list(self._decorated):
             decorated.rebase()
@@ -450,6 +493,88 @@ class Cache:
         if group is None:
             return self._tag_prefix + tag
         return self.keyspace.tag_stamp(tag, group)
+
+    # -- the local tier (rcache._local, rcache._tracking) -------------------------------
+
+    def _local_option(self, local: LocalTier | bool | None) -> LocalTier | None:
+        """The options a call site's ``local=`` means: None (the default) follows
+        ``Cache(local=...)``; True the Cache's options (or the defaults); False off."""
+        if local is None:
+            return self._local_default
+        if local is True:
+            return self._local_default or _DEFAULT_LOCAL
+        if local is False:
+            return None
+        return local
+
+    def _local_tier(
+        self, options: LocalTier | None, name: str | None = None
+    ) -> Tier | None:
+        """The tier for ``options``: the Cache's shared one for its default options
+        (or ``local=True``), else a store of its own for ``name`` (a function with its
+        own LocalTier); made on first use, when the listener starts. None: off (no
+        options, or ``memory://``, whose store is in-process already)."""
+        if options is None:
+            return None
+        shared = options is self._local_default or options is _DEFAULT_LOCAL
+        if shared and self._local_shared is not None:
+            return self._local_shared
+        if self._spec.memory:
+            return None
+        with self._local_lock:
+            if shared and self._local_shared is not None:  # another thread made it
+                return self._local_shared
+            store, listener = tracking_attach(
+                self._spec, options, self.name if shared else name or self.name,
+                self.metrics,
+            )  # fmt: skip
+            if self._local_reader is None:
+                self._local_reader = TrackedReader(self._spec, listener.guard)
+            tier = Tier(store, self._local_reader, listener)
+            if shared:
+                self._local_shared = tier
+            self._local_tiers.append(tier)
+            return tier
+
+    def _local_written(self, keys: Sequence[str]) -> None:
+        """This process wrote (or deleted) ``keys``: drop its local copies now, in every
+        tier reading this server, and refuse the reads of them in flight. Redis's own
+        invalidation follows; this makes a write read its own result at once."""
+        key = self._local_key
+        if key is None:
+            if not self._local_tiers and not tracking_active():
+                return  # no local tier anywhere in this process
+            key = self._local_key = server_key(self._spec)
+        guard = tracking_guard(key)
+        if guard is not None:
+            guard.invalidate(keys, received=False)
+
+    def _close_local(self) -> None:
+        for tier in getattr(self, "_local_tiers", ()):
+            tier.store.close()
+        self._local_tiers = []
+        self._local_shared = None
+        reader = getattr(self, "_local_reader", None)
+        if reader is not None:
+            reader.close()
+        self._local_reader = None
+
+    def _local_get_flow(self, tier: Tier, key: str, default: Any) -> Flow[Any]:
+        full = self._key(key)
+        store = tier.store
+        token = store.begin((full,))
+        raw = yield tier.read(token, ("GET", full), self._guard("get"))
+        env = None if raw is None or raw is BYPASS else self._envelope(self.name, raw)
+        if env is None:
+            self.metrics.cache_get(self.name, "miss")
+            return default
+        self.metrics.cache_get(self.name, "hit")
+        # the entry's own expiry, on this process's monotonic clock
+        left = env.fresh_until - self._clock.now()
+        store.store(
+            token, key, env.value, expires_at=time.monotonic() + left, nbytes=len(raw)
+        )
+        return env.value
 
     # -- explicit operations ----------------------------------------------------------
 
@@ -495,19 +620,48 @@ class Cache:
         value = self._found((yield Run(lambda c: c.get(full), self._guard("get"))))
         return default if value is MISSING else value
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value stored under ``key``, or ``default`` on a miss (or a bypassed error)."""
-        return self._driver.drive(self._get_flow(key, default))
+    def get(self, key: str, default: Any = None, *, local: bool | None = None) -> Any:
+        """The value stored under ``key``, or ``default`` on a miss (or a bypassed error).
 
-    async def aget(self, key: str, default: Any = None) -> Any:
+        :param local: serve it from the local tier (``True``, or a default set by
+            ``Cache(local=...)``; ``False``: always ask Redis). A local hit returns the
+            object stored in this process (unless ``LocalTier(copy=True)``): do not
+            mutate it.
+        """
+        if local is False or (local is None and self._local_default is None):
+            return self._driver.drive(self._get_flow(key, default))
+        tier = self._local_shared or self._local_tier(self._local_option(local))
+        if tier is None:  # memory://
+            return self._driver.drive(self._get_flow(key, default))
+        value = tier.store.get(key)
+        if value is not MISSING:
+            self.metrics.cache_get(self.name, "local_hit")
+            return value
+        return self._driver.drive(self._local_get_flow(tier, key, default))
+
+    async def aget(
+        self, key: str, default: Any = None, *, local: bool | None = None
+    ) -> Any:
         """Async twin of :meth:`get`."""
-        return await self._adriver.drive(self._get_flow(key, default))
+        if local is False or (local is None and self._local_default is None):
+            return await self._adriver.drive(self._get_flow(key, default))
+        tier = self._local_shared or self._local_tier(self._local_option(local))
+        if tier is None:  # memory://
+            return await self._adriver.drive(self._get_flow(key, default))
+        value = tier.store.get(key)
+        if value is not MISSING:
+            self.metrics.cache_get(self.name, "local_hit")
+            return value
+        return await self._adriver.drive(self._local_get_flow(tier, key, default))
 
     def _set_flow(self, key: str, value: Any, ttl: Duration | None) -> Flow[bool]:
         seconds = self._ttl(ttl)
         data = self._encode(value, seconds)
         full, px = self._key(key), ttl_ms(seconds)
-        done = yield Run(lambda c: c.set(full, data, px=px), self._guard("set"))
+        try:
+            done = yield Run(lambda c: c.set(full, data, px=px), self._guard("set"))
+        finally:
+            self._local_written((full,))
         if done is BYPASS:
             return False
         self.metrics.cache_put(self.name)
@@ -526,12 +680,16 @@ class Cache:
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
-        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        flow = delete_flow(
+            [self._key(key)], self._guard("delete"), self.metrics, self._local_written
+        )
         return bool(self._driver.drive(flow))
 
     async def adelete(self, key: str) -> bool:
         """Async twin of :meth:`delete`."""
-        flow = delete_flow([self._key(key)], self._guard("delete"), self.metrics)
+        flow = delete_flow(
+            [self._key(key)], self._guard("delete"), self.metrics, self._local_written
+        )
         return bool(await self._adriver.drive(flow))
 
     def invalidate_tags(self, *tags: str) -> int:
@@ -572,9 +730,9 @@ class Cache:
         keys = [k for c in stamps for k in c]
         groups = self.keyspace.groups
         if groups is None:
-            return keys, delete_flow(keys, guard)
+            return keys, delete_flow(keys, guard, None, self._local_written)
         what = describe(kind, list(names))
-        return keys, invalidate(stamps, guard, what, groups)
+        return keys, invalidate(stamps, guard, what, groups, None, self._local_written)
 
     def _detach_tags(self, stamp_keys: list[str]) -> None:
         """Detach this process's in-flight computations under these tag stamps."""
@@ -630,7 +788,10 @@ class Cache:
         if not items:
             return True
         px = ttl_ms(seconds)
-        done = yield Run(lambda c: self._pipe_set(c, items, px), self._guard("set"))
+        try:
+            done = yield Run(lambda c: self._pipe_set(c, items, px), self._guard("set"))
+        finally:
+            self._local_written([k for k, _ in items])
         if done is BYPASS:
             return False
         for _ in items:
@@ -650,12 +811,16 @@ class Cache:
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete ``keys`` in one command; returns how many existed."""
         full = [self._key(k) for k in keys]
-        return self._driver.drive(delete_flow(full, self._guard("delete")))
+        return self._driver.drive(
+            delete_flow(full, self._guard("delete"), None, self._local_written)
+        )
 
     async def adelete_many(self, keys: Iterable[str]) -> int:
         """Async twin of :meth:`delete_many`."""
         full = [self._key(k) for k in keys]
-        return await self._adriver.drive(delete_flow(full, self._guard("delete")))
+        return await self._adriver.drive(
+            delete_flow(full, self._guard("delete"), None, self._local_written)
+        )
 
     def ping(self) -> bool:
         """True if Redis answers (never raises; does not touch the breaker).
@@ -710,16 +875,20 @@ class Cache:
             raise self._checked(exc) from exc.__cause__
 
     def close(self) -> None:
-        """Close the sync client (it is made again on next use)."""
+        """Close the sync client (it is made again on next use), and the local tier:
+        its entries are dropped and its listener closes once no tier uses it."""
         self._sync.close()
         if isinstance(self._lock_cache, Cache):
             self._lock_cache.close()
+        self._close_local()
 
     async def aclose(self) -> None:
         """Close the current event loop's async client."""
         await self._async.aclose()
         if isinstance(self._lock_cache, Cache):
             await self._lock_cache.aclose()
+        if self._local_reader is not None:
+            await self._local_reader.aclose()
 
     # -- transactions and scripts (rcache._transaction) -------------------------------
 
@@ -1073,6 +1242,7 @@ class Cache:
         wait: Duration | None = None,
         on_wait_timeout: Literal["compute", "raise"] = "compute",
         refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+        local: LocalTier | bool | None = None,
     ) -> _CachedDecorator: ...
 
     def cached(
@@ -1097,6 +1267,7 @@ class Cache:
         wait: Duration | None = None,
         on_wait_timeout: Literal["compute", "raise"] = "compute",
         refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+        local: LocalTier | bool | None = None,
     ) -> Any:
         """Cache a function's results in Redis, keyed by its bound arguments.
 
@@ -1138,6 +1309,10 @@ class Cache:
         :param refresh_runner: ``runner(job)`` runs background refreshes (e.g. a Celery
             task); default a pool of at most 4 daemon threads per Cache (sync; named
             ``rcache-refresh``) or an asyncio task (async).
+        :param local: serve hits from the local tier (README "The local tier"):
+            ``True``, or a :class:`LocalTier` with this function's own bounds; None
+            (default) follows ``Cache(local=...)``; ``False`` never. A local hit
+            returns the object kept in this process: do not mutate it.
         :raises ConfigurationError: at decoration time, for a bad ttl, key template,
             ignore list or a non-callable.
         """
@@ -1170,6 +1345,7 @@ class Cache:
             wait=wait,
             on_wait_timeout=on_wait_timeout,
             refresh_runner=refresh_runner,
+            local=resolve_local(local),
         )
         localns = caller_namespace()  # where classes named in annotations may live
 

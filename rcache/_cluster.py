@@ -126,10 +126,12 @@ def invalidate(
     what: str,
     groups: int,
     metrics: MetricsSink | None = None,
+    written: Callable[[Sequence[str]], None] | None = None,
 ) -> Flow[int]:
     """Delete every copy of each stamp (``copies``: one list per function or tag);
-    how many had at least one (each counted as a removal if ``metrics`` is given). Any
-    failure raises (see the module docstring).
+    how many had at least one (each counted as a removal if ``metrics`` is given;
+    ``written(keys)`` after it in every case, as ``_readthrough.delete``). Any failure
+    raises (see the module docstring).
 
     :param guard: names the metric; its policy is not followed (always "raise").
     :param what: what is invalidated, for the error message (``"tag 'user:1'"``).
@@ -152,6 +154,9 @@ def invalidate(
             "call it again once the cluster answers",
             exc.original,
         ) from exc
+    finally:
+        if written is not None:
+            written(keys)
     found = 0
     start = 0
     for stamp in copies:

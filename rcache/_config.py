@@ -197,6 +197,9 @@ class CachedOptions:
     wait: float = 10.0
     on_wait_timeout: Literal["compute", "raise"] = "compute"
     refresh_runner: Callable[[Callable[[], Any]], Any] | None = None
+    #: the local tier: None (the Cache's default), True, False or a LocalTier
+    #: (checked by ``Cache.cached``: this leaf module cannot import rcache._local)
+    local: Any = None
 
     @classmethod
     def build(
@@ -219,6 +222,7 @@ class CachedOptions:
         wait: Duration | None = None,
         on_wait_timeout: Literal["compute", "raise"] = "compute",
         refresh_runner: Callable[[Callable[[], Any]], Any] | None = None,
+        local: Any = None,
     ) -> CachedOptions:
         """Validate ``cached()``'s keyword arguments (the same names and meanings).
 
@@ -279,6 +283,7 @@ class CachedOptions:
             wait=wait_s,
             on_wait_timeout=on_wait_timeout,
             refresh_runner=refresh_runner,
+            local=local,
         )
 
 

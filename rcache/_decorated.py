@@ -35,13 +35,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from rcache._breaker import CircuitBreaker
+from rcache._cache_protocol import CACHE_READ
 from rcache._cluster import describe, invalidate
 from rcache._config import BackendErrorPolicy, CachedOptions
-from rcache._flow import AsyncDriver, Flow, SyncDriver
-from rcache._freshness import Freshness
+from rcache._flow import AsyncDriver, Command, Flow, SyncDriver
+from rcache._freshness import FRESH, Freshness
 from rcache._keys import KeyBuilder, Template
 from rcache._leases import KeyLeases
-from rcache._policy import Guard
+from rcache._local import MISSING, Token, args_key
+from rcache._policy import BYPASS, Guard
 from rcache._readthrough import (
     Call,
     Flight,
@@ -53,6 +55,7 @@ from rcache._readthrough import (
     read_through,
     refresh,
 )
+from rcache._tracking import Tier
 from rcache._typed import LazyTyped, TypedValues
 
 __all__ = [
@@ -142,6 +145,10 @@ class Owner(Host, Protocol):
 
     def tag_key(self, tag: str, group: int | None = None) -> str: ...
 
+    def _local_option(self, local: Any) -> Any: ...
+
+    def _local_tier(self, options: Any, name: str | None = None) -> Tier | None: ...
+
 
 class CachedSpec:
     """One decorated function: its options, keys and flows' settings (:attr:`rt`, made
@@ -175,6 +182,12 @@ class CachedSpec:
         self.aflights: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, Flight]
         ] = weakref.WeakKeyDictionary()
+        # the local tier (rcache._local): made on the first call, never at decoration
+        self.local: Tier | None = None
+        self.local_ready = False
+        # a local key from the arguments alone, only where the Redis key is a pure
+        # function of them (a key= callable may read a context, a tenant...)
+        self.local_fast = not callable(options.key)
         self._tag_has_fields = any("{" in t for t in options.tags)
         # fields encoded as in key templates: type-preserving, delimiter-safe (item 10)
         self._tag_templates = [Template(t) for t in options.tags]
@@ -231,6 +244,64 @@ class CachedSpec:
             typed=self.typed,
         )
         cache.metrics.register_cache(name)
+        # Cache.configure() closed the Cache's tiers: make this function's again
+        self.local, self.local_ready = None, False
+
+    def local_tier(self) -> Tier | None:
+        """This function's local tier, or None (off): made on the first call."""
+        if not self.local_ready:
+            cache = self.cache
+            self.local = cache._local_tier(
+                cache._local_option(self.options.local), self.name
+            )
+            self.local_ready = True
+        return self.local
+
+    def local_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The local key of a call from its arguments, or None: use the Redis key."""
+        return args_key(self, args) if self.local_fast and not kwargs else None
+
+    def tracked(
+        self, call: Call, tier: Tier, lk: Any
+    ) -> tuple[Command, float | None, Token]:
+        """The first read of a call, tracked for the local tier (local-recipe.md step
+        4): the command, the clock offset for ``rt.rows`` and the read's token."""
+        keys = [call.key, *call.stamp_keys]
+        token = tier.store.begin(keys)  # before the read is sent
+        offset = self.cache._clock.offset()
+        if offset is not None:
+            return tier.read(token, ("MGET", *keys), self.rt.get), offset, token
+        script = CACHE_READ.script
+        argv = ("EVALSHA", script.sha, len(keys), *keys)
+        return tier.read(token, argv, self.rt.get, script), None, token
+
+    @staticmethod
+    def _stamps_of(token: Token) -> tuple[bytes, ...]:
+        return token.keys[1:]  # [value key, *stamp keys], as tracked() read them
+
+    def seen_tracked(
+        self, reply: Any, offset: float | None, tier: Tier, token: Token, lk: Any
+    ) -> Any:
+        """``rt.seen`` of a tracked read; a fresh value is kept in the tier, until
+        its own expiry (on the monotonic clock)."""
+        if reply is BYPASS:
+            return BYPASS
+        rt = self.rt
+        now, rows = rt.rows(reply, offset)
+        env = rt.entry(rows)
+        state = rt.freshness.classify(env, now)
+        if state == FRESH:
+            tier.store.store(
+                token,
+                lk,
+                env.value,  # type: ignore[union-attr]
+                expires_at=time.monotonic() + (env.fresh_until - now),  # type: ignore[union-attr]
+                nbytes=len(rows[0] or b""),
+                # checked by value on each hit (a stamp whose TTL a store extended is
+                # re-read once, not a reason to drop every entry of the function)
+                stamps=zip(self._stamps_of(token), rows[1:], strict=True),  # type: ignore[arg-type]
+            )
+        return env, state
 
     @property
     def ttl(self) -> float:
@@ -283,12 +354,13 @@ class CachedSpec:
 
     def invalidate_all_flow(self) -> Flow[int]:
         """Delete the function's stamp (on a cluster: every group's copy)."""
-        ks, metrics = self.keyspace, self.cache.metrics
+        ks, cache = self.keyspace, self.cache
+        metrics, written = cache.metrics, cache._local_written
         if ks.groups is None:
-            return delete([self._fn_stamp], self.delete_guard, metrics)
+            return delete([self._fn_stamp], self.delete_guard, metrics, written)
         what = describe("function", [self.name])
         stamps = [ks.function_stamps(self.name)]
-        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics)
+        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics, written)
 
     def detach(self, key: str | None = None, stamp_keys: Sequence[str] = ()) -> None:
         """Detach the in-flight computations of ``key``, or of any of ``stamp_keys``, or
@@ -417,6 +489,15 @@ class SyncCached(_Base):
         if self._bound is not _UNBOUND:
             args = (self._bound, *args)
         spec = self._spec
+        tier = spec.local if spec.local_ready else spec.local_tier()
+        if tier is not None and spec.local_fast and not kwargs:
+            # the local hit: no key building, no Redis, no decoding (local-recipe.md)
+            lk = args_key(spec, args)
+            if lk is not None:
+                value = tier.store.get(lk)
+                if value is not MISSING:
+                    spec.cache.metrics.cache_get(spec.name, "local_hit")
+                    return value
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
             rt = spec.rt
             rt.skipped()
@@ -445,6 +526,20 @@ class SyncCached(_Base):
         spec = self._spec
         rt, cache = spec.rt, spec.cache
         driver, clock = cache._driver, cache._clock
+        tier = spec.local
+        if tier is not None:
+            call = Call(key, stamp_keys, args, kwargs)
+            lk = spec.local_key(args, kwargs) or ("r", key)
+            value = tier.store.get(lk)
+            if value is not MISSING:  # other arguments: keyed by the Redis key
+                rt.count("local_hit", flight)
+                return value
+            command, offset, token = spec.tracked(call, tier, lk)
+            got = spec.seen_tracked(driver.execute(command), offset, tier, token, lk)
+            if got is not BYPASS and got[1] is FRESH:
+                rt.count("hit", flight)
+                return got[0].value
+            return driver.drive(read_through(rt, call, spec.hooks, flight, got))
         # The warm hit, written out: one MGET while Redis's clock is known, judged
         # without starting a flow (a generator and its driver cost ~2 us here). Any
         # other outcome continues in the flow with what was read: never read twice.
@@ -517,7 +612,9 @@ class SyncCached(_Base):
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         try:
-            flow = delete([key], spec.delete_guard, spec.cache.metrics)
+            flow = delete(
+                [key], spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
             return bool(spec.cache._driver.drive(flow))
         finally:
             spec.detach(key=key)
@@ -552,6 +649,15 @@ class AsyncCached(_Base):
         if self._bound is not _UNBOUND:
             args = (self._bound, *args)
         spec = self._spec
+        tier = spec.local if spec.local_ready else spec.local_tier()
+        if tier is not None and spec.local_fast and not kwargs:
+            # the local hit: no key building, no Redis, no decoding (local-recipe.md)
+            lk = args_key(spec, args)
+            if lk is not None:
+                value = tier.store.get(lk)
+                if value is not MISSING:
+                    spec.cache.metrics.cache_get(spec.name, "local_hit")
+                    return value
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
             rt = spec.rt
             rt.skipped()
@@ -580,6 +686,21 @@ class AsyncCached(_Base):
         spec = self._spec
         rt, cache = spec.rt, spec.cache
         adriver, clock = cache._adriver, cache._clock
+        tier = spec.local
+        if tier is not None:  # see SyncCached._fetch
+            call = Call(key, stamp_keys, args, kwargs)
+            lk = spec.local_key(args, kwargs) or ("r", key)
+            value = tier.store.get(lk)
+            if value is not MISSING:
+                rt.count("local_hit", flight)
+                return value
+            command, offset, token = spec.tracked(call, tier, lk)
+            reply = await adriver.execute(command)
+            got = spec.seen_tracked(reply, offset, tier, token, lk)
+            if got is not BYPASS and got[1] is FRESH:
+                rt.count("hit", flight)
+                return got[0].value
+            return await adriver.drive(read_through(rt, call, spec.hooks, flight, got))
         seen: Any = None  # the warm hit without a flow: see SyncCached._fetch
         offset = clock.offset()
         if offset is not None:
@@ -672,7 +793,9 @@ class AsyncCached(_Base):
         spec = self._spec
         key = spec.keys.build(self._args(args), kwargs)
         try:
-            flow = delete([key], spec.delete_guard, spec.cache.metrics)
+            flow = delete(
+                [key], spec.delete_guard, spec.cache.metrics, spec.cache._local_written
+            )
             return bool(await spec.cache._adriver.drive(flow))
         finally:
             spec.detach(key=key)

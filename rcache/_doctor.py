@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rcache._exceptions import RCacheError
+from rcache._flow import Run
 from rcache._keys import KeySpace
 from rcache._redis import _text
 
@@ -116,8 +117,13 @@ def _command(args: tuple[Any, ...]) -> Any:
     return op
 
 
+def _once(cache: Cache, op: Any) -> Any:
+    """``op(client)`` once (no retry, no breaker: the doctor reports what it sees)."""
+    return cache._driver.execute(Run(op, retry=False))
+
+
 def _run(cache: Cache, *args: Any) -> Any:
-    return cache._sync.run(_command(args), retry=False)
+    return _once(cache, _command(args))
 
 
 def _config(cache: Cache, pattern: str) -> dict[str, str]:
@@ -166,7 +172,7 @@ def run_checks(cache: Cache, pings: int = 20) -> list[Check]:
 
     info: dict[str, Any] = {}
     try:
-        info = cache._sync.run(lambda c: c.info(), retry=False)
+        info = _once(cache, lambda c: c.info())
     except RCacheError as exc:
         checks.append(Check("server", "warn", f"INFO refused: {exc}"))
     if info:
@@ -317,7 +323,7 @@ def _acl_check(cache: Cache) -> Check:
 def _clock_check(cache: Cache) -> Check:
     try:
         t0 = time.time()
-        sec, usec = cache._sync.run(lambda c: c.time(), retry=False)
+        sec, usec = _once(cache, lambda c: c.time())
         t1 = time.time()
     except RCacheError as exc:
         return Check("clock", "info", f"TIME refused ({exc})")

@@ -79,6 +79,7 @@ from typing import (
     overload,
 )
 
+from rcache._admin import ForceReleaseResult, force_release_flow
 from rcache._config import Duration, LockOptions, lock_ttl, ttl_ms, wait_timeout
 from rcache._exceptions import (
     BackendUnavailableError,
@@ -111,7 +112,6 @@ if TYPE_CHECKING:
     import redis.asyncio
     from typing_extensions import Self, Unpack
 
-    from rcache._admin import ForceReleaseResult
     from rcache._flow import AsyncDriver, SyncDriver
     from rcache._metrics import MetricsSink
     from rcache._redis import AsyncRedis, ClientSpec, SyncRedis
@@ -1338,15 +1338,18 @@ class _LeasedLock:
         checking fences rejects its writes. For a semaphore or the read side of an RW
         lock every permit/read lease is removed.
         """
-        from rcache._admin import force_release
-
-        return force_release(self)
+        return self._cache._driver.drive(
+            force_release_flow(self.name, *self._force_call())
+        )
 
     async def aforce_release(self) -> ForceReleaseResult:
         """Async twin of :meth:`force_release`."""
-        from rcache._admin import aforce_release
+        flow = force_release_flow(self.name, *self._force_call())
+        return await self._cache._adriver.drive(flow)
 
-        return await aforce_release(self)
+    def _force_call(self) -> tuple[str, list[str], list[Any]]:
+        """Kind, KEYS and ARGV of ``admin_force_release.lua`` for this lock."""
+        raise ConfigurationError(f"cannot force-release a {type(self).__name__}")
 
     # -- context managers ---------------------------------------------------------------
 
@@ -1426,6 +1429,12 @@ class Lock(_LeasedLock):
 
     def _wake_call(self, token: str) -> ScriptCall | None:
         return lock_wake(self._signal_key(token), self._key)
+
+    def _force_call(self) -> tuple[str, list[str], list[Any]]:
+        # both queues are woken: the object may be plain while the holders are fair
+        lk = self._lock_keys
+        keys = [self._key, self._fence_key, self._signal, lk.queue, lk.fair_signals]
+        return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
 
 
 class FairLock(Lock):
@@ -1514,6 +1523,10 @@ class Semaphore(_LeasedLock):
     def _extend_call(self, token: str, ttl: float) -> ScriptCall:
         return sem_extend(self._key, token=token, ttl=ttl)
 
+    def _force_call(self) -> tuple[str, list[str], list[Any]]:
+        keys = [self._key, self._fence_key, self._signal]
+        return "semaphore", keys, ["zset", _SIGNAL_MS, "1", 1, "0"]
+
 
 class _RWPart(_LeasedLock):
     def _name_keys(self) -> None:
@@ -1560,6 +1573,10 @@ class ReadLock(_RWPart):
     def _extend_call(self, token: str, ttl: float) -> ScriptCall:
         return sem_extend(self._readers, token=token, ttl=ttl)
 
+    def _force_call(self) -> tuple[str, list[str], list[Any]]:
+        keys = [self._readers, self._fence_key, self._wsignal, self._rsignal]
+        return "rwlock read", keys, ["zset", _SIGNAL_MS, "0", 2, "0"]
+
 
 class WriteLock(_RWPart):
     """The exclusive (write) lease of an :class:`RWLock`, fenced; ``rwlock(n).write()``.
@@ -1594,6 +1611,10 @@ class WriteLock(_RWPart):
 
     def _extend_call(self, token: str, ttl: float) -> ScriptCall:
         return lock_extend(self._writer, token=token, ttl=ttl)
+
+    def _force_call(self) -> tuple[str, list[str], list[Any]]:
+        keys = [self._writer, self._fence_key, self._wsignal, self._rsignal]
+        return "rwlock write", keys, ["string", _SIGNAL_MS, "1", 2, "0"]
 
 
 class RWLock:

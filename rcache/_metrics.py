@@ -30,7 +30,8 @@ class MetricsSink(Protocol):
         """A decorated function or ``Cache`` named ``cache`` exists: create its label children."""
 
     def cache_get(self, cache: str, result: str) -> None:
-        """A read of ``cache`` ended: ``result`` is ``hit``, ``miss`` or ``stale``."""
+        """A read of ``cache`` ended: ``result`` is ``hit``, ``miss``, ``stale``,
+        ``coalesced`` or ``local_hit`` (served by the local tier, no round trip)."""
 
     def cache_put(self, cache: str) -> None:
         """A value of ``cache`` was stored."""
@@ -73,6 +74,18 @@ class MetricsSink(Protocol):
         """A lock server's ``maxmemory-policy`` (``policy``) can evict held locks
         (reported once per ``Cache`` and process; rcache calls it only if present)."""
 
+    def local_invalidations(self, cache: str, keys: int) -> None:
+        """The local tier of ``cache`` received invalidations of ``keys`` Redis keys
+        (rcache calls the ``local_*`` methods only if present)."""
+
+    def local_flush(self, cache: str, reason: str) -> None:
+        """The local tier of ``cache`` was emptied: ``reason`` is ``disconnect`` (the
+        listener lost its connection: a restart, a kill, a network fault),
+        ``reconnect``, ``flushall`` (FLUSHALL/FLUSHDB), ``fork`` or ``clear``."""
+
+    def local_entries(self, cache: str, entries: int) -> None:
+        """The local tier of ``cache`` holds ``entries`` entries now."""
+
 
 def _tally() -> Callable[[Any, Iterable[Any]], None] | None:
     """CPython's C ``_count_elements(mapping, keys)``: adds 1 per key to a Counter in one
@@ -101,6 +114,8 @@ class InMemoryMetrics:
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.breaker = 0
+        #: entries in each local tier, by cache name
+        self.local: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def count(self, *event: str) -> int:
@@ -159,3 +174,13 @@ class InMemoryMetrics:
 
     def lock_eviction_risk(self, policy: str) -> None:
         self._inc("lock_eviction_risk", policy)
+
+    def local_invalidations(self, cache: str, keys: int) -> None:
+        with self._lock:
+            self.counts[("local_invalidations", cache)] += keys
+
+    def local_flush(self, cache: str, reason: str) -> None:
+        self._inc("local_flushes", cache, reason)
+
+    def local_entries(self, cache: str, entries: int) -> None:
+        self.local[cache] = entries

@@ -175,6 +175,9 @@ class Host(Protocol):
     _failures: Failures
     _log: RateLimitedLog
 
+    def _local_written(self, keys: Sequence[str]) -> None:
+        """This process wrote ``keys``: drop its local copies now (the local tier)."""
+
 
 class Call(NamedTuple):
     """One call of a cached function: its entry's key, the stamp keys it depends on
@@ -637,7 +640,11 @@ def load(
     finally:
         # every path gives up the lease, an unserializable result too: otherwise the
         # next caller waits the whole lease (issue 14 item 8)
-        rt.stored((yield rt.store(call, token, data or b"", stamps)))
+        try:
+            rt.stored((yield rt.store(call, token, data or b"", stamps)))
+        finally:
+            if data:  # this process's own write: no local copy of the old value stays
+                rt.host._local_written((call.key,))
     return value
 
 
@@ -720,13 +727,21 @@ def refresh(rt: ReadThrough, call: Call, hooks: Hooks) -> Flow[None]:
 
 
 def delete(
-    keys: Sequence[str], guard: Guard, metrics: MetricsSink | None = None
+    keys: Sequence[str],
+    guard: Guard,
+    metrics: MetricsSink | None = None,
+    written: Callable[[Sequence[str]], None] | None = None,
 ) -> Flow[int]:
     """DEL ``keys`` (full Redis keys): how many existed (0 if bypassed), each counted
-    as a removal of ``guard.name`` if ``metrics`` is given."""
+    as a removal of ``guard.name`` if ``metrics`` is given; ``written(keys)`` after it
+    in every case (the local tier drops this process's copies)."""
     if not keys:
         return 0
-    n = yield Run(lambda c: c.delete(*keys), guard)
+    try:
+        n = yield Run(lambda c: c.delete(*keys), guard)
+    finally:
+        if written is not None:
+            written(keys)
     if n is BYPASS:
         return 0
     if metrics is not None:
@@ -859,7 +874,10 @@ def batch(
     elapsed = time.perf_counter() - start
     bt.host.metrics.cache_load(bt.name, "success", elapsed)
     if stamp is not None and computed:
-        n = yield bt.store(ids, keys, computed, stamp, elapsed)
+        try:
+            n = yield bt.store(ids, keys, computed, stamp, elapsed)
+        finally:
+            bt.host._local_written(keys)  # this process's own write
         if n is not BYPASS:
             for _ in range(CACHE_STORE_MANY.parse(n)):
                 bt.host.metrics.cache_put(bt.name)

@@ -14,9 +14,10 @@ give it::
 Metric set (``namespace="rcache"``; labels are bounded: a cache or function name, a lock
 name, a result; never keys, arguments, task ids or pids)::
 
-    rcache_cache_gets_total{cache, result="hit|miss|stale|coalesced"}
+    rcache_cache_gets_total{cache, result="hit|miss|stale|coalesced|local_hit"}
                                 every call of a cached function counted once;
-                                coalesced: got the value another caller computed
+                                coalesced: got the value another caller computed;
+                                local_hit: served by the local tier (no round trip)
     rcache_cache_puts_total{cache}
     rcache_cache_removals_total{cache}
     rcache_cache_load_duration_seconds{cache, result="success|failure"}   histogram
@@ -30,13 +31,17 @@ name, a result; never keys, arguments, task ids or pids)::
     rcache_locks_held{lock}                     gauge
     rcache_lock_eviction_risk_total{policy}     lock servers found with an evicting
                                                 maxmemory-policy (once per Cache)
+    rcache_local_invalidations_total{cache}     invalidated keys the local tier received
+    rcache_local_flushes_total{cache, reason="disconnect|reconnect|flushall|fork|clear"}
+    rcache_local_entries{cache}                 entries held by the local tier (gauge)
 
 There is deliberately no hit-ratio gauge: a ratio of ratios cannot be aggregated across
 processes or instances. Compute it in PromQL (``contrib/prometheus/rules.yml`` records
 it as ``rcache:cache_hit_ratio:rate5m``); ``coalesced`` calls count as hits there, since
-they did not run the function (the ratio is the share of calls the cache saved)::
+they did not run the function (the ratio is the share of calls the cache saved), and
+so do ``local_hit`` calls::
 
-    sum by (cache) (rate(rcache_cache_gets_total{result=~"hit|coalesced"}[5m]))
+    sum by (cache) (rate(rcache_cache_gets_total{result=~"hit|local_hit|coalesced"}[5m]))
       / (sum by (cache) (rate(rcache_cache_gets_total[5m])) > 0)
 
 Multi-process servers (gunicorn, Celery prefork, uWSGI): set
@@ -108,7 +113,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
 """Buckets of ``rcache_lock_wait_seconds`` and ``rcache_lock_held_seconds``: 1 ms to
 10 min (locks guard jobs that run for minutes)."""
 
-GET_RESULTS = ("hit", "miss", "stale", "coalesced")
+GET_RESULTS = ("hit", "miss", "stale", "coalesced", "local_hit")
 LOAD_RESULTS = ("success", "failure")
 ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
 RELEASE_RESULTS = ("released", "not_owned", "unconfirmed")
@@ -199,7 +204,8 @@ class PrometheusMetrics:
                 "cache_gets",
                 "Calls of cached functions (and explicit gets) by result, each counted "
                 "once: hit, miss (computed), stale, coalesced (got the value another "
-                "caller computed). A cached None is a hit.",
+                "caller computed), local_hit (served by the local tier). A cached None "
+                "is a hit.",
                 ("cache", "result"),
             )
         )
@@ -273,6 +279,30 @@ class PrometheusMetrics:
                 "Lock servers found with a maxmemory-policy that can evict held locks "
                 "(checked once per Cache and process when locks are first used).",
                 ("policy",),
+            )
+        )
+        self._local_invalidations = _Family(
+            c(
+                "local_invalidations",
+                "Invalidated Redis keys the local tier received (CLIENT TRACKING).",
+                ("cache",),
+            )
+        )
+        self._local_flushes = _Family(
+            c(
+                "local_flushes",
+                "Times the local tier was emptied, by reason: disconnect (listener "
+                "lost: restart, kill, network), reconnect, flushall, fork, clear.",
+                ("cache", "reason"),
+            )
+        )
+        self._local_entries = _Family(
+            g(
+                "local_entries",
+                "Entries held by the local tier (multiprocess: summed over live "
+                "processes).",
+                ("cache",),
+                multiprocess_mode="livesum",
             )
         )
         self._locks_held = _Family(
@@ -471,6 +501,17 @@ class PrometheusMetrics:
 
     def lock_eviction_risk(self, policy: str) -> None:
         self._eviction_risk.child(policy).inc()
+
+    # -- MetricsSink: the local tier ----------------------------------------------------
+
+    def local_invalidations(self, cache: str, keys: int) -> None:
+        self._local_invalidations.child(cache).inc(keys)
+
+    def local_flush(self, cache: str, reason: str) -> None:
+        self._local_flushes.child(cache, reason).inc()
+
+    def local_entries(self, cache: str, entries: int) -> None:
+        self._local_entries.child(cache).set(entries)
 
 
 class _Family:

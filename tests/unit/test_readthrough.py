@@ -80,6 +80,10 @@ class Host:
             lambda: "redis://t",
             self._log,
         )
+        self.written: list[list[str]] = []
+
+    def _local_written(self, keys: Any) -> None:  # the local tier's own-write hook
+        self.written.append(list(keys))
 
 
 class Hooks:
