@@ -701,7 +701,7 @@ class Cache:
         joins a computation of this process that began before it (read your own
         invalidations); computations elsewhere store nothing under the old stamps.
         """
-        keys, flow = self._invalidation("tag", tags, self.keyspace.tag_stamps)
+        keys, flow = self._tag_invalidation(tags)
         try:
             return self._driver.drive(flow)
         finally:
@@ -709,30 +709,25 @@ class Cache:
 
     async def ainvalidate_tags(self, *tags: str) -> int:
         """Async twin of :meth:`invalidate_tags`."""
-        keys, flow = self._invalidation("tag", tags, self.keyspace.tag_stamps)
+        keys, flow = self._tag_invalidation(tags)
         try:
             return await self._adriver.drive(flow)
         finally:
             self._detach_tags(keys)
 
-    def _invalidation(
-        self,
-        kind: str,
-        names: Sequence[str],
-        copies: Callable[[str], list[str]],
-        guard: Guard | None = None,
-    ) -> tuple[list[str], Flow[int]]:
-        """(every stamp key, the flow that deletes them) for invalidating ``names``
-        (tags or functions): one DEL on one primary; on a cluster every slot group's
-        copy, and a failure raises (``_cluster.invalidate``)."""
-        guard = guard or self._guard("delete")
-        stamps = [copies(n) for n in names]
-        keys = [k for c in stamps for k in c]
-        groups = self.keyspace.groups
+    def _tag_invalidation(self, tags: Sequence[str]) -> tuple[list[str], Flow[int]]:
+        """(every stamp key, the flow that deletes them): one DEL on one primary; on a
+        cluster every slot group's copy, and a failure raises (``_cluster.invalidate``).
+        """
+        guard, groups = self._guard("delete"), self.keyspace.groups
         if groups is None:
+            keys = [self._tag_prefix + t for t in tags]
             return keys, delete_flow(keys, guard, None, self._local_written)
-        what = describe(kind, list(names))
-        return keys, invalidate(stamps, guard, what, groups, None, self._local_written)
+        stamps = [self.keyspace.tag_stamps(t) for t in tags]
+        keys = [k for copies in stamps for k in copies]
+        what = describe("tag", list(tags))
+        flow = invalidate(stamps, guard, what, groups, None, self._local_written)
+        return keys, flow
 
     def _detach_tags(self, stamp_keys: list[str]) -> None:
         """Detach this process's in-flight computations under these tag stamps."""
