@@ -176,7 +176,7 @@ class Cache:
     :param slot_groups: on Redis Cluster, how many hash-tag groups (B) the cache
         entries are spread over (default 256, from 1 to 16384; ignored elsewhere). An
         entry's keys share its group's slot, so a hit stays one MGET; invalidating a
-        tag or a function deletes its stamp's copy in every group (O(B), about 2 ms
+        tag or a function deletes its stamp's copy in every group (O(B): 2 to 3.5 ms
         for 256 on three primaries). Every process must use the same B: it is recorded
         in Redis at first use (``{prefix}:cluster:groups``) and another B is refused.
     :param local: the local (in-process) tier by default for :meth:`get` and
