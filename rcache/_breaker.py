@@ -73,6 +73,15 @@ class CircuitBreaker:
             self._delay = self.policy.reset_after
             self._set(CLOSED)
 
+    def abandon(self) -> None:
+        """The call let through got no answer either way (cancelled, interrupted):
+        free the probe slot so that the next caller probes (else, half-open, every
+        call would be skipped until the process restarts)."""
+        if self._state == CLOSED:
+            return
+        with self._lock:
+            self._probing = False
+
     def failure(self) -> None:
         with self._lock:
             self._failures += 1

@@ -19,6 +19,7 @@ transactions) its error raises. Errors are mapped to rcache's tree in ``_redis.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,9 @@ class SyncDriver:
             reply = command.run(self)
         except RCacheError as exc:
             return self.failures.failed(guard, exc)
+        except BaseException:
+            breaker.abandon()  # cancelled or interrupted: no verdict on Redis
+            raise
         breaker.success()
         return reply
 
@@ -260,6 +264,9 @@ class AsyncDriver:
             reply = await command.arun(self)
         except RCacheError as exc:
             return self.failures.failed(guard, exc)
+        except BaseException:
+            breaker.abandon()  # cancelled or interrupted: no verdict on Redis
+            raise
         breaker.success()
         return reply
 
@@ -276,5 +283,11 @@ class AsyncDriver:
                 return stop.value  # type: ignore[no-any-return]
             try:
                 reply = await self.execute(command)
+            except GeneratorExit:
+                # this coroutine is being closed unawaited: nothing can run any more
+                # (a flow's clean-up step would be ignored); leases run out by TTL
+                with contextlib.suppress(RuntimeError):
+                    flow.close()
+                raise
             except BaseException as exc:
                 reply, error = None, exc

@@ -528,7 +528,16 @@ class KeyLeases:
         if not held:
             return None
         command = Eval(self._script, [key], [token, ttl_ms(ttl)])
-        return keep(self._owner, command, ttl=ttl, loop=loop, name=key, log=self._log)
+        # named by kind, not by key: a cache key holds the call's arguments, which
+        # never reach the logs
+        return keep(
+            self._owner,
+            command,
+            ttl=ttl,
+            loop=loop,
+            name="of a cached computation",
+            log=self._log,
+        )
 
     def remove(self, lease: Renewable | None) -> None:
         """Stop renewing ``lease`` (a no-op for None)."""

@@ -89,6 +89,11 @@ class Failures:
         # would hide the cause behind "circuit open".
         if isinstance(exc, BackendUnavailableError):
             self.breaker.failure()
+        else:
+            # Redis answered (READONLY after a failover, OOM, WRONGTYPE, NOPERM...): it
+            # is reachable. Counting that as neither left a half-open breaker's probe
+            # taken for good: every later call was skipped until a restart.
+            self.breaker.success()
         original = getattr(exc, "original", None) or exc
         self.metrics.cache_error(guard.name, guard.operation, type(original).__name__)
         if guard.policy == "raise":

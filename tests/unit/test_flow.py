@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 from rcache._breaker import CircuitBreaker
 from rcache._config import BreakerPolicy
 from rcache._exceptions import (
+    BackendError,
     BackendMisconfiguredError,
     BackendUnavailableError,
 )
@@ -240,3 +241,74 @@ def test_a_critical_step_finishes_although_the_caller_is_cancelled() -> None:
     asyncio.run(main())
     assert seen == ["cancelled"]
     assert finished.is_set()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_probe_answered_with_an_error_reply_closes_the_breaker(mode: str) -> None:
+    # Redis answered (READONLY after a failover): it is reachable. Before, the probe
+    # slot stayed taken and every later call was skipped until a restart.
+    drive, failures, clock = make(mode)
+
+    def flow(reply: Any) -> Flow[Any]:
+        return (yield Scripted(reply, GET))
+
+    drive(flow(BackendUnavailableError("down")))
+    drive(flow(BackendUnavailableError("down")))
+    clock.now = 1.5
+    assert drive(flow(BackendError("READONLY You can't write against a replica"))) is (
+        BYPASS
+    )
+    assert failures.breaker.state == 0
+    assert drive(flow("ok")) == "ok"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_probe_that_gets_no_answer_frees_the_slot_for_the_next_caller(
+    mode: str,
+) -> None:
+    drive, failures, clock = make(mode)
+
+    def flow(reply: Any) -> Flow[Any]:
+        return (yield Scripted(reply, GET))
+
+    drive(flow(BackendUnavailableError("down")))
+    drive(flow(BackendUnavailableError("down")))
+    clock.now = 1.5
+    with pytest.raises(KeyboardInterrupt):
+        drive(flow(KeyboardInterrupt()))
+    # half-open still, and the next caller probes (and closes it)
+    assert drive(flow("ok")) == "ok"
+    assert failures.breaker.state == 0
+
+
+class _Suspend:
+    """Suspends its awaiter once, with no event loop involved."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
+def test_closing_an_unawaited_drive_closes_the_flow_without_running_more() -> None:
+    _, failures, _ = make("async")
+    driver = AsyncDriver(None, failures)  # type: ignore[arg-type]
+    after: list[str] = []
+
+    @dataclass(frozen=True, slots=True)
+    class Forever(Command):
+        def run(self, driver: Any) -> Any:
+            raise AssertionError("async only")
+
+        async def arun(self, driver: Any) -> Any:
+            await _Suspend()
+
+    def flow() -> Flow[None]:
+        try:
+            yield Forever()
+        finally:
+            after.append("closed")
+            yield Scripted("give the lease up")  # as load() does: cannot run now
+
+    coro = driver.drive(flow())
+    coro.send(None)  # runs up to the suspension
+    coro.close()  # as the garbage collector does; must not raise "ignored GeneratorExit"
+    assert after == ["closed"]

@@ -178,10 +178,11 @@ class Renewer:
 
         def lost(reason: str) -> None:
             metrics.lock_renewal(label, "lost")
+            # the task id and name only: the guard key holds the task's arguments
             log.warning(
-                "rcache-celery: task %s lost its lease on %s (%s)",
+                "rcache-celery: task %s (%s) lost its lease (%s)",
                 guard.task_id,
-                guard.key,
+                label,
                 reason,
             )
 
@@ -192,7 +193,7 @@ class Renewer:
             [guard.task_id, ttl_ms(lease)],
             ttl=lease,
             retry=False,
-            name=guard.key,
+            name=f"of task {guard.task_id} ({label})",  # no key: it holds arguments
             logger=log,
             on_renewed=lambda: metrics.lock_renewal(label, "renewed"),
             on_lost=lost,
