@@ -33,6 +33,7 @@ SECTIONS = [
     ("Celery", "bench_celery.py", []),
     ("FastAPI: a cached Pydantic-model hit", "bench_frameworks.py", []),
     ("Django cache backends", "bench_django.py", []),
+    ("Redis Cluster", "bench_cluster.py", []),
 ]
 
 

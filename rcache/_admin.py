@@ -191,10 +191,14 @@ class _ClearPlan:
             )
         self.result = ClearResult(prefix=self.prefix, dry_run=self.dry_run)
         self._head = (self.prefix + ":").encode() if self.prefix else b""
+        # a cluster's recorded slot groups are a setting, not cached data: kept
+        record = (KeySpace(self.prefix).groups_record().encode(),)
         self._protected = (
             ()
-            if self.include_locks or not self.prefix
-            else (self._head + b"l:", self._head + b"celery:")
+            if not self.prefix
+            else record
+            if self.include_locks
+            else (self._head + b"l:", self._head + b"celery:", *record)
         )
 
     @property
@@ -328,7 +332,7 @@ class _Census:
     keys: int = 0
     explicit: int = 0
     computations: int = 0
-    tags: list[str] = field(default_factory=list)
+    tags: set[str] = field(default_factory=set)  # a tag's copies count once
     lock_keys: int = 0
     held: set[str] = field(default_factory=set)
     celery: int = 0
@@ -343,6 +347,9 @@ class _Census:
         if self.sample < 0:
             raise ConfigurationError(f"sample must be >= 0, got {self.sample}")
         self._head = len(self.prefix) + 1
+        # on Redis Cluster, cache keys carry a slot group after the prefix:
+        # {prefix}:{{prefix.G}}:c:..., :k:..., :s:... (KeySpace)
+        self._group = "{" + self.prefix + "."
 
     @property
     def match(self) -> str:
@@ -362,6 +369,8 @@ class _Census:
                 if j < self.sample:
                     self.reservoir[j] = raw
             rest = _text(raw[self._head :])
+            if rest.startswith(self._group):
+                rest = rest[rest.find("}:") + 2 :]
             if rest.startswith("c:"):
                 if rest.endswith(":lease"):
                     self.computations += 1
@@ -375,7 +384,7 @@ class _Census:
             elif rest.startswith("k:"):
                 self.explicit += 1
             elif rest.startswith("s:t:"):
-                self.tags.append(rest[4:])
+                self.tags.add(rest[4:])
             elif rest.startswith("s:"):
                 self.other += 1
             elif rest.startswith("l:"):

@@ -10,14 +10,18 @@ so entries are shared between batches that overlap. The flow is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from rcache._cluster import batch as grouped_batch
+from rcache._cluster import describe, invalidate
 from rcache._config import BackendErrorPolicy
 from rcache._decorated import Owner
 from rcache._exceptions import ConfigurationError
+from rcache._flow import Flow
 from rcache._keys import KeyBuilder
 from rcache._policy import Guard
 from rcache._readthrough import Batch, batch, delete
@@ -58,7 +62,8 @@ class BatchSpec:
     def rebase(self) -> None:
         """Follow the Cache's current prefix, default ttl, policy and metrics sink."""
         cache, name = self.cache, self.name
-        self.keys.rebase(cache.prefix)
+        ks = self.keyspace = cache.keyspace
+        self.keys.rebase(ks)
         ttl = self._ttl if self._ttl is not None else cache.default_ttl
         if ttl is None:
             ttl = self.bt.ttl
@@ -72,9 +77,39 @@ class BatchSpec:
             put=Guard(name, "set", policy),
             ids_param=self.ids_param,
             ttl=ttl,
-            fn_stamp=cache.keyspace.function_stamp(name),
+            fn_stamp=ks.function_stamp(name) if ks.groups is None else "",
         )
+        # Redis Cluster: the settings with each slot group's copy of the stamp
+        self._parts: dict[int, Batch] = {}
         cache.metrics.register_cache(name)
+
+    def part(self, group: int) -> Batch:
+        """The settings with ``group``'s copy of the function's stamp (a cluster)."""
+        bt = self._parts.get(group)
+        if bt is None:
+            stamp = self.keyspace.function_stamp(self.name, group)
+            bt = self._parts[group] = dataclasses.replace(self.bt, fn_stamp=stamp)
+        return bt
+
+    def flow(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Flow[dict[Any, Any]]:
+        """The flow of one call: one MGET on one primary, split by slot group on a
+        cluster."""
+        ids, bound, keys = self.plan(args, kwargs)
+        if self.keyspace.groups is None:
+            return batch(self.bt, ids, bound, keys)
+        return grouped_batch(self.part, ids, bound, keys, self.keyspace.group_of_key)
+
+    def invalidate_all_flow(self) -> Flow[int]:
+        """Delete the function's stamp (on a cluster: every group's copy)."""
+        ks, cache = self.keyspace, self.cache
+        metrics, written = cache.metrics, cache._local_written
+        if ks.groups is None:
+            return delete([self.bt.fn_stamp], self.delete_guard, metrics, written)
+        what = describe("function", [self.name])
+        stamps = [ks.function_stamps(self.name)]
+        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics, written)
 
     @property
     def ttl(self) -> float:
@@ -103,7 +138,7 @@ class _BatchBase:
 class SyncCachedBatch(_BatchBase):
     def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         spec = self._spec
-        return spec.cache._driver.drive(batch(spec.bt, *spec.plan(args, kwargs)))
+        return spec.cache._driver.drive(spec.flow(args, kwargs))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> int:
         """Delete the entries of these ids; returns how many existed."""
@@ -118,13 +153,7 @@ class SyncCachedBatch(_BatchBase):
     def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1)."""
         spec = self._spec
-        flow = delete(
-            [spec.bt.fn_stamp],
-            spec.delete_guard,
-            spec.cache.metrics,
-            spec.cache._local_written,
-        )
-        return bool(spec.cache._driver.drive(flow))
+        return bool(spec.cache._driver.drive(spec.invalidate_all_flow()))
 
 
 class AsyncCachedBatch(_BatchBase):
@@ -135,7 +164,7 @@ class AsyncCachedBatch(_BatchBase):
 
     async def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         spec = self._spec
-        return await spec.cache._adriver.drive(batch(spec.bt, *spec.plan(args, kwargs)))
+        return await spec.cache._adriver.drive(spec.flow(args, kwargs))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> int:
         """Delete the entries of these ids; returns how many existed."""
@@ -150,13 +179,7 @@ class AsyncCachedBatch(_BatchBase):
     async def invalidate_all(self) -> bool:
         """Drop every entry of this function in O(1)."""
         spec = self._spec
-        flow = delete(
-            [spec.bt.fn_stamp],
-            spec.delete_guard,
-            spec.cache.metrics,
-            spec.cache._local_written,
-        )
-        return bool(await spec.cache._adriver.drive(flow))
+        return bool(await spec.cache._adriver.drive(spec.invalidate_all_flow()))
 
 
 def make_batch(
@@ -174,7 +197,7 @@ def make_batch(
         raise ConfigurationError(
             f"cache.cached_batch() decorates functions, got {type(fn).__name__}"
         )
-    keys = KeyBuilder(fn, prefix=cache.prefix, ignore=ignore, name=name)
+    keys = KeyBuilder(fn, prefix=cache.keyspace, ignore=ignore, name=name)
     params = list(keys.signature.parameters)
     if not params:
         raise ConfigurationError(

@@ -41,6 +41,7 @@ from rcache._admin import (
 from rcache._batch import BatchSpec, make_batch
 from rcache._breaker import CircuitBreaker
 from rcache._cache_protocol import CACHE_RENEW
+from rcache._cluster import GroupsRecord, describe, invalidate
 from rcache._config import (
     TX_MAX_TIME,
     TX_RETRIES,
@@ -95,6 +96,7 @@ from rcache._serializers import (
     encode_envelope,
     resolve_serializer,
 )
+from rcache._slots import DEFAULT_GROUPS, check_groups
 from rcache._tracking import (
     Tier,
     TrackedReader,
@@ -145,8 +147,8 @@ class Cache:
         in-process, same semantics including Lua);
         ``redis+sentinel://host:26379,host2:26379/service_name/0`` (the primary that
         the sentinels name, followed across failovers); ``redis+cluster://host:7000,
-        host2:7001`` (Redis Cluster: explicit operations, locks and one-slot
-        transactions; ``@cached`` and ``@cached_batch`` are refused there for now).
+        host2:7001`` (Redis Cluster: every cache key carries a slot group's hash tag,
+        see ``slot_groups``).
         Default: ``$RCACHE_URL``, else ``$REDIS_URL``, read at first use (not here),
         else ``redis://127.0.0.1:6379/0`` with one WARNING saying so. Settings can also
         come later, before first use, from :meth:`configure` (or a framework's
@@ -171,6 +173,12 @@ class Cache:
     :param lock_url: keep locks, RW locks and semaphores on this Redis instead (same
         prefix and options): a cache server with an evicting ``maxmemory-policy`` can
         evict a held lock, a lock server should run ``noeviction``.
+    :param slot_groups: on Redis Cluster, how many hash-tag groups (B) the cache
+        entries are spread over (default 256, from 1 to 16384; ignored elsewhere). An
+        entry's keys share its group's slot, so a hit stays one MGET; invalidating a
+        tag or a function deletes its stamp's copy in every group (O(B): 2 to 3.5 ms
+        for 256 on three primaries). Every process must use the same B: it is recorded
+        in Redis at first use (``{prefix}:cluster:groups``) and another B is refused.
     :param local: the local (in-process) tier by default for :meth:`get` and
         ``@cache.cached``: ``True`` or a :class:`LocalTier` with its bounds. Hits are
         served from process memory, dropped by Redis's invalidation messages when any
@@ -204,6 +212,7 @@ class Cache:
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        slot_groups: int | None = None,
         local: LocalTier | bool | None = None,
     ) -> None:
         self._log = RateLimitedLog(cache_log)
@@ -236,6 +245,7 @@ class Cache:
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            slot_groups=slot_groups,
             local=local,
         )
 
@@ -255,6 +265,7 @@ class Cache:
         redis_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         lock_url: str | None = None,
+        slot_groups: int | None = None,
         local: LocalTier | bool | None = None,
         force: bool = False,
     ) -> Cache:
@@ -289,6 +300,7 @@ class Cache:
             redis_options=redis_options,
             name=name,
             lock_url=lock_url,
+            slot_groups=slot_groups,
             local=local,
         )
         if settings == self._settings:
@@ -335,6 +347,7 @@ class Cache:
         redis_options: Mapping[str, Any] | None,
         name: str | None,
         lock_url: str | None,
+        slot_groups: int | None = None,
         local: LocalTier | bool | None = None,
     ) -> None:
         """Validate every setting first, then switch to them (all or nothing)."""
@@ -353,6 +366,15 @@ class Cache:
         retry_policy = retry or RetryPolicy()
         spec = ClientSpec(
             url, client=client, async_client=async_client, options=redis_options
+        )
+        groups = check_groups(DEFAULT_GROUPS if slot_groups is None else slot_groups)
+        # Redis Cluster: cache keys carry slot groups (the mode is explicit in the URL
+        # or client, read now); this also refuses a prefix with braces there
+        keyspace = KeySpace(prefix, groups if spec.cluster else None)
+        record = (
+            None
+            if keyspace.groups is None
+            else GroupsRecord(keyspace.groups_record(), groups, prefix)
         )
         local = resolve_local(local)
         if local and not spec.memory:
@@ -376,6 +398,7 @@ class Cache:
                 metrics=sink,
                 redis_options=redis_options,
                 name=name or prefix,
+                slot_groups=slot_groups,
             )
         )
         self._settings = {
@@ -392,6 +415,7 @@ class Cache:
             "redis_options": redis_options,
             "name": name,
             "lock_url": lock_url,
+            "slot_groups": slot_groups,
             "local": local,
         }
         self._lock_cache = lock_cache
@@ -405,8 +429,8 @@ class Cache:
         # Redis's clock, from the last TIME seen: freshness follows Redis's clock, not
         # this host's (issue 14 item 6)
         self._clock = ServerClock()
-        self._sync = SyncRedis(spec, retry_policy)
-        self._async = AsyncRedis(spec, retry_policy)
+        self._sync = SyncRedis(spec, retry_policy, record)
+        self._async = AsyncRedis(spec, retry_policy, record)
         self.metrics = sink
         self.breaker = circuit
         self._failures = Failures(circuit, sink, spec.describe, self._log)
@@ -415,9 +439,15 @@ class Cache:
         )
         self._driver = SyncDriver(self._sync, self._failures)
         self._adriver = AsyncDriver(self._async, self._failures)
-        self.keyspace = KeySpace(prefix)
-        self._explicit_prefix = self.keyspace.explicit_prefix
-        self._tag_prefix = self.keyspace.tag_prefix
+        self.keyspace = keyspace
+        self._explicit_prefix = keyspace.explicit_prefix
+        # per-call key functions chosen here: the single-primary ones pay nothing for
+        # slot groups
+        if keyspace.groups is None:
+            self._tag_prefix = keyspace.tag_prefix
+            self._key = self._plain_key
+        else:
+            self._key = self._grouped_key
         # the local tier: the default options (None: off unless asked per call site),
         # the Cache's shared tier and per-function ones, made on first use
         self._local_default: LocalTier | None = (
@@ -445,20 +475,6 @@ class Cache:
         """True on Redis Cluster (``redis+cluster://`` or a RedisCluster client)."""
         return self._spec.cluster
 
-    def _refuse_on_cluster(self, what: str) -> None:
-        # Every @cached entry reads its value and its version stamps (function, tags)
-        # in one MGET and claims/stores them in one Lua script: keys in different hash
-        # slots, which Redis Cluster refuses (CROSSSLOT). Until entries carry slot
-        # groups (issue 15), refuse at decoration rather than fail on every call.
-        if self._spec.cluster:
-            raise ConfigurationError(
-                f"{what} is not supported on Redis Cluster yet: its entries span hash "
-                "slots (value, version stamps, tags, stampede lease). On a cluster use "
-                "explicit cache.get/set/delete, locks and one-slot transactions, or "
-                "point this Cache at one primary (redis://) or a Sentinel set "
-                "(redis+sentinel://)"
-            )
-
     def _undecodable(self, name: str, exc: UndecodableError) -> None:
         undecodable(self.metrics, self._log, name, exc)
 
@@ -472,9 +488,11 @@ class Cache:
     ) -> Envelope | None:
         return decode(self, name, raw, serializer or self.serializer)
 
-    def tag_key(self, tag: str) -> str:
-        """The Redis key of a tag's version stamp."""
-        return self._tag_prefix + tag
+    def tag_key(self, tag: str, group: int | None = None) -> str:
+        """The Redis key of a tag's version stamp (on Redis Cluster, ``group``'s copy)."""
+        if group is None:
+            return self._tag_prefix + tag
+        return self.keyspace.tag_stamp(tag, group)
 
     # -- the local tier (rcache._local, rcache._tracking) -------------------------------
 
@@ -560,10 +578,18 @@ class Cache:
 
     # -- explicit operations ----------------------------------------------------------
 
-    def _key(self, key: str) -> str:
+    #: the full Redis key of an explicit key: one of the two below (set in _apply)
+    _key: Callable[[str], str]
+
+    def _plain_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"cache keys are non-empty strings, got {key!r}")
         return self._explicit_prefix + key
+
+    def _grouped_key(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"cache keys are non-empty strings, got {key!r}")
+        return self.keyspace.explicit(key)
 
     def _ttl(self, ttl: Duration | None) -> float:
         if ttl is None:
@@ -675,23 +701,33 @@ class Cache:
         joins a computation of this process that began before it (read your own
         invalidations); computations elsewhere store nothing under the old stamps.
         """
-        keys = [self.tag_key(t) for t in tags]
+        keys, flow = self._tag_invalidation(tags)
         try:
-            return self._driver.drive(
-                delete_flow(keys, self._guard("delete"), None, self._local_written)
-            )
+            return self._driver.drive(flow)
         finally:
             self._detach_tags(keys)
 
     async def ainvalidate_tags(self, *tags: str) -> int:
         """Async twin of :meth:`invalidate_tags`."""
-        keys = [self.tag_key(t) for t in tags]
+        keys, flow = self._tag_invalidation(tags)
         try:
-            return await self._adriver.drive(
-                delete_flow(keys, self._guard("delete"), None, self._local_written)
-            )
+            return await self._adriver.drive(flow)
         finally:
             self._detach_tags(keys)
+
+    def _tag_invalidation(self, tags: Sequence[str]) -> tuple[list[str], Flow[int]]:
+        """(every stamp key, the flow that deletes them): one DEL on one primary; on a
+        cluster every slot group's copy, and a failure raises (``_cluster.invalidate``).
+        """
+        guard, groups = self._guard("delete"), self.keyspace.groups
+        if groups is None:
+            keys = [self._tag_prefix + t for t in tags]
+            return keys, delete_flow(keys, guard, None, self._local_written)
+        stamps = [self.keyspace.tag_stamps(t) for t in tags]
+        keys = [k for copies in stamps for k in copies]
+        what = describe("tag", list(tags))
+        flow = invalidate(stamps, guard, what, groups, None, self._local_written)
+        return keys, flow
 
     def _detach_tags(self, stamp_keys: list[str]) -> None:
         """Detach this process's in-flight computations under these tag stamps."""
@@ -704,8 +740,9 @@ class Cache:
     # -- batches: one round trip each ---------------------------------------------------
 
     def _mget(self, client: Any, keys: list[str]) -> Any:
-        # On a cluster, get_many's keys span slots: redis-py splits the read per slot
-        # (not atomic; a hit path needing atomicity is refused on clusters anyway).
+        # On a cluster, get_many's keys span slots: redis-py splits the read into one
+        # MGET per slot (explicit keys of one slot group share one), pipelined per
+        # node; not atomic across slots, as explicit keys need not be.
         return client.mget_nonatomic(keys) if self._spec.cluster else client.mget(keys)
 
     def _get_many_flow(self, keys: Iterable[str]) -> Flow[dict[str, Any]]:
@@ -1283,7 +1320,6 @@ class Cache:
             raise ConfigurationError(
                 f"cache.cached() takes a function, got {type(fn).__name__}: {hint}"
             )
-        self._refuse_on_cluster("@cache.cached")
         if ttl is None:
             self._ttl(None)  # no default either: say how to give one
         options = CachedOptions.build(
@@ -1326,7 +1362,7 @@ class Cache:
             )
         keys = KeyBuilder(
             func,
-            prefix=self.prefix,
+            prefix=self.keyspace,
             key=options.key,
             ignore=options.ignore,
             name=options.name,
@@ -1358,7 +1394,6 @@ class Cache:
         id's key. Ids the function leaves out of its result are not cached. The wrapper
         has ``invalidate(ids)``, ``invalidate_all()`` and ``keys_for(ids)``.
         """
-        self._refuse_on_cluster("@cache.cached_batch")
         seconds = self._ttl(ttl)
         if on_backend_error is not None:
             check_policy(on_backend_error)

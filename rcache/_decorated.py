@@ -37,8 +37,9 @@ from typing import Any, Protocol
 
 from rcache._breaker import CircuitBreaker
 from rcache._cache_protocol import CACHE_READ
+from rcache._cluster import describe, invalidate
 from rcache._config import BackendErrorPolicy, CachedOptions
-from rcache._flow import AsyncDriver, Command, SyncDriver
+from rcache._flow import AsyncDriver, Command, Flow, SyncDriver
 from rcache._freshness import FRESH, Freshness
 from rcache._keys import KeyBuilder, Template
 from rcache._leases import KeyLeases
@@ -143,7 +144,7 @@ class Owner(Host, Protocol):
     _leases: KeyLeases
     _refresher: RefreshPool
 
-    def tag_key(self, tag: str) -> str: ...
+    def tag_key(self, tag: str, group: int | None = None) -> str: ...
 
     def _local_option(self, local: Any) -> Any: ...
 
@@ -197,20 +198,30 @@ class CachedSpec:
     def rebase(self) -> None:
         """Follow the Cache's current prefix, default ttl, policy and metrics sink."""
         cache, o = self.cache, self.options
-        self.keys.rebase(cache.prefix)
+        ks = cache.keyspace
+        self.keys.rebase(ks)
         ttl = o.ttl if o.ttl is not None else cache.default_ttl
         if ttl is None:  # the default was taken away: keep the one decorated with
             ttl = self.rt.freshness.ttl
         policy = o.on_backend_error or cache.on_backend_error
         name = self.name
-        self._fn_stamp = cache.keyspace.function_stamp(name)
-        self._static_stamps = [self._fn_stamp] + [cache.tag_key(t) for t in o.tags]
-        # per tag: (its stamp key, None) if it has no fields, else ("", the template)
-        self._tag_prefix = cache.keyspace.tag_prefix
-        self._tags: list[tuple[str, Template | None]] = [
-            ("", t) if t.fields else (cache.tag_key(t.template), None)
-            for t in self._tag_templates
-        ]
+        self.keyspace = ks
+        if ks.groups is None:
+            self._fn_stamp = ks.function_stamp(name)
+            self._static_stamps = [self._fn_stamp] + [cache.tag_key(t) for t in o.tags]
+            # per tag: (its stamp key, None) if it has no fields, else ("", the
+            # template)
+            self._tag_prefix = ks.tag_prefix
+            self._tags: list[tuple[str, Template | None]] = [
+                ("", t) if t.fields else (cache.tag_key(t.template), None)
+                for t in self._tag_templates
+            ]
+            self.__dict__.pop("stamp_keys", None)  # the class's own
+        else:
+            # Redis Cluster: an entry's stamps are its slot group's copies; bound
+            # here so that the single-primary hit pays nothing for groups
+            self._group_stamps: dict[int, list[str]] = {}
+            self.stamp_keys = self._grouped_stamp_keys  # type: ignore[method-assign]
         self.delete_guard = Guard(name, "delete", policy)
         self.rt = ReadThrough(
             host=cache,
@@ -305,19 +316,52 @@ class CachedSpec:
     def policy(self) -> BackendErrorPolicy:
         return self.rt.get.policy
 
-    def stamp_keys(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    def stamp_keys(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str
+    ) -> list[str]:
+        """The stamp keys (function, then tags) of the entry ``key`` of a call."""
         if not self._tag_has_fields:
             return self._static_stamps
         bound = self.keys.bind(args, kwargs)
         prefix = self._tag_prefix
         return [self._fn_stamp] + [
-            key if t is None else prefix + t.render(bound) for key, t in self._tags
+            stamp if t is None else prefix + t.render(bound) for stamp, t in self._tags
+        ]
+
+    def _grouped_stamp_keys(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str
+    ) -> list[str]:
+        # stamp_keys on Redis Cluster: the copies in the entry's slot group
+        ks = self.keyspace
+        group = ks.group_of_key(key)
+        assert group is not None  # built by a grouped KeyBuilder
+        if not self._tag_has_fields:
+            stamps = self._group_stamps.get(group)
+            if stamps is None:
+                stamps = self._group_stamps[group] = [
+                    ks.function_stamp(self.name, group),
+                    *(ks.tag_stamp(t, group) for t in self.options.tags),
+                ]
+            return stamps
+        bound = self.keys.bind(args, kwargs)
+        return [ks.function_stamp(self.name, group)] + [
+            ks.tag_stamp(t.render(bound) if t.fields else t.template, group)
+            for t in self._tag_templates
         ]
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return Call(
-            self.keys.build(args, kwargs), self.stamp_keys(args, kwargs), args, kwargs
-        )
+        key = self.keys.build(args, kwargs)
+        return Call(key, self.stamp_keys(args, kwargs, key), args, kwargs)
+
+    def invalidate_all_flow(self) -> Flow[int]:
+        """Delete the function's stamp (on a cluster: every group's copy)."""
+        ks, cache = self.keyspace, self.cache
+        metrics, written = cache.metrics, cache._local_written
+        if ks.groups is None:
+            return delete([self._fn_stamp], self.delete_guard, metrics, written)
+        what = describe("function", [self.name])
+        stamps = [ks.function_stamps(self.name)]
+        return invalidate(stamps, self.delete_guard, what, ks.groups, metrics, written)
 
     def detach(self, key: str | None = None, stamp_keys: Sequence[str] = ()) -> None:
         """Detach the in-flight computations of ``key``, or of any of ``stamp_keys``, or
@@ -468,7 +512,7 @@ class SyncCached(_Base):
             metrics.cache_load(rt.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
-        stamp_keys = spec.stamp_keys(args, kwargs)
+        stamp_keys = spec.stamp_keys(args, kwargs, key)
         if spec.rt.stampede:
             return self._single_flight(Call(key, stamp_keys, args, kwargs))
         return self._fetch(key, stamp_keys, args, kwargs)
@@ -581,13 +625,7 @@ class SyncCached(_Base):
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
         try:
-            flow = delete(
-                [spec._fn_stamp],
-                spec.delete_guard,
-                spec.cache.metrics,
-                spec.cache._local_written,
-            )
-            return bool(spec.cache._driver.drive(flow))
+            return bool(spec.cache._driver.drive(spec.invalidate_all_flow()))
         finally:
             spec.detach()
 
@@ -635,7 +673,7 @@ class AsyncCached(_Base):
             metrics.cache_load(rt.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
-        stamp_keys = spec.stamp_keys(args, kwargs)
+        stamp_keys = spec.stamp_keys(args, kwargs, key)
         if spec.rt.stampede:
             return await self._single_flight(Call(key, stamp_keys, args, kwargs))
         return await self._fetch(key, stamp_keys, args, kwargs)
@@ -769,12 +807,6 @@ class AsyncCached(_Base):
         """Drop every entry of this function in O(1) (its version stamp changes)."""
         spec = self._spec
         try:
-            flow = delete(
-                [spec._fn_stamp],
-                spec.delete_guard,
-                spec.cache.metrics,
-                spec.cache._local_written,
-            )
-            return bool(await spec.cache._adriver.drive(flow))
+            return bool(await spec.cache._adriver.drive(spec.invalidate_all_flow()))
         finally:
             spec.detach()

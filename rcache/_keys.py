@@ -19,6 +19,19 @@ key below, and nothing else formats one::
     {prefix}:celery:u|l|w:{{...}}            rcache-celery's guard keys (see there)
     {prefix}:check:{token}                   Cache.check()'s short-lived probe
 
+On Redis Cluster (``KeySpace(prefix, groups=B)``, see ``_slots.py``) every key of a cache
+entry carries its slot group's hash tag after the prefix, so that the entry's value,
+lease, wake-up list and its group's copies of the stamps share one hash slot::
+
+    {prefix}:{{prefix.G}}:c:{module.qualname}:{args}   G = crc32("{name}:{args}") % B
+    {prefix}:{{prefix.G}}:k:{key}                      G = crc32(key's hash tag) % B
+    {prefix}:{{prefix.G}}:s:f:{module.qualname}        group G's copy of a stamp
+    {prefix}:{{prefix.G}}:s:t:{tag}
+    {prefix}:cluster:groups                            B, recorded at first use
+
+Locks, rcache-celery's keys and the probe keep the single-primary names (their hash
+tags already keep each of them in one slot).
+
 ``{args}`` is the canonical JSON of the bound arguments (it always starts with ``[``), so
 it can never collide with the ``h:`` form or with another function's keys.
 
@@ -55,6 +68,7 @@ from typing import Any
 
 from rcache._exceptions import ConfigurationError
 from rcache._serializers import _encode_tree, _Unsupported
+from rcache._slots import check_groups, check_prefix, group_of, group_tag, hash_tag
 
 __all__ = [
     "KeyBuilder",
@@ -218,49 +232,138 @@ class KeySpace:
     pins each one). Integrations build their keys here too, so that hash tags for Redis
     Cluster are decided in one place. ``Cache.keyspace`` is the cache's own.
 
+    ``groups`` (B) is given on Redis Cluster only: every cache key then carries one of B
+    slot-group hash tags (``_slots.py``), and a function's or a tag's stamp has a copy
+    in each group. The single-primary (and Sentinel) names do not change.
+
     Example::
 
         ks = KeySpace("shop")
         ks.explicit("user:42")          # 'shop:k:user:42'
         ks.lock("report").fence         # 'shop:l:{report}:fence'
+        KeySpace("shop", groups=256).explicit("user:42")  # 'shop:{shop.G}:k:user:42'
     """
 
-    __slots__ = ("explicit_prefix", "prefix", "tag_prefix")
+    __slots__ = ("_group_head", "_tag_prefix", "explicit_prefix", "groups", "prefix")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, groups: int | None = None) -> None:
         self.prefix = prefix
-        #: The head of every explicit key (``{prefix}:k:``).
+        #: B on Redis Cluster (cache keys carry slot-group hash tags), else None
+        self.groups = None if groups is None else check_groups(groups)
+        if self.groups is not None:
+            check_prefix(prefix)
+        #: The head of every explicit key in the single-primary layout
+        #: (``{prefix}:k:``); on a cluster the head depends on the key: use
+        #: :meth:`explicit`.
         self.explicit_prefix = f"{prefix}:k:"
-        #: The head of every tag's version stamp (``{prefix}:s:t:``).
-        self.tag_prefix = f"{prefix}:s:t:"
+        self._tag_prefix = f"{prefix}:s:t:"
+        # "prefix:{prefix." : what every grouped key starts with (the group follows)
+        self._group_head = f"{prefix}:{{{prefix}."
 
     def __repr__(self) -> str:
-        return f"KeySpace({self.prefix!r})"
+        if self.groups is None:
+            return f"KeySpace({self.prefix!r})"
+        return f"KeySpace({self.prefix!r}, groups={self.groups})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, KeySpace) and other.prefix == self.prefix
+        return (
+            isinstance(other, KeySpace)
+            and other.prefix == self.prefix
+            and other.groups == self.groups
+        )
 
     def __hash__(self) -> int:
-        return hash(self.prefix)
+        return hash((self.prefix, self.groups))
+
+    @property
+    def tag_prefix(self) -> str:
+        """The head of every tag's version stamp (``{prefix}:s:t:``): single-primary
+        layout only (on a cluster each group has its copy: :meth:`tag_stamps`)."""
+        if self.groups is not None:
+            raise ConfigurationError(
+                "on Redis Cluster a tag's stamp has a copy per slot group: use "
+                "KeySpace.tag_stamps(tag) or tag_stamp(tag, group)"
+            )
+        return self._tag_prefix
+
+    # -- slot groups (Redis Cluster) -----------------------------------------------------
+
+    def head(self, group: int | None = None) -> str:
+        """What the cache keys of ``group`` start with: ``{prefix}`` on one primary,
+        ``{prefix}:{{prefix.G}}`` on a cluster (where ``group`` is required)."""
+        if self.groups is None:
+            return self.prefix
+        if group is None:
+            raise ConfigurationError(
+                f"{self!r}: on Redis Cluster a cache key needs its slot group"
+            )
+        return group_tag(self.prefix, group)
+
+    def group_of(self, body: str) -> int | None:
+        """The slot group of an entry whose key ends with ``body`` (``name:args`` or an
+        explicit key); None on one primary."""
+        groups = self.groups
+        return None if groups is None else group_of(body, groups)
+
+    def group_of_key(self, key: str) -> int | None:
+        """The slot group of a cache key named here (None on one primary, or for a key
+        without a group: locks, rcache-celery's keys)."""
+        head = self._group_head
+        if self.groups is None or not key.startswith(head):
+            return None
+        end = key.find("}", len(head))
+        digits = key[len(head) : end]
+        return int(digits) if end > 0 and digits.isdigit() else None
+
+    def groups_record(self) -> str:
+        """Where a cluster records B at first use (``Cache`` refuses another B)."""
+        return f"{self.prefix}:cluster:groups"
 
     # -- cache entries ------------------------------------------------------------------
 
-    def values(self, name: str) -> str:
+    def values(self, name: str, group: int | None = None) -> str:
         """The head of the value keys of the decorated function ``name``
-        (``module.qualname``); its encoded arguments follow."""
-        return f"{self.prefix}:c:{name}:"
+        (``module.qualname``); its encoded arguments follow. On a cluster, of the
+        values in ``group``."""
+        return f"{self.head(group)}:c:{name}:"
+
+    def value(self, name: str, args: str) -> str:
+        """The value key of ``name`` called with encoded arguments ``args``."""
+        if self.groups is None:
+            return f"{self.prefix}:c:{name}:{args}"
+        body = f"{name}:{args}"
+        return f"{group_tag(self.prefix, group_of(body, self.groups))}:c:{body}"
 
     def explicit(self, key: str) -> str:
         """The key of ``cache.get(key)``/``set(key)`` and of ``key=`` templates."""
-        return self.explicit_prefix + key
+        if self.groups is None:
+            return self.explicit_prefix + key
+        group = group_of(hash_tag(key), self.groups)
+        return f"{group_tag(self.prefix, group)}:k:{key}"
 
-    def function_stamp(self, name: str) -> str:
-        """The version stamp of a decorated function (``invalidate_all`` bumps it)."""
-        return f"{self.prefix}:s:f:{name}"
+    def function_stamp(self, name: str, group: int | None = None) -> str:
+        """The version stamp of a decorated function (``invalidate_all`` deletes it);
+        on a cluster, ``group``'s copy."""
+        return f"{self.head(group)}:s:f:{name}"
 
-    def tag_stamp(self, tag: str) -> str:
-        """The version stamp of ``tag`` (``invalidate_tags`` bumps it)."""
-        return self.tag_prefix + tag
+    def tag_stamp(self, tag: str, group: int | None = None) -> str:
+        """The version stamp of ``tag`` (``invalidate_tags`` deletes it); on a cluster,
+        ``group``'s copy."""
+        if self.groups is None:
+            return self._tag_prefix + tag
+        return f"{self.head(group)}:s:t:{tag}"
+
+    def function_stamps(self, name: str) -> list[str]:
+        """Every copy of a function's stamp: one on a primary, B on a cluster."""
+        if self.groups is None:
+            return [self.function_stamp(name)]
+        return [self.function_stamp(name, g) for g in range(self.groups)]
+
+    def tag_stamps(self, tag: str) -> list[str]:
+        """Every copy of a tag's stamp: one on a primary, B on a cluster."""
+        if self.groups is None:
+            return [self._tag_prefix + tag]
+        return [self.tag_stamp(tag, g) for g in range(self.groups)]
 
     def lease(self, value_key: str) -> str:
         """The stampede lease of the computation of ``value_key``."""
@@ -505,7 +608,7 @@ class KeyBuilder:
         self,
         fn: Callable[..., Any],
         *,
-        prefix: str,
+        prefix: str | KeySpace,
         key: str | Callable[..., str] | None = None,
         ignore: Iterable[str] = (),
         name: str | None = None,
@@ -565,12 +668,23 @@ class KeyBuilder:
         fast = key is None and self._simple and not self.ignore
         self._arity = len(params) if fast and self._n_positional == len(params) else -1
 
-    def rebase(self, prefix: str) -> None:
-        """Build keys under ``prefix`` (``Cache.configure`` before first use)."""
-        keyspace = KeySpace(prefix)
-        self.prefix = prefix
-        self._key_prefix = keyspace.values(self.name)
+    def rebase(self, prefix: str | KeySpace) -> None:
+        """Build keys under ``prefix``, or in a :class:`KeySpace` (a Cache's, with slot
+        groups on Redis Cluster); ``Cache.configure`` before first use calls it."""
+        keyspace = prefix if isinstance(prefix, KeySpace) else KeySpace(prefix)
+        self.keyspace = keyspace
+        self.prefix = keyspace.prefix
         self._explicit_prefix = keyspace.explicit_prefix
+        if keyspace.groups is None:
+            self._key_prefix = keyspace.values(self.name)
+            # the per-call methods: the single-primary ones are the class's own
+            self.__dict__.pop("build", None)
+            self.__dict__.pop("value_key", None)
+        else:
+            # every key carries its slot group, chosen per call; bound here so that
+            # the single-primary calls pay nothing for it
+            self.build = self._grouped_build  # type: ignore[method-assign]
+            self.value_key = self._grouped_value_key  # type: ignore[method-assign]
 
     def check_template(self, template: str, what: str = "key template") -> None:
         """Raise ConfigurationError unless ``template`` names only parameters (the
@@ -664,6 +778,19 @@ class KeyBuilder:
     def value_key(self, bound: Mapping[str, Any]) -> str:
         """The value key of bound arguments, ignoring ``key=`` (batch entries)."""
         return self._key_prefix + self.encode_args(bound)
+
+    def _grouped_build(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        # build() on Redis Cluster: the same key bodies, each under its slot group
+        ks = self.keyspace
+        if self._key_fn is not None:
+            return ks.explicit(str(self._key_fn(*args, **kwargs)))
+        bound = self.bind(args, kwargs)
+        if self._template is not None:
+            return ks.explicit(self._template.render(bound))
+        return ks.value(self.name, self.encode_args(bound))
+
+    def _grouped_value_key(self, bound: Mapping[str, Any]) -> str:
+        return self.keyspace.value(self.name, self.encode_args(bound))
 
     def encode_args(self, bound: Mapping[str, Any]) -> str:
         """The canonical encoding of bound arguments (``[...]`` JSON, or ``h:`` and a

@@ -18,6 +18,7 @@ from rcache._breaker import CircuitBreaker
 from rcache._exceptions import (
     BackendMisconfiguredError,
     BackendUnavailableError,
+    ConfigurationError,
     RCacheError,
 )
 from rcache._logging import RateLimitedLog, cache_log
@@ -80,6 +81,10 @@ class Failures:
     def failed(self, guard: Guard, exc: RCacheError) -> Any:
         """A Redis error: count it (only unreachability opens the breaker), then raise
         under "raise", else log (rate-limited) and return BYPASS."""
+        if isinstance(exc, ConfigurationError):
+            # a setting to fix (a cluster's recorded slot groups differ), not a Redis
+            # error: never bypassed, never counted as an outage
+            raise exc
         # A wrong password or database is not an outage, and bypassing Redis for it
         # would hide the cause behind "circuit open".
         if isinstance(exc, BackendUnavailableError):

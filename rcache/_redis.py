@@ -18,7 +18,7 @@ import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -41,22 +41,28 @@ from rcache._logging import cache_log
 __all__ = [
     "AsyncRedis",
     "ClientSpec",
+    "FirstUse",
     "LuaScript",
     "SyncRedis",
     "TxConflict",
     "TxPipeline",
     "TxUnsent",
     "acommand_within",
+    "adelete_by_node",
     "adiagnose",
     "aeval_within",
     "aeviction_policy",
+    "by_slot",
     "check_url",
     "command_within",
     "connection_kwargs",
+    "delete_by_node",
+    "delete_each",
     "diagnose",
     "eval_within",
     "eviction_policy",
     "map_error",
+    "mget_each",
     "misconfiguration",
     "process_id",
     "resolve_url",
@@ -403,6 +409,10 @@ def _map_cluster_error(exc: BaseException) -> RCacheError | None:
     if isinstance(exc, rex.RedisClusterException) and any(
         s in str(exc) for s in ("cannot be connected", "not covered", "agree")
     ):
+        return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
+    if isinstance(exc, rex.ClusterError) and "TTL exhausted" in str(exc):
+        # redis-py gave up after its own 16 tries of TRYAGAIN (a multi-key command
+        # during resharding), MOVED or ASK: slots are moving, an outage for now
         return BackendUnavailableError(f"Redis Cluster unavailable: {text}", exc)
     return None
 
@@ -928,14 +938,30 @@ async def _aread(
         await pool.release(conn)
 
 
+class FirstUse(Protocol):
+    """A check run with each new main client before its first command, until it passes
+    once in the process (a cluster Cache's recorded slot groups: ``_slots.py``)."""
+
+    @property
+    def checked(self) -> bool: ...
+
+    def check(self, client: Any) -> None: ...
+
+    async def acheck(self, client: Any) -> None: ...
+
+
 class SyncRedis:
     """Lazily created sync client plus ``run``: error mapping and retries in one place."""
 
-    def __init__(self, spec: ClientSpec, retry: RetryPolicy) -> None:
+    def __init__(
+        self, spec: ClientSpec, retry: RetryPolicy, first_use: FirstUse | None = None
+    ) -> None:
         self._spec = spec
         self._retry = retry
+        self._first_use = first_use
         self._client: redis.Redis | None = None
-        self._gen = -1  # the fork generation the client was made in
+        self._gen = -1  # the fork generation whose client is ready (made, checked)
+        self._made_gen = -1  # the fork generation that made _client
         self._blocking: redis.Redis | None = None
         self._blocking_gen = -1
         #: (a client, whether mget reads below its command layer), decided once per
@@ -951,9 +977,25 @@ class SyncRedis:
     def client(self) -> redis.Redis:
         client = self._client
         if client is None or self._gen != _FORKS[0]:
-            _watch_forks()
+            client = self._connect()
+        return client
+
+    def _connect(self) -> redis.Redis:
+        """Make this process's client, then run the first-use check with it (its
+        errors mapped; until it passes, every command runs it again)."""
+        _watch_forks()
+        gen = _FORKS[0]
+        client = self._client
+        if client is None or self._made_gen != gen:
             client = self._client = self._spec.sync_client()
-            self._gen = _FORKS[0]
+            self._made_gen = gen
+        first_use = self._first_use
+        if first_use is not None and not first_use.checked:
+            try:
+                first_use.check(client)
+            except REDIS_ERRORS as exc:
+                raise map_error(exc) from exc
+        self._gen = gen
         return client
 
     @property
@@ -1024,11 +1066,21 @@ class SyncRedis:
 class AsyncRedis:
     """One ``redis.asyncio`` client per running event loop; same ``run`` contract."""
 
-    def __init__(self, spec: ClientSpec, retry: RetryPolicy) -> None:
+    def __init__(
+        self, spec: ClientSpec, retry: RetryPolicy, first_use: FirstUse | None = None
+    ) -> None:
         self._spec = spec
         self._retry = retry
+        self._first_use = first_use
         self._clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        # clients made before first_use passed (run() checks before moving them over)
+        self._unchecked: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        self._checking: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Lock
         ] = weakref.WeakKeyDictionary()
         self._blocking: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
@@ -1056,7 +1108,35 @@ class AsyncRedis:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = self._spec.async_client()
+            client = self._unchecked.get(loop)
+            if client is None:
+                client = self._spec.async_client()
+                first_use = self._first_use
+                if first_use is None or first_use.checked:
+                    self._clients[loop] = client
+                else:
+                    self._unchecked[loop] = client
+        return client
+
+    async def _connect(self) -> redis.asyncio.Redis:
+        """This loop's client, once the first-use check passed (see SyncRedis)."""
+        loop = asyncio.get_running_loop()
+        client = self.client
+        first_use = self._first_use
+        if first_use is not None and not first_use.checked:
+            # one check per loop at a time: the loop's other first commands wait for
+            # it rather than race a client that is still connecting
+            lock = self._checking.get(loop)
+            if lock is None:
+                lock = self._checking[loop] = asyncio.Lock()
+            async with lock:
+                if not first_use.checked:
+                    try:
+                        await first_use.acheck(client)
+                    except REDIS_ERRORS as exc:
+                        raise map_error(exc) from exc
+        self._unchecked.pop(loop, None)
+        self._clients[loop] = client
         return client
 
     async def run(
@@ -1070,7 +1150,9 @@ class AsyncRedis:
     async def _run(
         self, op: Callable[[redis.asyncio.Redis], Awaitable[T]], retry: bool
     ) -> T:
-        client = self.client
+        client = self._clients.get(asyncio.get_running_loop())
+        if client is None:
+            client = await self._connect()
         try:
             return await op(client)
         except _TRIED as exc:
@@ -1121,7 +1203,7 @@ class AsyncRedis:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        for clients in (self._clients, self._blocking):
+        for clients in (self._clients, self._unchecked, self._blocking):
             client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()
@@ -1236,6 +1318,206 @@ class LuaScript:
         except rex.NoScriptError:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+    def _queue(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> Any:
+        return by_slot(
+            client,
+            [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls],
+            [keys[0] for keys, _ in calls],
+        )
+
+    @staticmethod
+    def _failed(replies: Sequence[Any]) -> list[int]:
+        """The calls that met NOSCRIPT (their node lost the script), or raise the
+        first other error."""
+        missing = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, rex.NoScriptError):
+                missing.append(i)
+            elif isinstance(reply, Exception):
+                raise reply
+        return missing
+
+    def each(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run the script once per ``(keys, args)`` in one pipeline: on a cluster, one
+        round trip per node, all nodes at once. The calls that met NOSCRIPT run again
+        after SCRIPT LOAD (which a cluster client sends to every primary)."""
+        replies = list(self._queue(client, calls).execute(raise_on_error=False))
+        missing = self._failed(replies)
+        if missing:
+            client.script_load(self.source)
+            again = self._queue(client, [calls[i] for i in missing]).execute()
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def aeach(
+        self, client: Any, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """Async twin of :meth:`each`."""
+        replies = list(await self._queue(client, calls).execute(raise_on_error=False))
+        missing = self._failed(replies)
+        if missing:
+            await client.script_load(self.source)
+            again = await self._queue(client, [calls[i] for i in missing]).execute()
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+
+def by_slot(client: Any, commands: Sequence[Sequence[Any]], keys: Sequence[str]) -> Any:
+    """A Redis Cluster pipeline of ``commands``, each sent to the primary serving the
+    slot of its key in ``keys`` (all of a command's keys share that slot). Naming the
+    node spares redis-py's per-command key extraction (most of a 256-command
+    pipeline's client time); the pipeline still follows MOVED/ASK. Its ``execute()``
+    writes to every node before it reads a reply: one round trip per node, all at
+    once."""
+    pipe = client.pipeline()
+    if not client.nodes_manager.slots_cache:  # an asyncio client before its first use
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe
+    primary = _primary_of(client)
+    for command, key in zip(commands, keys, strict=True):
+        pipe.execute_command(*command, target_nodes=[primary(key)])
+    return pipe
+
+
+def delete_each(client: Any, keys: Sequence[str]) -> Any:
+    """``DEL`` of each key (they span slots), pipelined per node: the replies in order
+    (a list, or an awaitable of one with an asyncio cluster client)."""
+    return by_slot(client, [("DEL", k) for k in keys], keys).execute()
+
+
+#: deletes keys of several slots on the node that serves them (cluster_delete.lua)
+_CLUSTER_DELETE: list[LuaScript] = []
+
+
+def _cluster_delete() -> LuaScript:
+    if not _CLUSTER_DELETE:  # read on first use, not at import
+        _CLUSTER_DELETE.append(LuaScript("cluster_delete"))
+    return _CLUSTER_DELETE[0]
+
+
+def _primary_of(client: Any) -> Callable[[str], Any]:
+    """key -> the primary serving its slot, from the cluster client's slot map. Read
+    straight from ``slots_cache`` (primary first): ``get_node_from_slot`` goes through a
+    deprecation wrapper that cost more than the rest of a 256-key fan-out."""
+    from redis.crc import key_slot
+
+    manager = client.nodes_manager
+    slots = manager.slots_cache
+
+    def primary(key: str) -> Any:
+        slot = key_slot(key.encode("utf-8", "surrogatepass"))
+        nodes = slots.get(slot)
+        # an uncovered slot: redis-py's own call raises SlotNotCoveredError
+        return nodes[0] if nodes else manager.get_node_from_slot(slot)
+
+    return primary
+
+
+def _by_node(client: Any, keys: Sequence[str]) -> dict[str, tuple[Any, list[int]]]:
+    """node name -> (node, positions in ``keys`` of the keys it serves)."""
+    primary = _primary_of(client)
+    nodes: dict[str, tuple[Any, list[int]]] = {}
+    for i, key in enumerate(keys):
+        node = primary(key)
+        nodes.setdefault(node.name, (node, []))[1].append(i)
+    return nodes
+
+
+def _delete_pipe(
+    client: Any,
+    script: LuaScript,
+    keys: Sequence[str],
+    parts: list[tuple[Any, list[int]]],
+) -> Any:
+    pipe = client.pipeline()
+    for node, positions in parts:
+        args = [keys[i] for i in positions]
+        pipe.execute_command("EVALSHA", script.sha, 0, *args, target_nodes=[node])
+    return pipe
+
+
+def _delete_replies(
+    keys: Sequence[str],
+    parts: list[tuple[Any, list[int]]],
+    replies: Sequence[Any],
+    out: list[int],
+) -> tuple[list[tuple[Any, list[int]]], list[int]]:
+    """Fill ``out`` from the nodes that answered; (the parts that met NOSCRIPT, the
+    positions of keys to delete one by one: a node no longer serves their slot)."""
+    noscript: list[tuple[Any, list[int]]] = []
+    single: list[int] = []
+    for part, reply in zip(parts, replies, strict=True):
+        if isinstance(reply, rex.NoScriptError):
+            noscript.append(part)
+        elif isinstance(reply, rex.ResponseError):
+            single.extend(part[1])  # "non local key": slots moved since the map
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            for i, n in zip(part[1], reply, strict=True):
+                out[i] = int(n)
+    return noscript, single
+
+
+def delete_by_node(client: Any, keys: Sequence[str]) -> list[int]:
+    """Delete ``keys`` (they span slots) with one command per node serving them, all
+    nodes at once (cluster_delete.lua); one integer per key, 1 if it existed. A node
+    that no longer serves a key's slot (resharding, a failover not seen yet) has its
+    keys deleted one by one, following MOVED."""
+    if not client.nodes_manager.slots_cache:
+        return [int(n) for n in delete_each(client, keys)]
+    script = _cluster_delete()
+    out = [0] * len(keys)
+    parts = list(_by_node(client, keys).values())
+    replies = _delete_pipe(client, script, keys, parts).execute(raise_on_error=False)
+    noscript, single = _delete_replies(keys, parts, replies, out)
+    if noscript:
+        client.script_load(script.source)  # every primary
+        replies = _delete_pipe(client, script, keys, noscript).execute(
+            raise_on_error=False
+        )
+        single += _delete_replies(keys, noscript, replies, out)[1]
+    if single:
+        replies = delete_each(client, [keys[i] for i in single])
+        for i, n in zip(single, replies, strict=True):
+            out[i] = int(n)
+    return out
+
+
+async def adelete_by_node(client: Any, keys: Sequence[str]) -> list[int]:
+    """Async twin of :func:`delete_by_node`."""
+    if not client.nodes_manager.slots_cache:
+        return [int(n) for n in await delete_each(client, keys)]
+    script = _cluster_delete()
+    out = [0] * len(keys)
+    parts = list(_by_node(client, keys).values())
+    pipe = _delete_pipe(client, script, keys, parts)
+    replies = await pipe.execute(raise_on_error=False)
+    noscript, single = _delete_replies(keys, parts, replies, out)
+    if noscript:
+        await client.script_load(script.source)
+        pipe = _delete_pipe(client, script, keys, noscript)
+        replies = await pipe.execute(raise_on_error=False)
+        single += _delete_replies(keys, noscript, replies, out)[1]
+    if single:
+        replies = await delete_each(client, [keys[i] for i in single])
+        for i, n in zip(single, replies, strict=True):
+            out[i] = int(n)
+    return out
+
+
+def mget_each(client: Any, reads: Sequence[Sequence[str]]) -> Any:
+    """One ``MGET`` per list of keys (each list in one slot), pipelined per node."""
+    commands = [("MGET", *keys) for keys in reads]
+    return by_slot(client, commands, [keys[0] for keys in reads]).execute()
 
 
 def command_within(

@@ -27,7 +27,14 @@ import zlib
 
 from rcache._exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_GROUPS", "check_groups", "check_prefix", "group_of", "group_tag"]
+__all__ = [
+    "DEFAULT_GROUPS",
+    "check_groups",
+    "check_prefix",
+    "group_of",
+    "group_tag",
+    "hash_tag",
+]
 
 #: At least ~16 groups per primary keeps them balanced (256 split 79/86/91 over three
 #: primaries) while an invalidation stays a couple of milliseconds.
@@ -63,6 +70,19 @@ def group_of(key: str, groups: int) -> int:
     """The entry's group: stable across processes and Python versions (CRC-32, not
     ``hash()``, which is salted per process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % groups
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key``: the text between its first ``{`` and the
+    next ``}`` if that is not empty, else the whole key. An explicit key's group is
+    chosen from it, so that explicit keys sharing a hash tag (``{cart:7}:qty``,
+    ``{cart:7}:total``) still share a slot under the group's tag (transactions)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
 
 
 def group_tag(prefix: str, group: int) -> str:

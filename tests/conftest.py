@@ -3,6 +3,14 @@
 Tests that kill, pause or restart Redis start their own server with ``redis_server_factory``.
 A missing ``redis-server`` fails the run (with a pointer to ./scripts/test); set
 RCACHE_ALLOW_SKIP=1 to skip Redis tests instead.
+
+**Topologies.** ``redis_url``, ``redis_client`` and ``cache`` serve the single server, or
+the session's Redis Cluster (3 primaries, 3 replicas, flushed after each test) in the
+``cluster`` topology. A module marked ``pytest.mark.topologies("single", "cluster")``
+runs every test in both; ``RCACHE_TEST_TOPOLOGY=cluster`` runs any test on the cluster.
+A test of the single-primary layout itself (key names, one server's command counts) is
+marked ``single_server`` and skipped on the cluster, where ``test_cluster_cache.py``
+states the cluster's own (grouped keys, B DELs per invalidation).
 """
 
 from __future__ import annotations
@@ -38,10 +46,38 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+TOPOLOGIES = ("single", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("topologies")
+    if marker is not None and "topology" in metafunc.fixturenames:
+        metafunc.parametrize("topology", marker.args, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
-    yield redis_server.url
-    client = redis_server.client()
+def topology(request: pytest.FixtureRequest) -> str:
+    """``"single"`` or ``"cluster"``: what redis_url, redis_client and cache serve."""
+    name = getattr(request, "param", None) or os.environ.get(
+        "RCACHE_TEST_TOPOLOGY", "single"
+    )
+    if name not in TOPOLOGIES:
+        raise pytest.UsageError(f"RCACHE_TEST_TOPOLOGY must be one of {TOPOLOGIES}")
+    if name == "cluster" and request.node.get_closest_marker("single_server"):
+        pytest.skip("a fact of the single-primary layout (see test_cluster_cache.py)")
+    return str(name)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, topology: str) -> Iterator[str]:
+    if topology == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        yield cluster.url
+        cluster.flush()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    yield server.url
+    client = server.client()
     client.flushall()
     client.close()
 
@@ -63,8 +99,15 @@ def cluster_url(redis_cluster: RedisCluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_client(redis_server: RedisServer, redis_url: str) -> Iterator[redis.Redis]:
-    client = redis_server.client()
+def redis_client(
+    request: pytest.FixtureRequest, topology: str, redis_url: str
+) -> Iterator[redis.Redis]:
+    """A raw client of what redis_url serves (a RedisCluster on the cluster)."""
+    if topology == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        client: redis.Redis = cluster.client()  # type: ignore[assignment]
+    else:
+        client = request.getfixturevalue("redis_server").client()
     yield client
     client.close()
 

@@ -12,6 +12,9 @@ import redis
 import rcache
 from rcache import ConfigurationError, SerializationError
 
+# every test also on Redis Cluster (tests/conftest.py), but single_server ones
+pytestmark = pytest.mark.topologies("single", "cluster")
+
 
 def test_sync_miss_then_hit_then_invalidate(cache: rcache.Cache) -> None:
     calls: list[int] = []
@@ -35,6 +38,7 @@ def test_sync_miss_then_hit_then_invalidate(cache: rcache.Cache) -> None:
     assert m.count("cache_gets", name, "miss") == 2
 
 
+@pytest.mark.single_server
 async def test_async_miss_then_hit_then_invalidate(cache: rcache.Cache) -> None:
     calls: list[int] = []
 
@@ -174,6 +178,7 @@ def test_undecodable_entry_is_a_counted_miss(
     assert "not an envelope" not in caplog.text  # values are never logged
 
 
+@pytest.mark.single_server
 def test_explicit_get_set_delete(
     cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
@@ -261,6 +266,7 @@ def test_url_from_environment(monkeypatch: pytest.MonkeyPatch, redis_url: str) -
     assert rcache.Cache().is_memory
 
 
+@pytest.mark.single_server
 def test_user_client_with_decode_responses(redis_server: Any, redis_url: str) -> None:
     client = redis_server.client(decode_responses=True)
     c = rcache.Cache(client=client, prefix="dr")

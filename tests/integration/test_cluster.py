@@ -1,6 +1,6 @@
-"""rcache on a real local Redis Cluster (rcache.testing.RedisCluster): what works there
-today (explicit operations, every lock kind, one-slot transactions, errors mapped) and what
-is refused at decoration until entries carry slot groups (issue 15)."""
+"""rcache on a real local Redis Cluster (rcache.testing.RedisCluster): explicit
+operations, every lock kind, one-slot transactions, errors mapped, admin scans; the cache's
+own features there (slot groups, issue 15) are in test_cluster_cache.py."""
 
 from __future__ import annotations
 
@@ -282,24 +282,26 @@ def test_cross_slot_command_is_a_clear_backend_error_not_a_raw_exception(
     assert cache.breaker.allow()  # not counted as an outage
 
 
-# -- refused at decoration until slot groups --------------------------------------------
+# -- every cached feature: slot groups (issue 15; test_cluster_cache.py has the rest) ----
 
 
-def test_cached_features_that_span_slots_are_refused_at_decoration(
-    cache: rcache.Cache,
-) -> None:
+def test_cached_features_that_spanned_slots_run(cache: rcache.Cache) -> None:
+    # Before slot groups each of these raised ConfigurationError at decoration: an
+    # entry's value, stamps, lease and wake-up list sat in different hash slots.
     def f(x: int) -> int:
         return x
 
-    for decorate in (
-        lambda: cache.cached(f),
-        lambda: cache.cached(ttl=10)(f),
-        lambda: cache.cached(ttl=10, tags=["t"])(f),
-        lambda: cache.cached(ttl=10, stampede=False)(f),
-        lambda: cache.cached_batch(ttl=10)(f),
+    def ids(xs: list[int]) -> dict[int, int]:
+        return {x: x for x in xs}
+
+    for decorated in (
+        cache.cached(f),
+        cache.cached(ttl=10)(f),
+        cache.cached(ttl=10, tags=["t"])(f),
+        cache.cached(ttl=10, stampede=False)(f),
     ):
-        with pytest.raises(rcache.ConfigurationError, match="Redis Cluster"):
-            decorate()
+        assert decorated(7) == 7 and decorated(7) == 7
+    assert cache.cached_batch(ttl=10)(ids)([1, 2, 3]) == {1: 1, 2: 2, 3: 3}
 
 
 def test_url_errors_are_configuration_errors() -> None:

@@ -15,6 +15,9 @@ from rcache._freshness import EARLY, EXPIRED, FRESH, MISS, STALE, Freshness
 from rcache._serializers import Envelope, decode_envelope
 from rcache.testing import wait_until
 
+# every test also on Redis Cluster (tests/conftest.py), but single_server ones
+pytestmark = pytest.mark.topologies("single", "cluster")
+
 
 def commandstats(client: redis.Redis) -> dict[str, int]:
     info = client.info("commandstats")
@@ -171,6 +174,7 @@ def test_early_refresh_recomputes_before_expiry(cache: rcache.Cache) -> None:
     assert len(calls) == 2
 
 
+@pytest.mark.single_server
 def test_tags_invalidate_in_one_command(
     cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
@@ -210,6 +214,7 @@ async def test_tags_async(cache: rcache.Cache) -> None:
     assert calls == [1, 1]
 
 
+@pytest.mark.single_server
 def test_invalidate_all_is_o1(cache: rcache.Cache, redis_client: redis.Redis) -> None:
     calls: list[int] = []
 
@@ -228,6 +233,7 @@ def test_invalidate_all_is_o1(cache: rcache.Cache, redis_client: redis.Redis) ->
     assert len(calls) == 40
 
 
+@pytest.mark.single_server
 def test_hit_is_one_round_trip_with_tags_and_protection(
     cache: rcache.Cache, redis_client: redis.Redis
 ) -> None:
@@ -345,6 +351,7 @@ def test_shared_computation_shares_the_error(cache: rcache.Cache) -> None:
     assert calls == [1]  # one computation, its error shared by all five callers
 
 
+@pytest.mark.single_server
 def test_batches_explicit(cache: rcache.Cache, redis_client: redis.Redis) -> None:
     redis_client.config_resetstat()
     assert cache.set_many({"a": 1, "b": (2,), "c": None}, ttl=30)

@@ -67,6 +67,24 @@ def test_redirect_storms_and_lost_topology_are_outages(exc: Exception) -> None:
     assert isinstance(map_error(exc), BackendUnavailableError)
 
 
+@pytest.mark.parametrize(
+    "exc",
+    [
+        rex.ClusterError("TTL exhausted."),
+        # what ClusterPipeline raises after the same retries (async: the args tuple)
+        rex.ClusterError(
+            "Command # 1 (MGET a b) of pipeline caused error: ('TTL exhausted.',)"
+        ),
+    ],
+)
+def test_tryagain_after_redis_pys_own_retries_is_an_outage(exc: Exception) -> None:
+    # measured: a multi-key read of a MIGRATING slot got TRYAGAIN, redis-py retried
+    # 16 times (0.43 s) and raised ClusterError("TTL exhausted."); it was a BackendError
+    mapped = map_error(exc)
+    assert isinstance(mapped, BackendUnavailableError)
+    assert mapped.original is exc
+
+
 def test_other_cluster_client_errors_are_backend_errors() -> None:
     exc = rex.RedisClusterException("shard_hint is deprecated in cluster mode")
     mapped = map_error(exc)

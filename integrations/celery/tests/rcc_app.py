@@ -3,7 +3,9 @@
 The worker subprocesses import it with ``celery -A rcc_app worker``; the Redis server
 comes from ``$RCC_REDIS`` (``redis://127.0.0.1:<port>``, started by the tests). Broker:
 db ``$RCC_BROKER_DB`` (default 0), results: db 1, cache and test counters: db 2. Task
-bodies count their executions with INCR so tests can assert "exactly once".
+bodies count their executions with INCR so tests can assert "exactly once". With
+``$RCC_CACHE_URL`` (a ``redis+cluster://`` URL) the rcache Cache, and so every guard
+key, lives there instead; the counters stay in db 2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def _wait_gate(r: redis.Redis, token: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def build(broker_db: int, visibility_timeout: float | None = None) -> SimpleNamespace:
+def build(
+    broker_db: int,
+    visibility_timeout: float | None = None,
+    cache_url: str | None = None,
+) -> SimpleNamespace:
     app = Celery("rcc", broker=f"{URL}/{broker_db}", backend=f"{URL}/1")
     transport: dict[str, Any] = {}
     if visibility_timeout is not None:
@@ -61,7 +67,7 @@ def build(broker_db: int, visibility_timeout: float | None = None) -> SimpleName
 
         metrics = PrometheusMetrics(registry=CollectorRegistry())
         rcache_celery.serve_metrics(app, port=int(os.environ["RCC_METRICS_PORT"]))
-    cache = rcache.Cache(f"{URL}/2", prefix="rcc", metrics=metrics)
+    cache = rcache.Cache(cache_url or f"{URL}/2", prefix="rcc", metrics=metrics)
     rcache_celery.install(app, cache)
     r = counters()
     U = rcache_celery.UniqueTask
@@ -227,5 +233,9 @@ def build(broker_db: int, visibility_timeout: float | None = None) -> SimpleName
 
 
 _vt = os.environ.get("RCC_VT")
-ns = build(int(os.environ.get("RCC_BROKER_DB", "0")), float(_vt) if _vt else None)
+ns = build(
+    int(os.environ.get("RCC_BROKER_DB", "0")),
+    float(_vt) if _vt else None,
+    os.environ.get("RCC_CACHE_URL"),
+)
 app = ns.app
