@@ -1284,20 +1284,36 @@ class LuaScript:
     """
 
     def __init__(self, name: str, source: str | None = None) -> None:
+        self.name = name
+        self._given = source
+        # (source, sha), read and hashed on first use: nothing is read at import time
+        self._loaded: tuple[str, str] | None = None
+
+    def _load(self) -> tuple[str, str]:
         import hashlib
         from importlib import resources
 
         def read(script: str) -> str:
             return resources.files("rcache._scripts").joinpath(script).read_text()
 
+        source = self._given
         if source is None:
-            source = read(f"{name}.lua")
+            source = read(f"{self.name}.lua")
         # Shared preambles (server clock, fences) are written once, in _shared.lua, and
         # pasted where a script says "-- @include NAME": Redis scripts cannot import.
         source = _INCLUDE.sub(lambda m: read(f"{m.group(1)}.lua"), source)
-        self.name = name
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        loaded = self._loaded = (source, hashlib.sha1(source.encode()).hexdigest())
+        return loaded
+
+    @property
+    def source(self) -> str:
+        """The script's text, shared preambles pasted in."""
+        return (self._loaded or self._load())[0]
+
+    @property
+    def sha(self) -> str:
+        """The SHA1 that EVALSHA names it by."""
+        return (self._loaded or self._load())[1]
 
     def __call__(
         self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]

@@ -154,3 +154,26 @@ def test_import_rcache_imports_no_framework() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_reads_no_lua_script() -> None:
+    """Scripts are read and hashed on first use: importing every module of rcache (and
+    constructing a Cache) opens no ``.lua`` file (``_admin`` read one at import)."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda e, a: opened.append(str(a[0])) if e == 'open'"
+        " and str(a[0]).endswith('.lua') else None)\n"
+        "import rcache\n"
+        "for m in pkgutil.iter_modules(rcache.__path__):\n"
+        "    if m.name not in ('django', 'flask', 'fastapi', '__main__'):\n"
+        "        importlib.import_module('rcache.' + m.name)\n"
+        "rcache.Cache('redis://127.0.0.1:1/0')\n"
+        "assert not opened, opened\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
