@@ -188,10 +188,15 @@ class _Pipeline(Command):
         evals = self.evals
 
         def op(client: redis.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
+            pipe: Any = client.pipeline(transaction=False)
             for e in evals:
-                pipe.evalsha(e.script.sha, len(e.keys), *e.keys, *e.args)
-            return pipe.execute(raise_on_error=False)
+                # execute_command, not evalsha(): a Redis Cluster pipeline refuses its
+                # evalsha() ("blocked in cluster mode"), and every batch of renewals
+                # failed there, so that two leases held at once were both lost.
+                pipe.execute_command(
+                    "EVALSHA", e.script.sha, len(e.keys), *e.keys, *e.args
+                )
+            return list(pipe.execute(raise_on_error=False))
 
         return driver.redis.run(op, retry=all(e.retry for e in evals))
 

@@ -709,6 +709,16 @@ def _owner_key() -> _Owner:
 def _check_name(name: object, what: str = "lock name") -> str:
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"{what} must be a non-empty string, got {name!r}")
+    if name.startswith("}"):
+        # The keys are "{prefix}:l:{<name>}...": with a leading "}" the hash tag is
+        # empty, so Redis Cluster hashes each whole key and a lock's keys (lease,
+        # fence, wake-ups) land in different slots: every script would fail there with
+        # CROSSSLOT. Refused everywhere, so that a name that works on one server does
+        # not fail only in production on a cluster.
+        raise ConfigurationError(
+            f"{what} {name!r} starts with '}}': its Redis keys would not share one "
+            "Redis Cluster hash slot; any other name works, braces included"
+        )
     return name
 
 

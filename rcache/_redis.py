@@ -768,6 +768,11 @@ def _is_cluster_client(client: object) -> bool:
     return hasattr(client, "nodes_manager")
 
 
+def _is_cluster_node(parser: object) -> bool:
+    """A redis.asyncio.cluster.ClusterNode (it hands out connections itself)."""
+    return hasattr(parser, "acquire_connection")
+
+
 def _sentinel_pool(client: Any) -> Any:
     """The SentinelConnectionPool of a ``Sentinel.master_for()`` client, else None."""
     pool = getattr(client, "connection_pool", None)
@@ -1557,10 +1562,14 @@ def command_within(
         # MOVED re-reads the slot table for the next try (a failover moved the slot).
         cluster: Any = client
         node = cluster.nodes_manager.get_node_from_slot(cluster.determine_slot(*args))
+        node_client = node.redis_connection
+        if node_client is None:  # redis-py drops it after the node's connection error
+            _refresh_slots(cluster)
+            raise rex.ConnectionError(f"Redis Cluster node {node.name}: no connection")
         try:
-            return command_within(node.redis_connection, limit, *args, on_sent=on_sent)
-        except rex.MovedError:
-            cluster.nodes_manager.initialize()
+            return command_within(node_client, limit, *args, on_sent=on_sent)
+        except _SLOT_STALE:
+            _refresh_slots(cluster)
             raise
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's connection API is untyped
@@ -1583,11 +1592,37 @@ def command_within(
         return client.parse_response(conn, str(name))  # type: ignore[no-untyped-call]
     except rex.ResponseError:
         raise  # the server answered: the connection is in sync
+    except (TypeError, AttributeError) as exc:
+        conn.disconnect()
+        if getattr(conn, "_sock", None) is not None:
+            raise
+        # Another thread closed the client (Cache.close()) while this one waited: the
+        # poll woke on the shut-down socket and redis-py's reader then met _sock None
+        # (TypeError from hiredis' can_read, AttributeError from the Python parser). A
+        # waiter must see a closed connection, not a TypeError out of acquire().
+        raise rex.ConnectionError("the connection was closed while waiting") from exc
     except BaseException:
         conn.disconnect()
         raise
     finally:
         pool.release(conn)
+
+
+#: What tells that the slot table a command was routed by is out of date: the slot
+#: moved (MOVED), or its node is gone (refused, reset: a SIGKILLed primary whose
+#: replica takes over). command_within and acommand_within route below the cluster
+#: client, which would refresh its table itself on these; a reply that did not come in
+#: time (TimeoutError) is not one: a hung node would hang the refresh as well.
+_SLOT_STALE: tuple[type[BaseException], ...] = (rex.MovedError, rex.ConnectionError)
+
+
+def _refresh_slots(cluster: Any) -> None:
+    """Re-read a sync cluster client's slot table for the next try (if every node is
+    down, the next try reports it)."""
+    try:
+        cluster.nodes_manager.initialize()
+    except _REDIS_OR_OS_ERRORS:
+        pass
 
 
 def _send(conn: Any, args: tuple[Any, ...]) -> None:
@@ -1649,28 +1684,58 @@ async def acommand_within(
 ) -> Any:
     """Async twin of :func:`command_within`."""
     if _is_cluster_client(client):
-        # redis.asyncio's cluster client routes (and follows MOVED) itself; bound the
-        # wait for its reply here (a cancelled read drops its connection).
-        if on_sent is not None:
-            on_sent()
-        reply = cast(Any, client).execute_command(*args)
-        if limit is None:
-            return await reply
+        # Run on a connection of the node serving the slot, as the sync twin does, so
+        # that the cancellation checks below apply: through the cluster client's own
+        # execute_command, a cancellation swallowed by redis-py's wait_for around the
+        # send (gh-86296) went on to BLPOP, and a cancelled waiter took the lock.
+        cluster: Any = client
+        asked = _cancel_requests()
+        await cluster.initialize()  # once: a no-op when the slot table is read
+        node = (await cluster.get_nodes_from_slot(*args))[0]
         try:
-            return await asyncio.wait_for(reply, max(limit, 0.001))
-        except asyncio.TimeoutError:
-            raise rex.TimeoutError(f"no reply from Redis within {limit}s") from None
+            return await _acommand_on(
+                node, node.acquire_connection(), asked, limit, args, on_sent
+            )
+        except _SLOT_STALE as exc:
+            if not isinstance(exc, rex.MaxConnectionsError):  # the pool, not the node
+                try:
+                    await cluster.nodes_manager.initialize()
+                except _REDIS_OR_OS_ERRORS:
+                    pass  # every node down: the next try reports it
+            raise
     asked = _cancel_requests()
     pool: Any = client.connection_pool
     conn: Any = await pool.get_connection()
     try:
+        return await _acommand_on(client, conn, asked, limit, args, on_sent)
+    finally:
+        await pool.release(conn)
+
+
+async def _acommand_on(
+    parser: Any,
+    conn: Any,
+    asked: tuple[Any, int],
+    limit: float | None,
+    args: tuple[Any, ...],
+    on_sent: Callable[[], object] | None,
+) -> Any:
+    """acommand_within's command on ``conn``, whose reply ``parser`` (a client, or a
+    cluster node) parses; ``asked``: the cancellations before the connection was
+    taken. A cluster node's connection goes back to its node here."""
+    node = _is_cluster_node(parser)
+    try:
+        if node:
+            # what the node's own execute_command does first: a connection marked
+            # at a topology refresh (stale READONLY or routing state) reconnects
+            await parser.disconnect_if_needed(conn)
         _raise_if_cancelled(asked)
         await conn.send_command(*args)
         if on_sent is not None:
             on_sent()
         # before the read: a swallowed cancellation must not wait out a BLPOP
         _raise_if_cancelled(asked)
-        reply = cast(Any, client).parse_response(conn, str(args[0]))
+        reply = parser.parse_response(conn, str(args[0]))
         wait = _reply_wait(limit, conn.socket_timeout)
         if wait is None:
             return await reply  # the socket timeout bounds it: no wait_for task
@@ -1684,7 +1749,8 @@ async def acommand_within(
         await conn.disconnect(nowait=True)
         raise
     finally:
-        await pool.release(conn)
+        if node:
+            parser.release(conn)
 
 
 def eval_within(

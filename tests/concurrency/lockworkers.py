@@ -138,3 +138,42 @@ def rw_worker(url: str, name: str, n: int, out: str, ready: Any, go: Any) -> Non
                 raw.decr("oracle:r")
                 reads += 1
     Path(out).write_text(json.dumps({"bad": bad, "reads": reads, "writes": writes}))
+
+
+def cluster_handoff_worker(
+    url: str, name: str, n: int, mode: str, fair: bool, ready: Any, go: Any
+) -> None:
+    """``n`` times, under the lock (``mode``: "sync" or "async"), an unfenced
+    read-modify-write of a counter in the lock's own slot, and an RPUSH of
+    [fence, entered, left] (time.time(): one clock for every process here)."""
+    import asyncio
+
+    from rcache import spi
+
+    cache = _cache(url)
+    counter, log = f"{{{name}}}:counter", f"{{{name}}}:log"
+
+    def section(fence: int) -> None:
+        entered = time.time()
+        value = int(spi.run(cache, lambda c: c.get(counter)) or 0)
+        time.sleep(0)  # let another process run here if the lock were broken
+        spi.run(cache, lambda c: c.set(counter, value + 1))
+        record = json.dumps([fence, entered, time.time()])
+        spi.run(cache, lambda c: c.rpush(log, record))
+
+    ready.put(os.getpid())
+    go.wait(60)
+    if mode == "sync":
+        for _ in range(n):
+            with cache.lock(name, ttl=10, timeout=60, fair=fair) as held:
+                section(held.fence)
+    else:
+
+        async def main() -> None:
+            for _ in range(n):
+                async with cache.lock(name, ttl=10, timeout=60, fair=fair) as held:
+                    section(held.fence)  # sync IO in the body: a worker, not an app
+            await cache.aclose()
+
+        asyncio.run(main())
+    cache.close()

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 
 import rcache
 from rcache import _lock
@@ -26,9 +28,9 @@ from rcache._exceptions import (
     LockNotOwnedError,
 )
 from rcache._metrics import InMemoryMetrics
-from rcache.testing import RedisServer, wait_until
+from rcache.testing import RedisCluster, RedisServer, wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.topologies("single", "cluster")]
 
 
 def _metrics(cache: rcache.Cache) -> InMemoryMetrics:
@@ -67,11 +69,83 @@ async def _apoll(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def _flaky(cache: rcache.Cache, url: str) -> FlakyRedis:
+class Losses:
+    """How many replies the FlakyRedis clients of one test still lose."""
+
+    lose = 0
+
+
+class FlakyNode(FlakyRedis):
+    """A cluster node's FlakyRedis: lock scripts run on the node serving their slot
+    (rcache routes below the cluster client), all counting one ``Losses``."""
+
+    losses = Losses()
+
+    @property  # type: ignore[override]
+    def lose(self) -> int:
+        return self.losses.lose
+
+    @lose.setter
+    def lose(self, value: int) -> None:
+        self.losses.lose = value
+
+
+def _flaky(cache: rcache.Cache, url: str) -> FlakyRedis | Losses:
     cache._sync.client  # noqa: B018 -- bind the driver to this process first
-    flaky = FlakyRedis.from_url(url)
-    cache._sync._client = flaky
-    return flaky
+    if not url.startswith("redis+cluster://"):
+        flaky = FlakyRedis.from_url(url)
+        cache._sync._client = flaky
+        return flaky
+    client: Any = rcache.Cache(url)._sync.client  # a cluster client as rcache makes it
+    losses = FlakyNode.losses = Losses()
+    for node in client.get_nodes():
+        node.redis_connection = FlakyNode(
+            connection_pool=node.redis_connection.connection_pool
+        )
+    cache._sync._client = client
+    return losses
+
+
+def _on_node(client: redis.Redis, key: str) -> redis.Redis:
+    """A client of the server holding ``key``: ``client`` itself, or on a cluster its
+    node serving the key's slot (a lock's keys, its waiters' BLPOP, are all there)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        return client.get_node_from_key(key).redis_connection  # type: ignore[no-any-return]
+    return client
+
+
+def _blocked(client: redis.Redis, key: str) -> bool:
+    """Is a client blocked in BLPOP on the server holding ``key``?"""
+    return b"blpop" in _on_node(client, key).execute_command("CLIENT", "LIST")
+
+
+def _sync_client(
+    request: pytest.FixtureRequest, topology: str, **options: Any
+) -> redis.Redis:
+    """A sync client of what redis_url serves, made directly (not by rcache)."""
+    if topology == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.client(**options)  # type: ignore[return-value]
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return redis.Redis(host="127.0.0.1", port=server.port, **options)
+
+
+def _async_client_factory(
+    request: pytest.FixtureRequest, topology: str, **options: Any
+) -> Callable[[], redis.asyncio.Redis]:
+    """Async clients of what redis_url serves, made directly (not by rcache)."""
+    if topology == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        seeds = [
+            redis.asyncio.cluster.ClusterNode("127.0.0.1", n.port)
+            for n in cluster.nodes
+            if n.running
+        ]
+        return lambda: redis.asyncio.cluster.RedisCluster(  # type: ignore[return-value]
+            startup_nodes=seeds, **options
+        )
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return lambda: redis.asyncio.Redis(host="127.0.0.1", port=server.port, **options)
 
 
 # -- basics -----------------------------------------------------------------------------
@@ -91,9 +165,9 @@ def test_keys_hash_tagged_ttl_always_set_and_fence_increasing(
     assert redis_client.exists("test:l:{report:2024-11}") == 0
     assert redis_client.get("test:l:{report:2024-11}:fence") == str(first).encode()
     # nobody waited: no waiters marker, and the release pushed no wake-up signal
-    assert redis_client.keys("test:l:{report:2024-11}:*") == [
-        b"test:l:{report:2024-11}:fence"
-    ]
+    assert _on_node(redis_client, "{report:2024-11}").keys(
+        "test:l:{report:2024-11}:*"
+    ) == [b"test:l:{report:2024-11}:fence"]
     fences = []
     for _ in range(3):
         with cache.lock("report:2024-11") as lock:
@@ -285,12 +359,12 @@ def test_auto_renewal_and_on_lost_when_the_key_disappears(
 
 
 async def test_async_leases_are_renewed_on_their_own_loop(
-    redis_server: RedisServer, redis_url: str, redis_client: redis.Redis
+    request: pytest.FixtureRequest, topology: str, redis_client: redis.Redis
 ) -> None:
     # The sync client points at a closed port: renewals must use the loop's client.
     cache = rcache.Cache(
         "redis://127.0.0.1:1/0",
-        async_client=lambda: redis.asyncio.Redis(port=redis_server.port),
+        async_client=_async_client_factory(request, topology),
         prefix="test",
     )
     lost: list[_lock.Lease] = []
@@ -333,12 +407,30 @@ class CountingRedis(redis.Redis):
         return super().pipeline(*args, **kwargs)
 
 
+class CountingCluster(redis.cluster.RedisCluster):
+    pipelines = 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).pipelines += 1
+        return super().pipeline(*args, **kwargs)
+
+
 def test_renewals_are_batched_and_survive_script_flush(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     cache = rcache.Cache(redis_url, prefix="test")
     cache._sync.client  # noqa: B018 -- bind the driver to this process first
-    cache._sync._client = CountingRedis.from_url(redis_url)
+    counting: type[CountingRedis | CountingCluster] = CountingRedis
+    if redis_url.startswith("redis+cluster://"):
+        counting = CountingCluster
+        cache._sync._client = CountingCluster(  # type: ignore[assignment]
+            startup_nodes=[
+                redis.cluster.ClusterNode(*host.split(":"))  # type: ignore[no-untyped-call]
+                for host in redis_url.removeprefix("redis+cluster://").split(",")
+            ]
+        )
+    else:
+        cache._sync._client = CountingRedis.from_url(redis_url)
     lost: list[_lock.Lease] = []
     locks = [cache.lock(f"batch:{i}", ttl=0.4, on_lost=lost.append) for i in range(12)]
     for lock in locks:
@@ -353,7 +445,7 @@ def test_renewals_are_batched_and_survive_script_flush(
     assert not lost
     assert all(redis_client.exists(f"test:l:{{batch:{i}}}") for i in range(12))
     # one pipeline renews many leases: far fewer pipelines than renewals
-    assert 0 < CountingRedis.pipelines <= renewals() / 3
+    assert 0 < counting.pipelines <= renewals() / 3
     for lock in locks:
         lock.__exit__(None, None, None)
     cache.close()
@@ -389,7 +481,7 @@ def test_waiter_is_woken_by_release_not_by_polling(
     t = threading.Thread(target=waiter)
     t.start()
     wait_until(
-        lambda: b"blpop" in redis_client.execute_command("CLIENT", "LIST"),
+        lambda: _blocked(redis_client, "{wake}"),
         5,
         message="waiter blocked in BLPOP",
     )
@@ -415,7 +507,7 @@ def test_releaser_does_not_overtake_the_woken_waiter(
     t = threading.Thread(target=waiter)
     t.start()
     wait_until(
-        lambda: b"blpop" in redis_client.execute_command("CLIENT", "LIST"),
+        lambda: _blocked(redis_client, "{grace}"),
         5,
         message="waiter blocked in BLPOP",
     )
@@ -434,7 +526,8 @@ def test_idle_waiter_sends_almost_nothing(
     assert holder.acquire()
 
     def calls(cmd: str) -> int:
-        stats = redis_client.info("commandstats").get(f"cmdstat_{cmd}", {})
+        info = _on_node(redis_client, "{idle}").info("commandstats")
+        stats = info.get(f"cmdstat_{cmd}", {})
         return int(stats.get("calls", 0))
 
     tries, blocks = calls("evalsha"), calls("blpop")
@@ -520,20 +613,21 @@ def test_redis_restarted_mid_hold(
 
 @pytest.mark.parametrize("decode", [False, True])
 async def test_decode_responses_modes(
-    redis_server: RedisServer, redis_url: str, decode: bool
+    request: pytest.FixtureRequest, topology: str, redis_url: str, decode: bool
 ) -> None:
-    client = redis.Redis(
-        host="127.0.0.1", port=redis_server.port, decode_responses=decode
-    )
-
-    def factory() -> redis.asyncio.Redis:
-        return redis.asyncio.Redis(
-            host="127.0.0.1", port=redis_server.port, decode_responses=decode
-        )
+    client = _sync_client(request, topology, decode_responses=decode)
+    factory = _async_client_factory(request, topology, decode_responses=decode)
 
     # client= is used for sync calls (rcache makes a bytes twin of a decoding client);
     # the async side is given the same kind of client through async_client=.
     cache = rcache.Cache(client=client, async_client=factory, prefix="dec")
+    if topology == "cluster" and decode:
+        # rcache makes no bytes twin of a decoding RedisCluster: it says so at once
+        with pytest.raises(ConfigurationError, match="decode_responses=False"):
+            cache.lock("m").acquire(timeout=0)
+        cache.close()
+        client.close()
+        return
     before = int(client.time()[0]) * 1_000_000
     with cache.lock("m", ttl=5) as lock:
         first = lock.fence
@@ -562,11 +656,9 @@ async def test_decode_responses_modes(
 
 
 async def test_decoding_sync_client_only_also_serves_async_locks(
-    redis_server: RedisServer, redis_url: str
+    request: pytest.FixtureRequest, topology: str, redis_url: str
 ) -> None:
-    client = redis.Redis(
-        host="127.0.0.1", port=redis_server.port, decode_responses=True
-    )
+    client = _sync_client(request, topology, decode_responses=True)
     cache = rcache.Cache(client=client, prefix="dec")
     try:
         async with cache.lock("only-client", ttl=5) as lock:
@@ -703,7 +795,7 @@ async def test_cancel_while_waiting_leaves_nothing(
     assert await holder.aacquire()
     waiter = cache.lock("cw", ttl=10)
     task = asyncio.ensure_future(waiter.aacquire(timeout=None))
-    await _apoll(lambda: b"blpop" in redis_client.execute_command("CLIENT", "LIST"))
+    await _apoll(lambda: _blocked(redis_client, "{cw}"))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -722,7 +814,7 @@ async def test_cancelled_waiter_passes_the_wake_up_on(
     task = asyncio.ensure_future(
         cache.semaphore("cwake", limit=1).aacquire(timeout=None)
     )
-    await _apoll(lambda: b"blpop" in redis_client.execute_command("CLIENT", "LIST"))
+    await _apoll(lambda: _blocked(redis_client, "{cwake}"))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,6 +10,10 @@ import pytest
 import rcache
 from rcache import FairLock, Lease, Lock, ReadLock, RWLock, Semaphore, WriteLock
 
+#: Nothing here touches Redis: the marker keeps the lock modules alike (no test here
+#: takes the topology, so each runs once).
+pytestmark = pytest.mark.topologies("single", "cluster")
+
 #: The lock-like classes whose sync methods have ``a`` twins.
 LOCK_CLASSES = [Lock, FairLock, ReadLock, WriteLock, Semaphore]
 

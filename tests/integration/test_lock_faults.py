@@ -25,7 +25,13 @@ from rcache._exceptions import (
 from rcache._metrics import InMemoryMetrics
 from rcache.testing import FaultProxy, RedisServer, wait_until
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.topologies("single", "cluster")]
+
+#: The FaultProxy tests put one proxy in front of the single server.
+_PROXIED = pytest.mark.single_server(
+    reason="a FaultProxy in front of the single server (on a cluster it would front "
+    "one node only)"
+)
 
 #: How far past its budget a wait may return while Redis hangs (before the fix: 7 s
 #: past a 2 s budget). Covers the per-call margin, one retry's backoff and a loaded box.
@@ -328,6 +334,7 @@ def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[FaultProxy]:
         yield p
 
 
+@_PROXIED
 async def test_release_whose_replies_are_lost_is_reported_unconfirmed(
     proxy: FaultProxy, redis_client: redis.Redis
 ) -> None:
@@ -354,6 +361,7 @@ async def test_release_whose_replies_are_lost_is_reported_unconfirmed(
     cache.close()
 
 
+@_PROXIED
 def test_release_that_cannot_be_sent_keeps_the_lease(
     proxy: FaultProxy, redis_client: redis.Redis
 ) -> None:
@@ -372,6 +380,7 @@ def test_release_that_cannot_be_sent_keeps_the_lease(
     cache.close()
 
 
+@_PROXIED
 def test_partitioned_holder_learns_first_and_cannot_hurt_the_next(
     proxy: FaultProxy, redis_url: str, redis_client: redis.Redis
 ) -> None:
