@@ -52,7 +52,8 @@ class MetricsSink(Protocol):
         """A lock (or ``@locked`` template) named ``lock`` exists: create its label children."""
 
     def lock_acquire(self, lock: str, result: str) -> None:
-        """An acquire ended: ``result`` is ``acquired``, ``busy``, ``timeout`` or ``error``."""
+        """An acquire ended: ``result`` is ``acquired``, ``busy``, ``timeout``, ``error``
+        or ``unreplicated`` (granted, but too few replicas acknowledged: min_replicas=)."""
 
     def lock_wait(self, lock: str, seconds: float) -> None:
         """An acquire waited ``seconds`` before it ended."""

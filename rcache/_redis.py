@@ -16,6 +16,7 @@ import codecs
 import inspect
 import os
 import re
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
@@ -1720,6 +1721,165 @@ async def aeval_within(
     except rex.NoScriptError:
         await client.script_load(script.source)
         return await acommand_within(client, limit, *command, on_sent=on_sent)
+
+
+# -- a write confirmed by replicas: the script and WAIT on one connection ---------------
+
+
+def _confirm_commands(
+    script: LuaScript, keys: list[Any], args: list[Any], replicas: int, wait_ms: int
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args), ("WAIT", replicas, wait_ms)
+
+
+def _confirm_end(
+    limit: float | None, socket_timeout: Any, wait_ms: int
+) -> float | None:
+    """When the last reply (WAIT's) must have come: the script's own bound (``limit``,
+    else the socket timeout) plus WAIT's timeout, which it spends on the server."""
+    base = limit if limit is not None else socket_timeout
+    if base is None:
+        return None
+    return time.monotonic() + float(base) + wait_ms / 1000
+
+
+def _confirmed(replies: list[Any]) -> tuple[Any, int] | None:
+    """(script reply, replicas that acknowledged), or None after NOSCRIPT (load the
+    script and send both again); a server error raises (WAIT on a replica, MOVED)."""
+    reply, acked = replies
+    if isinstance(reply, rex.NoScriptError):
+        return None
+    for item in (reply, acked):
+        if isinstance(item, BaseException):
+            raise item
+    return reply, int(acked)
+
+
+def eval_confirmed_within(
+    client: redis.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    replicas: int,
+    wait_ms: int,
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> tuple[Any, int]:
+    """Run ``script`` and then ``WAIT replicas wait_ms``, written at once on one
+    connection; replies (the script's reply, how many replicas acknowledged).
+
+    WAIT counts the replicas that acknowledged the writes of *its own* connection, so
+    it must follow the script on the same one (a pooled client's next command may take
+    another connection; Redisson's ``syncSlaves`` batches them likewise). The script's
+    reply is awaited at most ``limit`` s (None: the socket timeout), WAIT's that plus
+    ``wait_ms``. On Redis Cluster both go to the primary serving ``keys[0]``'s slot.
+    """
+    if type(client) is not redis.Redis and _is_cluster_client(client):
+        cluster: Any = client
+        node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(keys[0]))
+        try:
+            return eval_confirmed_within(
+                node.redis_connection,
+                script,
+                keys,
+                args,
+                replicas,
+                wait_ms,
+                limit,
+                on_sent,
+            )
+        except rex.MovedError:
+            cluster.nodes_manager.initialize()  # a failover moved the slot: re-read
+            raise
+    commands = _confirm_commands(script, keys, args, replicas, wait_ms)
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        if on_sent is not None:
+            on_sent()
+        end = _confirm_end(limit, conn.socket_timeout, wait_ms)
+        replies: list[Any] = []
+        for _ in commands:
+            if end is not None:
+                wait = max(end - time.monotonic(), 0.001)
+                if not conn.can_read(timeout=wait):
+                    raise rex.TimeoutError(f"no reply from Redis within {wait:.3f}s")
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as exc:  # read whole: the connection is in sync
+                replies.append(exc)
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    result = _confirmed(replies)
+    if result is None:
+        client.script_load(script.source)
+        return eval_confirmed_within(
+            client, script, keys, args, replicas, wait_ms, limit, on_sent
+        )
+    return result
+
+
+async def aeval_confirmed_within(
+    client: redis.asyncio.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    replicas: int,
+    wait_ms: int,
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> tuple[Any, int]:
+    """Async twin of :func:`eval_confirmed_within`."""
+    commands = _confirm_commands(script, keys, args, replicas, wait_ms)
+    asked = _cancel_requests()
+    if _is_cluster_client(client):
+        cluster: Any = client
+        if not cluster.nodes_manager.slots_cache:
+            await cluster.initialize()
+        node = cluster.get_node_from_key(keys[0])
+        conn: Any = node.acquire_connection()
+        release: Callable[[], Any] = lambda: node.release(conn)  # noqa: E731
+    else:
+        pool: Any = client.connection_pool
+        conn = await pool.get_connection()
+        release = lambda: pool.release(conn)  # noqa: E731
+    try:
+        _raise_if_cancelled(asked)
+        await conn.send_packed_command(conn.pack_commands(commands))
+        if on_sent is not None:
+            on_sent()
+        _raise_if_cancelled(asked)
+        end = _confirm_end(limit, conn.socket_timeout, wait_ms)
+        replies: list[Any] = []
+        for _ in commands:
+            wait = None if end is None else max(end - time.monotonic(), 0.001)
+            try:
+                replies.append(await conn.read_response(timeout=wait))
+            except rex.ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        done = release()
+        if inspect.isawaitable(done):
+            await done
+    try:
+        result = _confirmed(replies)
+    except rex.MovedError:
+        if _is_cluster_client(client):
+            await cast(Any, client).nodes_manager.initialize()
+        raise
+    if result is None:
+        await client.script_load(script.source)  # a cluster client: every primary
+        return await aeval_confirmed_within(
+            client, script, keys, args, replicas, wait_ms, limit, on_sent
+        )
+    return result
 
 
 # -- transactions: one redis-py pipeline in WATCH/MULTI/EXEC mode -----------------------

@@ -23,7 +23,7 @@ name, a result; never keys, arguments, task ids or pids)::
     rcache_cache_load_duration_seconds{cache, result="success|failure"}   histogram
     rcache_cache_errors_total{cache, operation, error}
     rcache_cache_breaker_state{cache}           0 closed, 1 open, 2 half-open
-    rcache_lock_acquires_total{lock, result="acquired|busy|timeout|error"}
+    rcache_lock_acquires_total{lock, result="acquired|busy|timeout|error|unreplicated"}
     rcache_lock_wait_seconds{lock}              histogram
     rcache_lock_held_seconds{lock}              histogram
     rcache_lock_releases_total{lock, result="released|not_owned|unconfirmed"}
@@ -115,7 +115,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
 
 GET_RESULTS = ("hit", "miss", "stale", "coalesced", "local_hit")
 LOAD_RESULTS = ("success", "failure")
-ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
+ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error", "unreplicated")
 RELEASE_RESULTS = ("released", "not_owned", "unconfirmed")
 RENEWAL_RESULTS = ("renewed", "lost")
 
