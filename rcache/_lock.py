@@ -294,6 +294,12 @@ class Confirm(NamedTuple):
             return None
         return cls(options.min_replicas, max(1, round(options.replica_timeout * 1000)))
 
+    def shortfall(self, acked: Any) -> int | None:
+        """WAIT's reply ``acked`` when fewer replicas acknowledged than asked (the
+        write is not confirmed), else None."""
+        count = int(acked)
+        return count if count < self.replicas else None
+
 
 class ScriptCall:
     """A lock script with its keys and arguments, run with a sync or an async client."""
@@ -661,10 +667,9 @@ class _Renewal(_Eval):
     def _checked(self, reply: tuple[Any, int]) -> Any:
         code, acked = reply
         confirm = self.confirm
-        unconfirmed = confirm is not None and acked < confirm.replicas
-        if unconfirmed and int(code) == Extended.EXTENDED:
-            assert confirm is not None
-            raise LockError(_unreplicated("the renewal", acked, confirm))
+        short = None if confirm is None else confirm.shortfall(acked)
+        if short is not None and confirm is not None and code == Extended.EXTENDED:
+            raise LockError(_unreplicated("the renewal", short, confirm))
         return code
 
 
@@ -1168,9 +1173,7 @@ class _LeasedLock:
         confirm = self._confirm
         if confirm is None:
             return Attempt.parse(reply), None
-        attempt = Attempt.parse(reply[0])
-        acked = int(reply[1])
-        return attempt, None if acked >= confirm.replicas else acked
+        return Attempt.parse(reply[0]), confirm.shortfall(reply[1])
 
     def _unconfirmed_flow(self, token: str, acked: int) -> Flow[None]:
         """A grant too few replicas acknowledged: a failover could lose it, so it is
@@ -1476,15 +1479,17 @@ class _LeasedLock:
             raise LockError(
                 f"could not extend {self._kind} {self.name!r}: {exc}"
             ) from exc
-        code = int(reply if self._confirm is None else reply[0])
+        confirm = self._confirm
+        code = int(reply if confirm is None else reply[0])
         if code == Extended.EXTENDED:
-            if self._confirm is not None and reply[1] < self._confirm.replicas:
+            short = None if confirm is None else confirm.shortfall(reply[1])
+            if short is not None and confirm is not None:
                 # Extended on the primary only: a failover may bring back the old
                 # expiry, so the lease's deadline does not move.
                 what = f"the extend of {self._kind} {self.name!r}"
                 raise LockError(
-                    f"{_unreplicated(what, int(reply[1]), self._confirm)}; the "
-                    "lease's deadline is unchanged (its renewal may still succeed)"
+                    f"{_unreplicated(what, short, confirm)}; the lease's deadline is "
+                    "unchanged (its renewal may still succeed)"
                 )
             lease._renewed(sent, seconds)
             return

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio
 
 import rcache
 from rcache.testing import (
@@ -47,7 +49,20 @@ def _replica_of(primary: RedisServer, port: int | None = None) -> RedisServer:
     wait_until(
         lambda: _link_up(primary, replica), timeout=10, message="the replica link"
     )
+    wait_until(lambda: _acks(primary), timeout=10, message="a replica acknowledging")
     return replica
+
+
+def _acks(primary: RedisServer) -> bool:
+    """A write acknowledged by the replica (SET and WAIT pipelined: one connection)."""
+    client = primary.client(socket_timeout=2)
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.set("warm-up", 1)
+        pipe.execute_command("WAIT", 1, 500)
+        return int(pipe.execute()[1]) >= 1
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -112,6 +127,34 @@ async def test_async_grant_is_on_the_replica_when_acquire_returns(
     async with cache.lock("job", fair=True, min_replicas=1, timeout=1) as fair:
         assert fair.held
     await cache.aclose()
+
+
+@pytest.mark.parametrize("decode", [False, True])
+async def test_user_clients_in_both_decode_responses_modes(
+    pair: tuple[RedisServer, RedisServer], decode: bool
+) -> None:
+    """Given clients (client=, async_client=) in both modes: the script's reply and
+    WAIT's count are read alike."""
+    primary, replica = pair
+    client = redis.Redis(host="127.0.0.1", port=primary.port, decode_responses=decode)
+
+    def factory() -> redis.asyncio.Redis:
+        return redis.asyncio.Redis(
+            host="127.0.0.1", port=primary.port, decode_responses=decode
+        )
+
+    cache = rcache.Cache(client=client, async_client=factory, prefix="dec")
+    with cache.lock("m", ttl=5, min_replicas=1) as lock:
+        assert lock.lease is not None
+        assert _get(replica, "dec:l:{m}") == lock.lease.token.encode()
+    async with cache.semaphore("s", 1, min_replicas=1) as sem:
+        assert sem.held
+    with pytest.raises(rcache.LockNotReplicatedError):
+        await cache.lock("m", min_replicas=2, replica_timeout=0.05).aacquire(1)
+    assert client.exists("dec:l:{m}") == 0
+    await cache.aclose()
+    cache.close()
+    client.close()
 
 
 def test_more_replicas_than_exist_fail_closed_and_leave_no_lock(
@@ -188,6 +231,34 @@ def test_paused_replica_stops_confirming_renewals(
     cache.close()
 
 
+def test_unconfirmed_renewals_let_the_lease_run_out_locally(
+    pair: tuple[RedisServer, RedisServer],
+) -> None:
+    """Auto-renewal with the replica paused: the primary applies each renewal, but none
+    is confirmed, so the holder's lease ends at its local deadline (where a failover to
+    that replica would leave it) while the primary still has the key. A lock without
+    min_replicas, renewed over the same time, stays held."""
+    primary, replica = pair
+    cache = rcache.Cache(primary.url, prefix="r")
+    # replica_timeout well under ttl/3: each renewal waits it out while unconfirmed
+    lock = cache.lock("job", ttl=3, min_replicas=1, replica_timeout=0.3, timeout=5)
+    plain = cache.lock("plain", ttl=3, timeout=5)
+    lost: list[Any] = []
+    with lock, plain:  # both auto-renewed every ttl/3
+        lease = lock.lease
+        assert lease is not None
+        lease.on_lost = lost.append
+        replica.pause()
+        try:
+            wait_until(lambda: not lock.held, timeout=10, message="the local deadline")
+            assert _get(primary, "r:l:{job}") == lease.token.encode()  # renewed there
+            assert plain.held
+        finally:
+            replica.resume()
+    wait_until(lambda: lost, timeout=5, message="on_lost")
+    cache.close()
+
+
 def test_lost_grant_contrast_with_a_partitioned_replica() -> None:
     """The contrast, made deterministic: the replica replicates through a proxy that is
     then blackholed (a partition of the replication link only). Without min_replicas
@@ -235,7 +306,8 @@ def test_sentinel_failover_keeps_a_confirmed_grant() -> None:
     test_lost_grant_contrast_with_a_partitioned_replica."""
     with RedisSentinel() as sentinels:
         cache = rcache.Cache(sentinels.url, prefix="s")
-        lock = cache.lock("job", ttl=60, min_replicas=1, replica_timeout=1)
+        # the first WAIT after a replica synced can take up to its 1 s ACK period
+        lock = cache.lock("job", ttl=60, min_replicas=1, replica_timeout=3)
         assert lock.acquire(timeout=5)
         lease = lock.lease
         assert lease is not None
@@ -267,7 +339,8 @@ def test_cluster_grant_is_confirmed_by_the_slot_primarys_replica(
     """On Redis Cluster, WAIT runs on the primary serving the lock's slot: once the
     acquire returns, that primary's replica has the token."""
     cache = rcache.Cache(cluster_url, prefix="c")
-    lock = cache.lock("job", ttl=30, min_replicas=1)
+    # a cluster just formed: the first WAIT can take up to the replicas' 1 s ACK period
+    lock = cache.lock("job", ttl=30, min_replicas=1, replica_timeout=3)
     assert lock.acquire(timeout=1)
     lease = lock.lease
     assert lease is not None
@@ -287,7 +360,7 @@ def test_cluster_grant_is_confirmed_by_the_slot_primarys_replica(
 
 async def test_cluster_async_grant_is_confirmed(cluster_url: str) -> None:
     cache = rcache.Cache(cluster_url, prefix="c")
-    async with cache.lock("job", ttl=30, min_replicas=1, timeout=1) as lock:
+    async with cache.lock("job", min_replicas=1, replica_timeout=3, timeout=1) as lock:
         assert lock.held
     with pytest.raises(rcache.LockNotReplicatedError):
         await cache.lock("job", min_replicas=2, replica_timeout=0.1).aacquire(1)
