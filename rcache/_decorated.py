@@ -44,7 +44,7 @@ from rcache._freshness import FRESH, Freshness
 from rcache._keys import KeyBuilder, Template
 from rcache._leases import KeyLeases
 from rcache._local import MISSING, Token, args_key
-from rcache._metrics import bypass_counter
+from rcache._metrics import bypass_counter, untimed_bypass
 from rcache._policy import BYPASS, Guard
 from rcache._readthrough import (
     Call,
@@ -249,6 +249,7 @@ class CachedSpec:
         #: the breaker-open call: raise (counted) before the function, or count after it
         self.fails_closed = policy == "raise"
         self.bypassed = bypass_counter(cache.metrics)
+        self.bypassed_ok = untimed_bypass(cache.metrics, name)
         # Cache.configure() closed the Cache's tiers: make this function's again
         self.local, self.local_ready = None, False
 
@@ -513,7 +514,11 @@ class SyncCached(_Base):
             except BaseException:
                 spec.bypassed(spec.name, "failure", perf_counter() - start)
                 raise
-            spec.bypassed(spec.name, "success", perf_counter() - start)
+            counted = spec.bypassed_ok  # one C call where the sink keeps no durations
+            if counted is not None:
+                counted()
+            else:
+                spec.bypassed(spec.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs, key)
@@ -674,7 +679,11 @@ class AsyncCached(_Base):
             except BaseException:
                 spec.bypassed(spec.name, "failure", perf_counter() - start)
                 raise
-            spec.bypassed(spec.name, "success", perf_counter() - start)
+            counted = spec.bypassed_ok  # one C call where the sink keeps no durations
+            if counted is not None:
+                counted()
+            else:
+                spec.bypassed(spec.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs, key)

@@ -8,14 +8,15 @@ bounded: a cache (function) name or lock name, never keys, arguments or values.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-__all__ = ["InMemoryMetrics", "MetricsSink", "bypass_counter"]
+__all__ = ["InMemoryMetrics", "MetricsSink", "bypass_counter", "untimed_bypass"]
 
 
 class MetricsSink(Protocol):
@@ -176,7 +177,11 @@ class InMemoryMetrics:
         self._add(self.counts, (("cache_errors", cache, operation, error),))
 
     def cache_bypassed(self, cache: str, result: str, seconds: float) -> None:
-        # keys built once: building three tuples per call took as long as counting them
+        self._add(self.counts, self._bypass_keys(cache)[result])
+
+    def _bypass_keys(self, cache: str) -> dict[str, tuple[tuple[str, ...], ...]]:
+        # built once per name: building three tuples per call took as long as
+        # counting them
         by_result = self._bypassed.get(cache)
         if by_result is None:
             skipped = (
@@ -186,7 +191,14 @@ class InMemoryMetrics:
             by_result = self._bypassed[cache] = {
                 r: (*skipped, ("cache_loads", cache, r)) for r in ("success", "failure")
             }
-        self._add(self.counts, by_result[result])
+        return by_result
+
+    def _bypass_success(self, cache: str) -> Callable[[], None]:
+        """``cache_bypassed(cache, "success", ...)`` as one C call (see
+        :func:`untimed_bypass`); ``counts`` is never replaced, so it may be bound."""
+        return functools.partial(
+            self._add, self.counts, self._bypass_keys(cache)["success"]
+        )
 
     def breaker_state(self, state: int, cache: str = "") -> None:
         self.breaker = state
@@ -225,3 +237,17 @@ class InMemoryMetrics:
 
     def local_entries(self, cache: str, entries: int) -> None:
         self.local[cache] = entries
+
+
+def untimed_bypass(sink: MetricsSink, cache: str) -> Callable[[], None] | None:
+    """What counts a successful call of ``cache`` made while the breaker is open, as one
+    C call that needs no duration (no second clock read), where the sink keeps none:
+    an :class:`InMemoryMetrics` whose ``cache_bypassed`` is its own. Else None (then
+    :func:`bypass_counter`). Half the budget of that call was its one Python-level
+    ``cache_bypassed`` call."""
+    if (
+        getattr(type(sink), "cache_bypassed", None)
+        is not InMemoryMetrics.cache_bypassed
+    ):
+        return None
+    return cast(InMemoryMetrics, sink)._bypass_success(cache)

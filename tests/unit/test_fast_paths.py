@@ -19,6 +19,7 @@ import pytest
 
 from rcache import JsonSerializer, MsgpackSerializer, _serializers
 from rcache._keys import KeyBuilder
+from rcache._metrics import InMemoryMetrics, bypass_counter, untimed_bypass
 from rcache._serializers import _encode_tree, _object_hook
 
 # -- keys -------------------------------------------------------------------------------
@@ -250,16 +251,29 @@ class _Recorder:
         self.events.append(("cache_load", cache, result, seconds))
 
 
-@pytest.mark.parametrize("sink", ["memory", "prometheus", "three calls"])
+class _OwnBypass(InMemoryMetrics):
+    """Overrides cache_bypassed: its own method must be called (no C shortcut)."""
+
+    def cache_bypassed(self, cache: str, result: str, seconds: float) -> None:
+        self.cache_error(cache, "get", "CircuitOpen")
+        self.cache_get(cache, "miss")
+        self.cache_load(cache, result, seconds)
+        self.counts[("own", cache)] += 1
+
+
+@pytest.mark.parametrize(
+    "sink", ["memory", "memory, untimed", "subclass", "prometheus", "three calls"]
+)
 def test_a_bypassed_call_counts_what_its_three_events_count(sink: str) -> None:
     from prometheus_client import CollectorRegistry
 
-    from rcache._metrics import InMemoryMetrics, bypass_counter
     from rcache.metrics import PrometheusMetrics
 
     def sinks() -> Any:
-        if sink == "memory":
+        if sink.startswith("memory"):
             return InMemoryMetrics()
+        if sink == "subclass":
+            return _OwnBypass()
         if sink == "prometheus":
             return PrometheusMetrics(registry=CollectorRegistry())
         return _Recorder()
@@ -282,7 +296,14 @@ def test_a_bypassed_call_counts_what_its_three_events_count(sink: str) -> None:
         ("f", "failure", 0.25),
         ("f", "success", 1.0),
     ]:
-        bypass_counter(combined)(name, result, seconds)
+        untimed = untimed_bypass(combined, name)
+        assert (untimed is not None) == sink.startswith("memory")
+        if sink == "memory, untimed" and result == "success":
+            untimed()  # type: ignore[misc]
+        else:
+            bypass_counter(combined)(name, result, seconds)
+        if sink == "subclass":
+            separate.counts[("own", name)] += 1
         separate.cache_error(name, "get", "CircuitOpen")
         separate.cache_get(name, "miss")
         separate.cache_load(name, result, seconds)
