@@ -1156,6 +1156,12 @@ class Cache:
           (default True).
         - ``metrics_name``: metric label (default ``name``: keep names
           low-cardinality).
+        - ``min_replicas``: confirm every grant, extend and renewal with ``WAIT``
+          until this many replicas acknowledged it, at most ``replica_timeout``
+          (default 1 s) each; a grant they do not acknowledge is released again and
+          raises :class:`~rcache.LockNotReplicatedError`. Default 0: no confirmation,
+          no extra wait. It narrows, does not close, the window in which a failover
+          loses a lock (README, "Locks and replication").
 
         ``fair=True`` grants in strict FIFO order (a :class:`~rcache.FairLock`). By
         default a release gives the waiter it wakes a 10 ms head start, which keeps

@@ -117,7 +117,9 @@ class RetryPolicy:
     """Retries of transient Redis errors (connection reset, timeout).
 
     Jittered exponential backoff bounded by ``attempts`` and ``max_time`` seconds in total,
-    executed with tenacity. redis-py's own retries are switched off so they cannot add
+    executed with tenacity. A timeout (no reply within the socket timeout) is retried
+    only when the socket timeout is at most ``max_time``: a retry on a hung server
+    would wait as long again. redis-py's own retries are switched off so they cannot add
     seconds per call underneath (cache.md §4: redis-py 8.1 blocked ~4 s per call).
     """
 
@@ -330,6 +332,11 @@ DEFAULT_LOCK_TTL = 30.0
 #: above a year is a mistake (ttl=1e17 overflows Redis' PX and the ZSET scores).
 _MIN_LOCK_TTL = 0.01
 _MAX_LOCK_TTL = 365 * 86400.0
+#: Default longest WAIT for replicas to acknowledge a grant (min_replicas=): a healthy
+#: replica acknowledges within a round trip; a second means it is down or far behind.
+DEFAULT_REPLICA_TIMEOUT = 1.0
+_MIN_REPLICA_WAIT = 0.001
+_MAX_REPLICA_WAIT = 60.0
 
 
 def lock_ttl(value: Duration, what: str = "ttl") -> float:
@@ -366,6 +373,9 @@ class LockOptions:
     :param on_lost: called once with the Lease when it is found lost.
     :param raise_on_not_owned: raise on a release that found the lease gone.
     :param metrics_name: the metric label (default: the lock's name).
+    :param min_replicas: confirm each grant and extend with ``WAIT`` until this many
+        replicas acknowledged it (0, the default: no confirmation, no extra wait).
+    :param replica_timeout: longest ``WAIT`` for that (1 ms to 60 s; default 1 s).
     """
 
     ttl: float = DEFAULT_LOCK_TTL
@@ -375,6 +385,8 @@ class LockOptions:
     on_lost: Callable[[Any], object] | None = None
     raise_on_not_owned: bool = True
     metrics_name: str | None = None
+    min_replicas: int = 0
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
 
     def __post_init__(self) -> None:
         # Normalized in place: the fields then always hold seconds (frozen, so through
@@ -389,6 +401,20 @@ class LockOptions:
                 "on_lost must be a callable taking the Lease, got "
                 f"{type(self.on_lost).__name__}"
             )
+        replicas = self.min_replicas
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ConfigurationError(
+                f"min_replicas must be an int >= 0 (replicas that must acknowledge a "
+                f"grant; 0: no confirmation), got {replicas!r}"
+            )
+        wait = parse_duration(self.replica_timeout, what="replica_timeout")
+        if not _MIN_REPLICA_WAIT <= wait <= _MAX_REPLICA_WAIT:
+            # WAIT counts whole milliseconds, and WAIT 0 would block forever
+            raise ConfigurationError(
+                f"replica_timeout must be between 1ms and 60s, got "
+                f"{self.replica_timeout!r}"
+            )
+        object.__setattr__(self, "replica_timeout", wait)
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> LockOptions:

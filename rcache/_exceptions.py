@@ -12,6 +12,7 @@ the public API raw::
     ├── SerializationError                            a value cannot be (de)serialized
     ├── LockError
     │   ├── LockNotAcquiredError(LockError, TimeoutError)
+    │   │   └── LockNotReplicatedError                granted, but too few replicas acked
     │   ├── LockNotOwnedError                         release/extend by a non-owner
     │   ├── LockReleaseUnconfirmedError               release sent, its replies lost
     │   └── LockLostError                             the lease is gone while "held"
@@ -36,6 +37,7 @@ __all__ = [
     "LockLostError",
     "LockNotAcquiredError",
     "LockNotOwnedError",
+    "LockNotReplicatedError",
     "LockReleaseUnconfirmedError",
     "RCacheError",
     "SerializationError",
@@ -91,6 +93,26 @@ class LockError(RCacheError):
 
 class LockNotAcquiredError(LockError, TimeoutError):
     """The lock could not be acquired within the timeout."""
+
+
+class LockNotReplicatedError(LockNotAcquiredError):
+    """``min_replicas=`` was set, and Redis granted the lock but fewer replicas than
+    ``required`` acknowledged the grant (``WAIT``) within ``replica_timeout``: the
+    grant could be lost in a failover, so it was released again and not returned.
+
+    Raised at once, not retried within the acquire's timeout (Redisson's
+    ``syncSlaves`` throws likewise): a replica that is down or lagging is an outage to
+    report, not contention to wait out.
+    """
+
+    def __init__(self, message: str, required: int = 0, acknowledged: int = 0) -> None:
+        super().__init__(message, required, acknowledged)
+        self.message = message
+        self.required = required
+        self.acknowledged = acknowledged
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class LockNotOwnedError(LockError):

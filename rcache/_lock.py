@@ -43,6 +43,11 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   waiter on a socket timeout; clean-up after giving up runs in the background.
 * The lock server's eviction policy is read once per Cache when locks are first used:
   an evicting policy can take a held lock, so it is logged at ERROR and counted.
+* ``min_replicas=N`` (issue 15): each grant, extend and renewal is followed by ``WAIT``
+  in the same write, on the same connection (``_Eval`` with a :class:`Confirm`). A
+  grant fewer replicas acknowledged is released again and raises
+  :class:`LockNotReplicatedError`; an unconfirmed extend or renewal leaves the lease's
+  deadline where it was. This narrows the failover window above, it does not close it.
 
 Code layout: the acquire, release and extend loops are written once, as flows
 (``rcache._flow``): generators that yield commands (a lock script, a blocking wait on
@@ -87,20 +92,23 @@ from rcache._exceptions import (
     LockLostError,
     LockNotAcquiredError,
     LockNotOwnedError,
+    LockNotReplicatedError,
     LockReleaseUnconfirmedError,
     RCacheError,
 )
-from rcache._flow import Command, Eval, Flow, Sleep
+from rcache._flow import Command, Critical, Eval, Flow, Sleep
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import Renewable, get_renewer
 from rcache._logging import lock_log
 from rcache._redis import (
     LuaScript,
     acommand_within,
+    aeval_confirmed_within,
     aeval_within,
     aeviction_policy,
     command_within,
     connection_kwargs,
+    eval_confirmed_within,
     eval_within,
     eviction_policy,
     process_id,
@@ -272,6 +280,27 @@ _SEM_EXTEND = LockScript("sem_extend")
 _Within = tuple[float | None, Callable[[], object] | None]
 
 
+class Confirm(NamedTuple):
+    """``min_replicas=``: a write counts once this many replicas acknowledged it
+    (``WAIT replicas wait_ms`` on the connection that wrote it)."""
+
+    replicas: int
+    wait_ms: int
+
+    @classmethod
+    def of(cls, options: LockOptions) -> Confirm | None:
+        """None for ``min_replicas=0``: no WAIT, no extra wait (today's protocol)."""
+        if not options.min_replicas:
+            return None
+        return cls(options.min_replicas, max(1, round(options.replica_timeout * 1000)))
+
+    def shortfall(self, acked: Any) -> int | None:
+        """WAIT's reply ``acked`` when fewer replicas acknowledged than asked (the
+        write is not confirmed), else None."""
+        count = int(acked)
+        return count if count < self.replicas else None
+
+
 class ScriptCall:
     """A lock script with its keys and arguments, run with a sync or an async client."""
 
@@ -298,6 +327,22 @@ class ScriptCall:
         if within is None:
             return self.spec.lua.acall(client, self.keys, self.args)
         return aeval_within(client, self.spec.lua, self.keys, self.args, *within)
+
+    def run_confirmed(
+        self, client: redis.Redis, within: _Within, confirm: Confirm
+    ) -> tuple[Any, int]:
+        """Run the script and WAIT for ``confirm``'s replicas on the same connection:
+        (the script's reply, replicas that acknowledged)."""
+        return eval_confirmed_within(
+            client, self.spec.lua, self.keys, self.args, *confirm, *within
+        )
+
+    def arun_confirmed(
+        self, client: redis.asyncio.Redis, within: _Within, confirm: Confirm
+    ) -> Awaitable[tuple[Any, int]]:
+        return aeval_confirmed_within(
+            client, self.spec.lua, self.keys, self.args, *confirm, *within
+        )
 
 
 def lock_acquire(
@@ -509,9 +554,21 @@ class _Eval(Command):
     reset, is still retried, even by a single try). ``on_sent`` runs once the command
     is written (a release must know whether it may have run). ``attempts`` counts the
     attempts made (a retried release that finds its key gone deleted it itself).
+
+    With ``confirm`` (``min_replicas=``), ``WAIT`` follows the script on the same
+    connection and the reply is (the script's reply, replicas that acknowledged); WAIT
+    may take its own timeout on top of the attempt's bound.
     """
 
-    __slots__ = ("_started", "attempts", "call", "deadline", "on_sent", "retry")
+    __slots__ = (
+        "_started",
+        "attempts",
+        "call",
+        "confirm",
+        "deadline",
+        "on_sent",
+        "retry",
+    )
 
     def __init__(
         self,
@@ -519,11 +576,13 @@ class _Eval(Command):
         deadline: float | None = None,
         on_sent: Callable[[], object] | None = None,
         retry: bool = True,
+        confirm: Confirm | None = None,
     ) -> None:
         self.call = call
         self.deadline = deadline
         self.on_sent = on_sent
         self.retry = retry
+        self.confirm = confirm
         self.attempts = 0
         self._started = 0.0
 
@@ -555,21 +614,70 @@ class _Eval(Command):
     # memory:// (fakeredis, in-process: nothing can hang) runs the script as it is.
 
     def run(self, driver: SyncDriver) -> Any:
-        redis, call = driver.redis, self.call
+        redis, call, confirm = driver.redis, self.call, self.confirm
         caps = _caps(redis)
+        if confirm is not None:
+            _check_replicated(caps)
+            return redis.run(
+                lambda c: call.run_confirmed(c, self._within(caps.io), confirm),
+                retry=self.retry,
+            )
         if caps.memory:
             return redis.run(call.run, retry=self.retry)
         cap = caps.io
         return redis.run(lambda c: call.run(c, self._within(cap)), retry=self.retry)
 
     async def arun(self, driver: AsyncDriver) -> Any:
-        redis, call = driver.redis, self.call
+        redis, call, confirm = driver.redis, self.call, self.confirm
         caps = _caps(redis)
+        if confirm is not None:
+            _check_replicated(caps)
+            return await redis.run(
+                lambda c: call.arun_confirmed(c, self._within(caps.io), confirm),
+                retry=self.retry,
+            )
         if caps.memory:
             return await redis.run(call.arun, retry=self.retry)
         cap = caps.io
         op = lambda c: call.arun(c, self._within(cap))  # noqa: E731
         return await redis.run(op, retry=self.retry)
+
+
+def _check_replicated(caps: _Caps) -> None:
+    if caps.memory:
+        raise ConfigurationError(
+            "min_replicas= needs a Redis server with replicas; memory:// has none"
+        )
+
+
+class _Renewal(_Eval):
+    """An extend confirmed by replicas (``min_replicas=``), as the renewer runs it:
+    reply 1 only once enough replicas acknowledged; an extend they did not acknowledge
+    raises (a transient failure to the renewer: it tries again soon, and the lease's
+    deadline stays where the last confirmed renewal put it)."""
+
+    __slots__ = ()
+
+    def run(self, driver: SyncDriver) -> Any:
+        return self._checked(_Eval.run(self, driver))
+
+    async def arun(self, driver: AsyncDriver) -> Any:
+        return self._checked(await _Eval.arun(self, driver))
+
+    def _checked(self, reply: tuple[Any, int]) -> Any:
+        code, acked = reply
+        confirm = self.confirm
+        short = None if confirm is None else confirm.shortfall(acked)
+        if short is not None and confirm is not None and code == Extended.EXTENDED:
+            raise LockError(_unreplicated("the renewal", short, confirm))
+        return code
+
+
+def _unreplicated(what: str, acked: int, confirm: Confirm) -> str:
+    return (
+        f"only {acked} replica(s) acknowledged {what} within {confirm.wait_ms}ms "
+        f"(WAIT), min_replicas={confirm.replicas}"
+    )
 
 
 class _Pop(Command):
@@ -783,9 +891,13 @@ class Lease(Renewable):
         state = "lost" if self.lost else "released" if self.released else "held"
         return f"<Lease {self.name!r} fence={self.fence} {state}>"
 
-    def _renew_command(self) -> Eval:
-        """Renewer: replace the lease's TTL (reply 1; 0/-1 when the token is gone)."""
+    def _renew_command(self) -> Command:
+        """Renewer: replace the lease's TTL (reply 1; 0/-1 when the token is gone),
+        confirmed by replicas with ``min_replicas=``."""
         call = self.owner._extend_call(self.token, self.ttl)
+        confirm = self.owner._confirm
+        if confirm is not None:
+            return _Renewal(call, confirm=confirm)
         return Eval(call.script, call.keys, call.args)
 
     def _confirmed(self, sent: float) -> None:
@@ -886,6 +998,8 @@ class _LeasedLock:
         self.on_lost = options.on_lost
         self.raise_on_not_owned = options.raise_on_not_owned
         self.metrics_name = options.metrics_name or name
+        #: min_replicas=: WAIT after each grant and extend (None: not asked)
+        self._confirm = Confirm.of(options)
         self._cache = cache
         self._metrics: MetricsSink = cache.metrics
         self._lock_keys = cache.keyspace.lock(name)
@@ -1014,7 +1128,7 @@ class _LeasedLock:
             call = self._acquire_call(token, mode, cap)
             sent = _monotonic()
             try:
-                attempt = Attempt.parse((yield _Eval(call, deadline)))
+                reply = yield _Eval(call, deadline, confirm=self._confirm)
             except RCacheError as exc:
                 # The script may have run (a lost reply): undo by token, without the
                 # caller waiting, so that a hung Redis takes no more of the budget.
@@ -1025,7 +1139,10 @@ class _LeasedLock:
             except BaseException:  # interrupted or cancelled: the script may have run
                 yield _Detach(self._compensate_flow(token), self._background, True)
                 raise
+            attempt, acked = self._parse(reply)
             if attempt.code == Acquired.GRANTED:
+                if acked is not None:
+                    yield from self._unconfirmed_flow(token, acked)
                 self._grant(owner, token, attempt.value, sent, started, renew, env.loop)
                 return True
             if deadline is not None and _monotonic() >= deadline:
@@ -1059,6 +1176,36 @@ class _LeasedLock:
                 yield _Detach(flow, self._background, True)
                 raise
             waited = True
+
+    def _parse(self, reply: Any) -> tuple[Attempt, int | None]:
+        """The attempt, and with ``min_replicas=`` the replicas that acknowledged it
+        (None: confirmed, or not asked)."""
+        confirm = self._confirm
+        if confirm is None:
+            return Attempt.parse(reply), None
+        return Attempt.parse(reply[0]), confirm.shortfall(reply[1])
+
+    def _unconfirmed_flow(self, token: str, acked: int) -> Flow[None]:
+        """A grant too few replicas acknowledged: a failover could lose it, so it is
+        released again (before the caller hears of it: no hold is left behind, and
+        the release wakes a waiter) and the acquire fails at once: retrying within the
+        budget would only wait on the same replicas (Redisson's syncSlaves throws)."""
+        confirm = self._confirm
+        assert confirm is not None
+        try:
+            # Critical: a cancelled caller must not keep the lock to its TTL
+            yield Critical(_Eval(self._release_call(token)))
+        except RCacheError as exc:
+            lock_log.debug("rcache: releasing an unreplicated grant failed: %s", exc)
+        self._metrics.lock_acquire(self.metrics_name, "unreplicated")
+        what = f"the grant of {self._kind} {self.name!r}"
+        raise LockNotReplicatedError(
+            f"{_unreplicated(what, acked, confirm)}; it was released again, since a "
+            "failover could lose it. Check the replicas (INFO replication), or raise "
+            "replica_timeout=",
+            confirm.replicas,
+            acked,
+        )
 
     def _begin(self, timeout: Any) -> tuple[_Owner, float | None]:
         timeout = self.timeout if timeout is _DEFAULT else wait_timeout(timeout)
@@ -1335,12 +1482,25 @@ class _LeasedLock:
         seconds = self.ttl if ttl is None else lock_ttl(ttl)
         sent = _monotonic()
         try:
-            code = int((yield _Eval(self._extend_call(lease.token, seconds))))
+            reply = yield _Eval(
+                self._extend_call(lease.token, seconds), confirm=self._confirm
+            )
         except RCacheError as exc:
             raise LockError(
                 f"could not extend {self._kind} {self.name!r}: {exc}"
             ) from exc
+        confirm = self._confirm
+        code = int(reply if confirm is None else reply[0])
         if code == Extended.EXTENDED:
+            short = None if confirm is None else confirm.shortfall(reply[1])
+            if short is not None and confirm is not None:
+                # Extended on the primary only: a failover may bring back the old
+                # expiry, so the lease's deadline does not move.
+                what = f"the extend of {self._kind} {self.name!r}"
+                raise LockError(
+                    f"{_unreplicated(what, short, confirm)}; the lease's deadline is "
+                    "unchanged (its renewal may still succeed)"
+                )
             lease._renewed(sent, seconds)
             return
         get_renewer().remove(lease)
@@ -1687,6 +1847,8 @@ class LockedKwargs(TypedDict, total=False):
     max_hold: Duration | None
     on_lost: _Callback | None
     metrics_name: str | None
+    min_replicas: int
+    replica_timeout: Duration
 
 
 class LockKwargs(LockedKwargs, total=False):

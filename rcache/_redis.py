@@ -16,6 +16,7 @@ import codecs
 import inspect
 import os
 import re
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
@@ -803,15 +804,18 @@ def _async_kwargs(
     return out
 
 
-def _retry_options(policy: RetryPolicy) -> dict[str, Any]:
-    """When to stop, how long to wait and what to retry: one rule for both drivers."""
+def _retry_options(policy: RetryPolicy, client: Any) -> dict[str, Any]:
+    """When to stop, how long to wait and what to retry (:func:`_retries`'s rule, for
+    the attempts after the first): one rule for both drivers."""
     return {
         "stop": tenacity.stop_after_attempt(policy.attempts - 1)
         | tenacity.stop_after_delay(policy.max_time),
         "wait": tenacity.wait_random_exponential(
             multiplier=policy.backoff, max=policy.max_backoff
         ),
-        "retry": tenacity.retry_if_exception(_transient),
+        "retry": tenacity.retry_if_exception(
+            lambda exc: _retries(policy, exc, True, client)
+        ),
         "reraise": True,
     }
 
@@ -852,9 +856,23 @@ def process_id() -> int:
 _TRIED: tuple[type[BaseException], ...] = (*TRANSIENT, *REDIS_ERRORS)
 
 
-def _retries(policy: RetryPolicy, exc: BaseException, retry: bool) -> bool:
-    """Is ``exc``, raised by a first try, worth the rest of the retry schedule?"""
-    return retry and _transient(exc) and policy.attempts > 1
+def _retries(policy: RetryPolicy, exc: BaseException, retry: bool, client: Any) -> bool:
+    """Is ``exc``, raised by a first try on ``client``, worth the rest of the retry
+    schedule?
+
+    A reply that did not come within the socket timeout is retried only when that
+    timeout fits in ``policy.max_time``: on a hung Redis the retry waits as long again
+    (first in its new connection's handshake), which doubled a cache call's stall (a
+    paused server: 2.0 s per call with the 1 s default, 4 s before the breaker opened)
+    where the policy promises ``max_time`` for retries. A reply lost fast (a reset,
+    a refused connection) is retried as before, and so is a timeout of a client whose
+    socket timeout is short (``?socket_timeout=0.3``)."""
+    if not (retry and _transient(exc) and policy.attempts > 1):
+        return False
+    if isinstance(exc, (rex.TimeoutError, TimeoutError)):
+        timeout = connection_kwargs(client).get("socket_timeout")
+        return isinstance(timeout, (int, float)) and 0 < timeout <= policy.max_time
+    return True
 
 
 def _direct_sync(client: Any) -> bool:
@@ -1020,7 +1038,7 @@ class SyncRedis:
         try:
             return op(client)
         except _TRIED as exc:
-            if not _retries(self._retry, exc, retry):
+            if not _retries(self._retry, exc, retry, client):
                 raise map_error(exc) from exc
             first = exc
         return self._retry_after(first, op, client)
@@ -1042,7 +1060,7 @@ class SyncRedis:
                 return _read(client, ("MGET", *keys))
             return client.mget(keys)
         except _TRIED as exc:
-            if not _retries(self._retry, exc, True):
+            if not _retries(self._retry, exc, True, client):
                 raise map_error(exc) from exc
             first = exc
         return self._retry_after(first, lambda c: c.mget(keys), client)
@@ -1052,7 +1070,7 @@ class SyncRedis:
     ) -> T:
         """The rest of the retry schedule after a first try failed with ``first``."""
         try:
-            return tenacity.Retrying(**_retry_options(self._retry))(op, client)
+            return tenacity.Retrying(**_retry_options(self._retry, client))(op, client)
         except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
@@ -1161,7 +1179,7 @@ class AsyncRedis:
         try:
             return await op(client)
         except _TRIED as exc:
-            if not _retries(self._retry, exc, retry):
+            if not _retries(self._retry, exc, retry, client):
                 raise map_error(exc) from exc
             first = exc
         return await self._retry_after(first, op, client)
@@ -1180,7 +1198,7 @@ class AsyncRedis:
             else:
                 rows = await client.mget(keys)
         except _TRIED as exc:
-            if not _retries(self._retry, exc, True):
+            if not _retries(self._retry, exc, True, client):
                 raise map_error(exc) from exc
             rows = await self._retry_after(exc, lambda c: c.mget(keys), client)
         _raise_if_cancelled(asked)
@@ -1199,7 +1217,9 @@ class AsyncRedis:
             return await op(client)
 
         try:
-            return await tenacity.AsyncRetrying(**_retry_options(self._retry))(attempt)
+            return await tenacity.AsyncRetrying(**_retry_options(self._retry, client))(
+                attempt
+            )
         except _REDIS_OR_OS_ERRORS as exc:
             raise map_error(exc) from first
 
@@ -1625,6 +1645,17 @@ def _refresh_slots(cluster: Any) -> None:
         pass
 
 
+async def _arefresh_slots(client: Any, exc: BaseException) -> None:
+    """Async twin of :func:`_refresh_slots` for an asyncio cluster client (else
+    nothing); not after MaxConnectionsError (the pool, not the node)."""
+    if not _is_cluster_client(client) or isinstance(exc, rex.MaxConnectionsError):
+        return
+    try:
+        await client.nodes_manager.initialize()
+    except _REDIS_OR_OS_ERRORS:
+        pass  # every node down: the next try reports it
+
+
 def _send(conn: Any, args: tuple[Any, ...]) -> None:
     """``conn.send_command(*args)``; with redis-py's hiredis packer, packed by hiredis
     directly, as that packer does for rcache's arguments (a command name without
@@ -1697,11 +1728,7 @@ async def acommand_within(
                 node, node.acquire_connection(), asked, limit, args, on_sent
             )
         except _SLOT_STALE as exc:
-            if not isinstance(exc, rex.MaxConnectionsError):  # the pool, not the node
-                try:
-                    await cluster.nodes_manager.initialize()
-                except _REDIS_OR_OS_ERRORS:
-                    pass  # every node down: the next try reports it
+            await _arefresh_slots(cluster, exc)
             raise
     asked = _cancel_requests()
     pool: Any = client.connection_pool
@@ -1786,6 +1813,168 @@ async def aeval_within(
     except rex.NoScriptError:
         await client.script_load(script.source)
         return await acommand_within(client, limit, *command, on_sent=on_sent)
+
+
+# -- a write confirmed by replicas: the script and WAIT on one connection ---------------
+
+
+def _confirm_commands(
+    script: LuaScript, keys: list[Any], args: list[Any], replicas: int, wait_ms: int
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args), ("WAIT", replicas, wait_ms)
+
+
+def _confirm_end(
+    limit: float | None, socket_timeout: Any, wait_ms: int
+) -> float | None:
+    """When the last reply (WAIT's) must have come: the script's own bound (``limit``,
+    else the socket timeout) plus WAIT's timeout, which it spends on the server."""
+    base = limit if limit is not None else socket_timeout
+    if base is None:
+        return None
+    return time.monotonic() + float(base) + wait_ms / 1000
+
+
+def _confirmed(replies: list[Any]) -> tuple[Any, int] | None:
+    """(script reply, replicas that acknowledged), or None after NOSCRIPT (load the
+    script and send both again); a server error raises (WAIT on a replica, MOVED)."""
+    reply, acked = replies
+    if isinstance(reply, rex.NoScriptError):
+        return None
+    for item in (reply, acked):
+        if isinstance(item, BaseException):
+            raise item
+    return reply, int(acked)
+
+
+def eval_confirmed_within(
+    client: redis.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    replicas: int,
+    wait_ms: int,
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> tuple[Any, int]:
+    """Run ``script`` and then ``WAIT replicas wait_ms``, written at once on one
+    connection; replies (the script's reply, how many replicas acknowledged).
+
+    WAIT counts the replicas that acknowledged the writes of *its own* connection, so
+    it must follow the script on the same one (a pooled client's next command may take
+    another connection; Redisson's ``syncSlaves`` batches them likewise). The script's
+    reply is awaited at most ``limit`` s (None: the socket timeout), WAIT's that plus
+    ``wait_ms``. On Redis Cluster both go to the primary serving ``keys[0]``'s slot.
+    """
+    if type(client) is not redis.Redis and _is_cluster_client(client):
+        cluster: Any = client
+        node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(keys[0]))
+        node_client = node.redis_connection
+        if node_client is None:  # as in command_within
+            _refresh_slots(cluster)
+            raise rex.ConnectionError(f"Redis Cluster node {node.name}: no connection")
+        try:
+            return eval_confirmed_within(
+                node_client,
+                script,
+                keys,
+                args,
+                replicas,
+                wait_ms,
+                limit,
+                on_sent,
+            )
+        except _SLOT_STALE:  # a failover moved the slot: re-read (see command_within)
+            _refresh_slots(cluster)
+            raise
+    commands = _confirm_commands(script, keys, args, replicas, wait_ms)
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        if on_sent is not None:
+            on_sent()
+        end = _confirm_end(limit, conn.socket_timeout, wait_ms)
+        replies: list[Any] = []
+        for _ in commands:
+            if end is not None:
+                wait = max(end - time.monotonic(), 0.001)
+                if not conn.can_read(timeout=wait):
+                    raise rex.TimeoutError(f"no reply from Redis within {wait:.3f}s")
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as exc:  # read whole: the connection is in sync
+                replies.append(exc)
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    result = _confirmed(replies)
+    if result is None:
+        client.script_load(script.source)
+        return eval_confirmed_within(
+            client, script, keys, args, replicas, wait_ms, limit, on_sent
+        )
+    return result
+
+
+async def aeval_confirmed_within(
+    client: redis.asyncio.Redis,
+    script: LuaScript,
+    keys: list[Any],
+    args: list[Any],
+    replicas: int,
+    wait_ms: int,
+    limit: float | None,
+    on_sent: Callable[[], object] | None = None,
+) -> tuple[Any, int]:
+    """Async twin of :func:`eval_confirmed_within`."""
+    commands = _confirm_commands(script, keys, args, replicas, wait_ms)
+    asked = _cancel_requests()
+    if _is_cluster_client(client):
+        cluster: Any = client
+        if not cluster.nodes_manager.slots_cache:
+            await cluster.initialize()
+        node = cluster.get_node_from_key(keys[0])
+        conn: Any = node.acquire_connection()
+        release: Callable[[], Any] = lambda: node.release(conn)  # noqa: E731
+    else:
+        pool: Any = client.connection_pool
+        conn = await pool.get_connection()
+        release = lambda: pool.release(conn)  # noqa: E731
+    try:
+        try:
+            _raise_if_cancelled(asked)
+            await conn.send_packed_command(conn.pack_commands(commands))
+            if on_sent is not None:
+                on_sent()
+            _raise_if_cancelled(asked)
+            end = _confirm_end(limit, conn.socket_timeout, wait_ms)
+            replies: list[Any] = []
+            for _ in commands:
+                wait = None if end is None else max(end - time.monotonic(), 0.001)
+                try:
+                    replies.append(await conn.read_response(timeout=wait))
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            done = release()
+            if inspect.isawaitable(done):
+                await done
+        result = _confirmed(replies)
+    except _SLOT_STALE as exc:
+        await _arefresh_slots(client, exc)
+        raise
+    if result is None:
+        await client.script_load(script.source)  # a cluster client: every primary
+        return await aeval_confirmed_within(
+            client, script, keys, args, replicas, wait_ms, limit, on_sent
+        )
+    return result
 
 
 # -- transactions: one redis-py pipeline in WATCH/MULTI/EXEC mode -----------------------

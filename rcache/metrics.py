@@ -23,7 +23,7 @@ name, a result; never keys, arguments, task ids or pids)::
     rcache_cache_load_duration_seconds{cache, result="success|failure"}   histogram
     rcache_cache_errors_total{cache, operation, error}
     rcache_cache_breaker_state{cache}           0 closed, 1 open, 2 half-open
-    rcache_lock_acquires_total{lock, result="acquired|busy|timeout|error"}
+    rcache_lock_acquires_total{lock, result="acquired|busy|timeout|error|unreplicated"}
     rcache_lock_wait_seconds{lock}              histogram
     rcache_lock_held_seconds{lock}              histogram
     rcache_lock_releases_total{lock, result="released|not_owned|unconfirmed"}
@@ -115,7 +115,7 @@ LOCK_BUCKETS: tuple[float, ...] = (
 
 GET_RESULTS = ("hit", "miss", "stale", "coalesced", "local_hit")
 LOAD_RESULTS = ("success", "failure")
-ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error")
+ACQUIRE_RESULTS = ("acquired", "busy", "timeout", "error", "unreplicated")
 RELEASE_RESULTS = ("released", "not_owned", "unconfirmed")
 RENEWAL_RESULTS = ("renewed", "lost")
 
@@ -454,6 +454,11 @@ class PrometheusMetrics:
 
     def cache_error(self, cache: str, operation: str, error: str) -> None:
         self._errors.child(cache, operation, error).inc()
+
+    def cache_bypassed(self, cache: str, result: str, seconds: float) -> None:
+        self._errors.child(cache, "get", "CircuitOpen").inc()
+        self.cache_get(cache, "miss")
+        self._loads.child(cache, result).observe(seconds)
 
     def breaker_state(self, state: int, cache: str | None = None) -> None:
         """Record the circuit breaker state (0 closed, 1 open, 2 half-open).
