@@ -98,6 +98,7 @@ from rcache._serializers import (
 )
 from rcache._slots import DEFAULT_GROUPS, check_groups
 from rcache._tracking import (
+    ClusterReader,
     Tier,
     TrackedReader,
     server_key,
@@ -106,6 +107,7 @@ from rcache._tracking import (
 from rcache._tracking import attach as tracking_attach
 from rcache._tracking import guard_for as tracking_guard
 from rcache._tracking import is_active as tracking_active
+from rcache._tracking import reader_for as tracking_reader
 from rcache._transaction import (
     Script,
     TransactionStats,
@@ -454,7 +456,7 @@ class Cache:
             local if isinstance(local, LocalTier) else LocalTier() if local else None
         )
         self._local_shared: Tier | None = None
-        self._local_reader: TrackedReader | None = None
+        self._local_reader: TrackedReader | ClusterReader | None = None
         self._local_tiers: list[Tier] = []
         self._local_key: Hashable | None = None
         self._local_lock = threading.Lock()
@@ -529,7 +531,7 @@ class Cache:
                 self.metrics,
             )  # fmt: skip
             if self._local_reader is None:
-                self._local_reader = TrackedReader(self._spec, listener.guard)
+                self._local_reader = tracking_reader(self._spec, listener)
             tier = Tier(store, self._local_reader, listener)
             if shared:
                 self._local_shared = tier
