@@ -117,7 +117,9 @@ class RetryPolicy:
     """Retries of transient Redis errors (connection reset, timeout).
 
     Jittered exponential backoff bounded by ``attempts`` and ``max_time`` seconds in total,
-    executed with tenacity. redis-py's own retries are switched off so they cannot add
+    executed with tenacity. A timeout (no reply within the socket timeout) is retried
+    only when the socket timeout is at most ``max_time``: a retry on a hung server
+    would wait as long again. redis-py's own retries are switched off so they cannot add
     seconds per call underneath (cache.md §4: redis-py 8.1 blocked ~4 s per call).
     """
 

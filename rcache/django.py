@@ -53,7 +53,7 @@ from rcache._exceptions import ConfigurationError, SerializationError
 from rcache._flow import AsyncDriver, Command, Run, SyncDriver
 from rcache._lock import Lock
 from rcache._policy import BYPASS, Guard
-from rcache._redis import LuaScript
+from rcache._redis import CLUSTER_SCHEME, SENTINEL_SCHEME, LuaScript
 from rcache._serializers import (
     PickleSerializer,
     Serializer,
@@ -183,7 +183,10 @@ class _Shared:
         self.cache = cache
         self.options = options  # kept alive: the fingerprint holds their ids
         self.incr_script = LuaScript("django_incr")
-        self.key_prefix = cache.keyspace.explicit_prefix
+        # Django keys are explicit keys: on Redis Cluster each lands in its slot group
+        # (KeySpace.explicit), as cache.get/set's do.
+        self.rkey = cache.keyspace.explicit
+        self.cluster = cache.keyspace.groups is not None
 
 
 # One rcache.Cache per configuration: Django builds a backend per thread and, under
@@ -243,10 +246,13 @@ def _location(server: Any) -> str | None:
         raise ConfigurationError(
             f"LOCATION must be a Redis URL string, got {type(server).__name__}"
         )
-    if "," in server or ";" in server:
+    # A Sentinel or Cluster URL lists its seed nodes with commas: one URL all the same.
+    multi = server.split("://", 1)[0].lower() in (SENTINEL_SCHEME, CLUSTER_SCHEME)
+    if not multi and ("," in server or ";" in server):
         raise ConfigurationError(
             "rcache.django.RCacheBackend takes one Redis URL as LOCATION (no replicas "
-            f"list): write LOCATION='redis://host:6379/0', got {server!r}"
+            f"list): write LOCATION='redis://host:6379/0' (Redis Cluster: "
+            f"'redis+cluster://host:7000,host2:7001'), got {server!r}"
         )
     return server or None  # empty: $RCACHE_URL, $REDIS_URL, then the local default
 
@@ -326,7 +332,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         shared = _shared_for(_location(server), options)
         self._shared = shared
         self._cache = shared.cache
-        self._prefix = shared.key_prefix
+        self._explicit = shared.rkey
         self._name = shared.cache.name
         self._policy: BackendErrorPolicy = shared.cache.on_backend_error
 
@@ -359,7 +365,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
 
     def _rkey(self, key: Any, version: int | None) -> str:
         full: str = self.make_and_validate_key(key, version=version)
-        return self._prefix + full
+        return self._explicit(full)
 
     def _dump(self, value: Any, ms: int | None) -> bytes:
         if type(value) is int and _INT64[0] <= value <= _INT64[1]:
@@ -405,6 +411,13 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
             if value is not _MISSING:
                 out[key] = value
         return out
+
+    def _mget_op(self, full: list[str]) -> Callable[[Any], Any]:
+        # On a cluster the keys span slots: redis-py reads one MGET per slot, pipelined
+        # per node (not atomic across slots; Django's get_many never was atomic).
+        if self._shared.cluster:
+            return lambda c: c.mget_nonatomic(full)
+        return lambda c: c.mget(full)
 
     @staticmethod
     def _incr_result(key: Any, reply: Any) -> int:
@@ -566,7 +579,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         if not keys:
             return {}
         full = [self._rkey(k, version) for k in keys]
-        return self._many(keys, self._run("get", lambda c: c.mget(full)))
+        return self._many(keys, self._run("get", self._mget_op(full)))
 
     async def aget_many(
         self, keys: Iterable[Any], version: int | None = None
@@ -576,7 +589,7 @@ class RCacheBackend(BaseCache):  # type: ignore[misc]  # Django ships no type hi
         if not keys:
             return {}
         full = [self._rkey(k, version) for k in keys]
-        return self._many(keys, await self._arun("get", lambda c: c.mget(full)))
+        return self._many(keys, await self._arun("get", self._mget_op(full)))
 
     def set_many(
         self,

@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--serializer", choices=("json", "pickle"), default="json")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--prefix", default="rcache")
     args = parser.parse_args()
 
     sys.path[:0] = [str(args.tests_dir), str(HERE)]
@@ -47,7 +48,12 @@ def main() -> int:
     params: dict[str, Any] = {
         "BACKEND": backend,
         "LOCATION": args.url,
-        "OPTIONS": {"serializer": args.serializer, "on_backend_error": "raise"},
+        "OPTIONS": {
+            "serializer": args.serializer,
+            "on_backend_error": "raise",
+            # runs sharing a server (the cluster has one database) keep apart
+            "prefix": args.prefix,
+        },
     }
     settings.configure(
         SECRET_KEY="rcache-django-suite-" + "k" * 40,

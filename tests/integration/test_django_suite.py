@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from rcache.testing import RedisServer
+from rcache.testing import RedisCluster, RedisServer
 
 django = pytest.importorskip("django")  # the dev group installs it: never skipped in CI
 
@@ -35,10 +35,13 @@ sys.path.insert(0, str(SUITE))
 from skips import for_run  # noqa: E402
 
 RUNS = [
-    ("sync", "json"),
-    ("sync", "pickle"),
-    ("async", "json"),
-    ("async", "pickle"),
+    ("sync", "json", "single"),
+    ("sync", "pickle", "single"),
+    ("async", "json", "single"),
+    ("async", "pickle", "single"),
+    # the same bar on the session Redis Cluster (keys in slot groups, get_many split)
+    ("sync", "pickle", "cluster"),
+    ("async", "json", "cluster"),
 ]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -94,23 +97,29 @@ def _sdist_tests(version: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def suite_runs() -> Iterator[dict[tuple[str, str], Any]]:
-    """Start the four runs at once (they mostly sleep in Django's expiry tests)."""
+def suite_runs(redis_cluster: RedisCluster) -> Iterator[dict[tuple[str, ...], Any]]:
+    """Start the runs at once (they mostly sleep in Django's expiry tests)."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not on PATH: run ./scripts/test", pytrace=False)
     tests_dir = _sdist_tests(django.__version__)
     out = Path(tempfile.mkdtemp(prefix="rcache-django-suite-"))
     with RedisServer() as server:
         procs = {}
-        for db, (mode, serializer) in enumerate(RUNS, start=1):
-            report = out / f"{mode}-{serializer}.json"
+        for db, (mode, serializer, topology) in enumerate(RUNS, start=1):
+            name = f"{mode}-{serializer}-{topology}"
+            report = out / f"{name}.json"
+            url = f"redis://127.0.0.1:{server.port}/{db}"
+            if topology == "cluster":  # one database there: a prefix per run instead
+                url = redis_cluster.url
             cmd = [
                 sys.executable,
                 str(SUITE / "run_suite.py"),
                 "--tests-dir",
                 str(tests_dir),
                 "--url",
-                f"redis://127.0.0.1:{server.port}/{db}",
+                url,
+                "--prefix",
+                name,
                 "--mode",
                 mode,
                 "--serializer",
@@ -118,13 +127,13 @@ def suite_runs() -> Iterator[dict[tuple[str, str], Any]]:
                 "--out",
                 str(report),
             ]
-            log = (out / f"{mode}-{serializer}.log").open("w")
-            procs[mode, serializer] = (
+            log = (out / f"{name}.log").open("w")
+            procs[mode, serializer, topology] = (
                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
                 report,
                 log,
             )
-        results: dict[tuple[str, str], Any] = {}
+        results: dict[tuple[str, ...], Any] = {}
         for key, (proc, report, log) in procs.items():
             try:
                 code = proc.wait(timeout=240)
@@ -140,11 +149,11 @@ def suite_runs() -> Iterator[dict[tuple[str, str], Any]]:
     shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.mark.parametrize(("mode", "serializer"), RUNS)
+@pytest.mark.parametrize(("mode", "serializer", "topology"), RUNS)
 def test_django_cache_suite_passes(
-    suite_runs: dict[tuple[str, str], Any], mode: str, serializer: str
+    suite_runs: dict[tuple[str, ...], Any], mode: str, serializer: str, topology: str
 ) -> None:
-    code, report, output = suite_runs[mode, serializer]
+    code, report, output = suite_runs[mode, serializer, topology]
     assert report is not None, output[-4000:]
     assert report["django"] == django.__version__
     problems = {**report["failures"], **report["errors"]}

@@ -176,9 +176,9 @@ def test_a_refused_server_is_retried_then_unavailable(
     calls = []
     real = _redis._retry_options
 
-    def counting(policy: Any) -> Any:
+    def counting(policy: Any, client: Any) -> Any:
         calls.append(policy)
-        return real(policy)
+        return real(policy, client)
 
     monkeypatch.setattr(_redis, "_retry_options", counting)
     with pytest.raises(rcache.BackendUnavailableError):

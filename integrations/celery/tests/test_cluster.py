@@ -8,12 +8,14 @@ keep their keys in one slot (hash tags), and a cached function warms there too.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import WorkerLostError
 from rcc_helpers import Worker, eventually, runs
 
 from rcache.testing import RedisCluster, RedisServer
@@ -138,3 +140,23 @@ def test_the_worker_warms_a_cached_function_on_the_cluster(
     )
     assert ns_cluster.top_products("books") == ["books", computed]  # a hit...
     assert int(r.get("computed:books") or 0) == computed  # ...computed by the worker
+
+
+def test_sigkill_of_the_child_frees_the_key_on_the_cluster(
+    ns_cluster: SimpleNamespace,
+    worker_cluster: Any,
+    cluster: RedisCluster,
+    r: redis.Redis,
+    token: str,
+) -> None:
+    """Crash safety on the cluster: the worker's main process releases the guard of a
+    child that was SIGKILLed mid-task (test_recovery.py's first test, on the cluster)."""
+    key = str(ns_cluster.suicide._guard_key((token,), {}))
+    res = ns_cluster.suicide.delay(token)
+    assert _on_cluster(cluster, key)  # taken at enqueue, on the cluster
+    eventually(lambda: runs(r, token) == 1, message="the task ran")
+    killed = time.monotonic()  # the task SIGKILLs itself right after its INCR
+    eventually(lambda: not _on_cluster(cluster, key), timeout=5, message="released")
+    assert time.monotonic() - killed < 1.0  # the lease (lock_ttl=30) did not expire
+    with pytest.raises(WorkerLostError):
+        res.get(timeout=20, propagate=True)
