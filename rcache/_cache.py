@@ -184,8 +184,9 @@ class Cache:
     :param local: the local (in-process) tier by default for :meth:`get` and
         ``@cache.cached``: ``True`` or a :class:`LocalTier` with its bounds. Hits are
         served from process memory, dropped by Redis's invalidation messages when any
-        client writes (README "The local tier"). Default off; ``get(key, local=...)``
-        and ``cached(local=...)`` choose per call site.
+        client writes (README "The local tier"; on Redis Cluster a listener per
+        primary). Default off; ``get(key, local=...)`` and ``cached(local=...)``
+        choose per call site.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
