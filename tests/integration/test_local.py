@@ -950,9 +950,31 @@ def _primary_of(replica: RedisServer) -> int:
         client.close()
 
 
-def test_a_cluster_failover_flushes_and_invalidations_work_after() -> None:
+def _follows(cache: rcache.Cache, cluster: RedisCluster, key: str, value: Any) -> None:
+    """The tier's listeners are the cluster's primaries now, and a write from another
+    client to ``key`` (wherever it lives now) drops it."""
+    tier = tier_of(cache)
+    listeners = _listeners(tier)
+    primaries = {f"127.0.0.1:{n.port}" for n in cluster.primaries()}
+    wait_until(lambda: set(listeners.listeners) == primaries, timeout=5)
+    wait_until(listeners.guard.ready.is_set, timeout=5)
+    serving = listeners.listener_of(rkey(cache, key))
+    assert serving is not None
+    assert serving.node == f"127.0.0.1:{cluster.node_for(rkey(cache, key)).port}"
+    cache.set(key, value)
+    warm(cache, key, value)
+    writer = cluster.client()
+    writer.set(rkey(cache, key), envelope("written"))  # on the new primary
+    writer.close()
+    dropped_within(tier, key, 1)
+    assert cache.get(key) == "written"
+
+
+def test_cluster_failovers_flush_and_invalidations_work_after() -> None:
+    """A graceful CLUSTER FAILOVER (seen by the slot map check), then a SIGKILLed
+    primary (its listener's EOF flushes at once; the promoted replica is followed)."""
     # its own cluster: the session's keeps its topology for the other tests
-    with RedisCluster(primaries=2, replicas=1) as cluster:
+    with RedisCluster() as cluster:  # 3 primaries: a majority votes when one dies
         cache = rcache.Cache(cluster.url, prefix="test", ttl=60, local=True)
         try:
             tier = tier_of(cache)
@@ -969,18 +991,17 @@ def test_a_cluster_failover_flushes_and_invalidations_work_after() -> None:
             wait_until(
                 lambda: listeners.guard.flushes.get("topology", 0) >= 1, timeout=5
             )
-            primaries = {f"127.0.0.1:{n.port}" for n in cluster.primaries()}
-            wait_until(lambda: set(listeners.listeners) == primaries, timeout=5)
-            wait_until(listeners.guard.ready.is_set, timeout=5)
-            assert listeners.listener_of(rkey(cache, key)).node == (  # type: ignore[union-attr]
-                f"127.0.0.1:{replica.port}"
-            )
-            cache.set(key, "after")
-            warm(cache, key, "after")
-            writer = cluster.client()
-            writer.set(rkey(cache, key), envelope("written"))  # on the new primary
-            writer.close()
-            dropped_within(tier, key, 1)
-            assert cache.get(key) == "written"
+            _follows(cache, cluster, key, "after")
+            assert cluster.node_for(rkey(cache, key)).port == replica.port
+
+            # the other primary (it has a replica still) dies
+            other = next(k for p, k in keys.items() if p != port)
+            warm(cache, other, "before")
+            disconnects = listeners.guard.flushes.get("disconnect", 0)
+            victim = cluster.kill_primary(cluster.node_for(rkey(cache, other)))
+            wait_until(lambda: len(tier.store) == 0, timeout=2)  # at once: its EOF
+            assert listeners.guard.flushes.get("disconnect", 0) > disconnects
+            cluster.wait_promoted(victim)
+            _follows(cache, cluster, other, "after")
         finally:
             cache.close()
