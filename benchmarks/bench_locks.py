@@ -5,7 +5,12 @@ prints, for every implementation:
 
 1. uncontended acquire + release: median latency and its ratio to two raw GETs
    (issue 13 target for rcache's acquire/release: <= 1.10x; acquire and release are one
-   round trip each), printed with PASS/FAIL beside the peers' ratios of the same run;
+   round trip each), printed with PASS/FAIL beside the peers' ratios of the same run,
+   and floor rows sent with redis-py's plain client: two EVALSHA of ``return 1`` (what
+   any script costs), redis-py Lock's commands (SET NX PX, EVALSHA of its release) and
+   rcache's own two scripts (EVALSHA lock_acquire + lock_release, no rcache Python):
+   the last is what rcache's lock cannot go below with its scripts. Subjects are
+   interleaved in slices of 50, every one once per round in a rotating order;
 2. hand-off latency with one waiter: a holder process releases, a waiter process that
    is already blocked acquires; p50/p99 of (acquired - released) on the system-wide
    monotonic clock (target p50 <= 3 ms);
@@ -54,6 +59,24 @@ IMPLS = [
     "pottery Redlock",
 ]
 TTL = 10
+#: iterations per subject per round of section 1 (see uncontended)
+_SLICE = 50
+#: Server-side floors, run with redis-py's plain client (no lock library's Python): what
+#: the scripts cost the server here, beside the target's two GETs.
+FLOORS = [
+    "raw 2x EVALSHA (return 1)",
+    "raw SET NX PX + EVALSHA release (redis-py Lock's commands)",
+    "raw EVALSHA lock_acquire + lock_release (rcache's scripts)",
+]
+#: redis-py Lock's release script (redis/lock.py LUA_RELEASE_SCRIPT, same calls)
+_RELEASE_LUA = """
+local token = redis.call('get', KEYS[1])
+if not token or token ~= ARGV[1] then
+    return 0
+end
+redis.call('del', KEYS[1])
+return 1
+"""
 #: issue 13: uncontended acquire + release <= 1.10x two GETs
 TARGET_IMPL, TARGET_RATIO = "rcache (acquire/release)", 1.10
 
@@ -104,32 +127,78 @@ def make(impl: str, url: str, name: str) -> tuple[Callable[[], Any], Callable[[]
 # -- 1. uncontended ---------------------------------------------------------------------
 
 
+def floors(
+    client: redis.Redis,
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """(acquire, release) of each of FLOORS: EVALSHA straight from redis-py."""
+    from rcache._lock import _GRACE_MS, _LOCK_ACQUIRE, _LOCK_RELEASE, _SIGNAL_MS, Try
+
+    one = client.script_load("return 1")
+    release = client.script_load(_RELEASE_LUA)
+    acquire_sha = client.script_load(_LOCK_ACQUIRE.lua.source)
+    release_sha = client.script_load(_LOCK_RELEASE.lua.source)
+    # the keys and arguments rcache's Lock sends for an uncontended acquire/release
+    base = "bench:floor:l:{x}"
+    keys = [base, f"{base}:fence", f"{base}:w", f"{base}:h"]
+    signal = f"{base}:signal"
+    ms = TTL * 1000
+    return {
+        FLOORS[0]: (lambda: client.evalsha(one, 0), lambda: client.evalsha(one, 0)),
+        FLOORS[1]: (
+            lambda: client.set("bench:floor:r", "t", nx=True, px=ms),
+            lambda: client.evalsha(release, 1, "bench:floor:r", "t"),
+        ),
+        FLOORS[2]: (
+            # the last argument, the waiters marker's lifetime, is read only when busy
+            lambda: client.evalsha(acquire_sha, 4, *keys, "t", ms, Try.FIRST, 31000),
+            lambda: client.evalsha(
+                release_sha, 4, base, signal, keys[2], keys[3], "t", _SIGNAL_MS, 1,
+                _GRACE_MS,
+            ),
+        ),
+    }  # fmt: skip
+
+
 def uncontended(url: str, iterations: int, reps: int) -> dict[str, float]:
     """Median seconds per acquire+release (and per two GETs, key 'raw 2x GET')."""
-    samples: dict[str, list[float]] = {impl: [] for impl in [*IMPLS, "raw 2x GET"]}
+    samples: dict[str, list[float]] = {
+        impl: [] for impl in [*IMPLS, *FLOORS, "raw 2x GET"]
+    }
     client = redis.Redis.from_url(url)
     client.set("bench:raw", b"x")
     ops: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
         impl: make(impl, url, f"u:{i}") for i, impl in enumerate(IMPLS)
     }
+    ops.update(floors(redis.Redis.from_url(url)))
     ops["raw 2x GET"] = (
         lambda: client.get("bench:raw"),
         lambda: client.get("bench:raw"),
     )
+    for acquire, release in ops.values():
+        for _ in range(50):  # warm up: connections, script cache
+            acquire()
+            release()
+    # Interleaved in slices of _SLICE iterations, every subject once per round in a
+    # rotating order: the machine's load (2 shared CPUs) moves within seconds, and a
+    # subject timed in one block of a rep took whatever load that moment had.
+    names = list(ops)
     for rep in range(reps):
-        order = list(ops) if rep % 2 == 0 else list(reversed(ops))
-        for impl in order:
-            acquire, release = ops[impl]
-            for _ in range(50):  # warm up: connections, script cache
-                acquire()
-                release()
-            times = []
-            for _ in range(iterations):
-                t0 = time.perf_counter()
-                acquire()
-                release()
-                times.append(time.perf_counter() - t0)
-            samples[impl].append(statistics.median(times))
+        times: dict[str, list[float]] = {impl: [] for impl in names}
+        for round_ in range(max(1, iterations // _SLICE)):
+            shift = (rep + round_) % len(names)
+            order = names[shift:] + names[:shift]
+            if round_ % 2:
+                order.reverse()
+            for impl in order:
+                acquire, release = ops[impl]
+                out = times[impl]
+                for _ in range(_SLICE):
+                    t0 = time.perf_counter()
+                    acquire()
+                    release()
+                    out.append(time.perf_counter() - t0)
+        for impl in names:
+            samples[impl].append(statistics.median(times[impl]))
     return {impl: statistics.median(v) for impl, v in samples.items()}
 
 
@@ -279,7 +348,7 @@ def main() -> None:
         raw = lat["raw 2x GET"]
         rows = [
             [impl, f"{lat[impl] * 1e6:.0f}", f"{lat[impl] / raw:.2f}"]
-            for impl in [*IMPLS, "raw 2x GET"]
+            for impl in [*IMPLS, *FLOORS, "raw 2x GET"]
         ]
         print(
             f"1. Uncontended acquire + release (median of {args.reps} medians of "
@@ -291,7 +360,7 @@ def main() -> None:
             ratio = lat[TARGET_IMPL] / raw
             peers = ", ".join(
                 f"{impl} {lat[impl] / raw:.2f}x"
-                for impl in IMPLS
+                for impl in [*IMPLS, *FLOORS]
                 if not impl.startswith("rcache")
             )
             print(f"Issue 13 target (this run; {load_note()})")

@@ -44,6 +44,7 @@ from rcache._freshness import FRESH, Freshness
 from rcache._keys import KeyBuilder, Template
 from rcache._leases import KeyLeases
 from rcache._local import MISSING, Token, args_key
+from rcache._metrics import bypass_counter, untimed_bypass
 from rcache._policy import BYPASS, Guard
 from rcache._readthrough import (
     Call,
@@ -245,6 +246,10 @@ class CachedSpec:
             typed=self.typed,
         )
         cache.metrics.register_cache(name)
+        #: the breaker-open call: raise (counted) before the function, or count after it
+        self.fails_closed = policy == "raise"
+        self.bypassed = bypass_counter(cache.metrics)
+        self.bypassed_ok = untimed_bypass(cache.metrics, name)
         # Cache.configure() closed the Cache's tiers: make this function's again
         self.local, self.local_ready = None, False
 
@@ -501,15 +506,19 @@ class SyncCached(_Base):
                     return value
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
             # written out, calls counted: this path has a budget of 2.5 us
-            rt = spec.rt
-            metrics = rt.skipped()
+            if spec.fails_closed:
+                spec.rt.skipped()  # counted, raises BackendUnavailableError
             start = perf_counter()
             try:
                 value = spec.fn(*args, **kwargs)
             except BaseException:
-                metrics.cache_load(rt.name, "failure", perf_counter() - start)
+                spec.bypassed(spec.name, "failure", perf_counter() - start)
                 raise
-            metrics.cache_load(rt.name, "success", perf_counter() - start)
+            counted = spec.bypassed_ok  # one C call where the sink keeps no durations
+            if counted is not None:
+                counted()
+            else:
+                spec.bypassed(spec.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs, key)
@@ -662,15 +671,19 @@ class AsyncCached(_Base):
                     return value
         if spec.cache.breaker.blocked():  # outage: skip key building and Redis entirely
             # written out, calls counted: this path has a budget of 2.5 us
-            rt = spec.rt
-            metrics = rt.skipped()
+            if spec.fails_closed:
+                spec.rt.skipped()  # counted, raises BackendUnavailableError
             start = perf_counter()
             try:
                 value = await spec.fn(*args, **kwargs)
             except BaseException:
-                metrics.cache_load(rt.name, "failure", perf_counter() - start)
+                spec.bypassed(spec.name, "failure", perf_counter() - start)
                 raise
-            metrics.cache_load(rt.name, "success", perf_counter() - start)
+            counted = spec.bypassed_ok  # one C call where the sink keeps no durations
+            if counted is not None:
+                counted()
+            else:
+                spec.bypassed(spec.name, "success", perf_counter() - start)
             return value
         key = spec.keys.build(args, kwargs)
         stamp_keys = spec.stamp_keys(args, kwargs, key)

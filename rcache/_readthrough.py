@@ -495,14 +495,11 @@ class ReadThrough(_Reader):
         result = leader if leader in ("hit", "stale") else "coalesced"
         self.host.metrics.cache_get(self.name, result)
 
-    def skipped(self) -> MetricsSink:
-        """Count a call made while the breaker is open (raises under "raise"); returns
-        the sink, where the caller counts its computation."""
-        host = self.host
-        host._failures.skipped(self.get)
-        metrics = host.metrics
-        metrics.cache_get(self.name, "miss")
-        return metrics
+    def skipped(self) -> None:
+        """A call made while the breaker is open, under ``on_backend_error="raise"``:
+        counted, then BackendUnavailableError. (Under "bypass" the wrappers count the
+        call with ``cache_bypassed`` when the function returns.)"""
+        self.host._failures.skipped(self.get)
 
     def detached(self, flight: Flight | None) -> bool:
         """Was this computation detached by an invalidation (then it must not store)?

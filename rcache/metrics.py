@@ -456,6 +456,11 @@ class PrometheusMetrics:
     def cache_error(self, cache: str, operation: str, error: str) -> None:
         self._errors.child(cache, operation, error).inc()
 
+    def cache_bypassed(self, cache: str, result: str, seconds: float) -> None:
+        self._errors.child(cache, "get", "CircuitOpen").inc()
+        self.cache_get(cache, "miss")
+        self._loads.child(cache, result).observe(seconds)
+
     def breaker_state(self, state: int, cache: str | None = None) -> None:
         """Record the circuit breaker state (0 closed, 1 open, 2 half-open).
 

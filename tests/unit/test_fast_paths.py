@@ -19,6 +19,7 @@ import pytest
 
 from rcache import JsonSerializer, MsgpackSerializer, _serializers
 from rcache._keys import KeyBuilder
+from rcache._metrics import InMemoryMetrics, bypass_counter, untimed_bypass
 from rcache._serializers import _encode_tree, _object_hook
 
 # -- keys -------------------------------------------------------------------------------
@@ -232,6 +233,82 @@ def test_in_memory_counts_stay_exact_across_threads(
     for t in threads:
         t.join()
     assert m.count("cache_gets", "f", "hit") == 160_000
+
+
+class _Recorder:
+    """A sink with the three event methods only (no cache_bypassed)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+
+    def cache_error(self, cache: str, operation: str, error: str) -> None:
+        self.events.append(("cache_error", cache, operation, error))
+
+    def cache_get(self, cache: str, result: str) -> None:
+        self.events.append(("cache_get", cache, result))
+
+    def cache_load(self, cache: str, result: str, seconds: float) -> None:
+        self.events.append(("cache_load", cache, result, seconds))
+
+
+class _OwnBypass(InMemoryMetrics):
+    """Overrides cache_bypassed: its own method must be called (no C shortcut)."""
+
+    def cache_bypassed(self, cache: str, result: str, seconds: float) -> None:
+        self.cache_error(cache, "get", "CircuitOpen")
+        self.cache_get(cache, "miss")
+        self.cache_load(cache, result, seconds)
+        self.counts[("own", cache)] += 1
+
+
+@pytest.mark.parametrize(
+    "sink", ["memory", "memory, untimed", "subclass", "prometheus", "three calls"]
+)
+def test_a_bypassed_call_counts_what_its_three_events_count(sink: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from rcache.metrics import PrometheusMetrics
+
+    def sinks() -> Any:
+        if sink.startswith("memory"):
+            return InMemoryMetrics()
+        if sink == "subclass":
+            return _OwnBypass()
+        if sink == "prometheus":
+            return PrometheusMetrics(registry=CollectorRegistry())
+        return _Recorder()
+
+    def state(m: Any) -> Any:
+        if isinstance(m, InMemoryMetrics):
+            return dict(m.counts)
+        if isinstance(m, _Recorder):
+            return m.events
+        samples = (s for f in m.registry.collect() for s in f.samples)
+        # every series but its creation time
+        return [
+            (s.name, s.labels, s.value) for s in samples if "_created" not in s.name
+        ]
+
+    combined, separate = sinks(), sinks()
+    for name, result, seconds in [
+        ("f", "success", 0.5),
+        ("g", "failure", 2.0),
+        ("f", "failure", 0.25),
+        ("f", "success", 1.0),
+    ]:
+        untimed = untimed_bypass(combined, name)
+        assert (untimed is not None) == sink.startswith("memory")
+        if sink == "memory, untimed" and result == "success":
+            untimed()  # type: ignore[misc]
+        else:
+            bypass_counter(combined)(name, result, seconds)
+        if sink == "subclass":
+            separate.counts[("own", name)] += 1
+        separate.cache_error(name, "get", "CircuitOpen")
+        separate.cache_get(name, "miss")
+        separate.cache_load(name, result, seconds)
+    assert state(combined) == state(separate)
+    assert state(combined)  # something was counted
 
 
 # -- templates ----------------------------------------------------------------------------
