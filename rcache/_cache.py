@@ -98,6 +98,7 @@ from rcache._serializers import (
 )
 from rcache._slots import DEFAULT_GROUPS, check_groups
 from rcache._tracking import (
+    ClusterReader,
     Tier,
     TrackedReader,
     server_key,
@@ -106,6 +107,7 @@ from rcache._tracking import (
 from rcache._tracking import attach as tracking_attach
 from rcache._tracking import guard_for as tracking_guard
 from rcache._tracking import is_active as tracking_active
+from rcache._tracking import reader_for as tracking_reader
 from rcache._transaction import (
     Script,
     TransactionStats,
@@ -182,8 +184,9 @@ class Cache:
     :param local: the local (in-process) tier by default for :meth:`get` and
         ``@cache.cached``: ``True`` or a :class:`LocalTier` with its bounds. Hits are
         served from process memory, dropped by Redis's invalidation messages when any
-        client writes (README "The local tier"). Default off; ``get(key, local=...)``
-        and ``cached(local=...)`` choose per call site.
+        client writes (README "The local tier"; on Redis Cluster a listener per
+        primary). Default off; ``get(key, local=...)`` and ``cached(local=...)``
+        choose per call site.
 
     Nothing connects until the first operation; sync clients are made lazily in the
     process that uses them, async clients once per event loop.
@@ -454,7 +457,7 @@ class Cache:
             local if isinstance(local, LocalTier) else LocalTier() if local else None
         )
         self._local_shared: Tier | None = None
-        self._local_reader: TrackedReader | None = None
+        self._local_reader: TrackedReader | ClusterReader | None = None
         self._local_tiers: list[Tier] = []
         self._local_key: Hashable | None = None
         self._local_lock = threading.Lock()
@@ -529,7 +532,7 @@ class Cache:
                 self.metrics,
             )  # fmt: skip
             if self._local_reader is None:
-                self._local_reader = TrackedReader(self._spec, listener.guard)
+                self._local_reader = tracking_reader(self._spec, listener)
             tier = Tier(store, self._local_reader, listener)
             if shared:
                 self._local_shared = tier

@@ -15,12 +15,14 @@ module is pure: no IO, no threads; the listener calls into it.
   an invalidation; dropping every entry of the function then would empty the tier at
   each miss. One re-read puts the (unchanged, never reused) stamp value back and the
   other entries are valid again.
-* :class:`Invalidations` is the sequence guard of one Redis server, shared by every
-  store reading from it. A read takes a :class:`Token` before it is sent; its reply is
+* :class:`Invalidations` is the sequence guard of one Redis server (or of one Redis
+  Cluster: one guard fed by a listener per primary), shared by every store reading
+  from it. A read takes a :class:`Token` before it is sent; its reply is
   stored only if none of its keys was invalidated while it was in flight and the epoch
   did not change. The epoch moves on every event after which no invalidation can be
   trusted to have arrived: the listener (re)connected or disconnected, a FLUSHALL or
-  FLUSHDB (a null invalidation), a fork; the stores are flushed then.
+  FLUSHDB (a null invalidation), a fork; on a cluster also any one node's listener
+  event and a change of the slot map; the stores are flushed then.
 
 Why a guard (race, measured in ``benchmarks/bench_local.py`` and tested): a reader gets
 the old value from Redis, a writer replaces it, the invalidation reaches the listener,
@@ -133,19 +135,26 @@ def resolve_local(value: object, what: str = "local") -> LocalTier | bool | None
 
 
 class Token:
-    """A read in flight: the guard's sequence number and epoch when it began, and the
-    Redis keys it reads. ``ok`` turns False if the read could not be tracked (its
-    connection could not be redirected to the listener)."""
+    """A read in flight: the guard's sequence number and epoch when it began, the
+    Redis keys it reads, and the node it goes to with that node's listener id.
+    ``ok`` turns False if the read could not be tracked (its connection could not be
+    redirected to the listener)."""
 
-    __slots__ = ("client_id", "epoch", "keys", "ok", "seq")
+    __slots__ = ("client_id", "epoch", "keys", "node", "ok", "seq")
 
     def __init__(
-        self, seq: int, epoch: int, client_id: int | None, keys: tuple[bytes, ...]
+        self,
+        seq: int,
+        epoch: int,
+        client_id: int | None,
+        keys: tuple[bytes, ...],
+        node: Hashable = None,
     ) -> None:
         self.seq = seq
         self.epoch = epoch
         self.client_id = client_id
         self.keys = keys
+        self.node = node
         self.ok = client_id is not None
 
 
@@ -159,7 +168,11 @@ def _no_demand() -> None:
 
 
 class Invalidations:
-    """The sequence guard and the stores of one Redis server (one listener).
+    """The sequence guard and the stores of one Redis server (one listener), or of one
+    Redis Cluster (a listener per primary, each a *node*: the single server's node is
+    None). On a cluster every node's event moves the one epoch: the whole tier is
+    flushed, not only what that node served (simplest, and a cluster's listeners
+    reconnect rarely).
 
     Fed by the listener thread (:meth:`invalidate`, :meth:`flush`, :meth:`connected`,
     :meth:`disconnected`) and by this process's own writes (:meth:`invalidate` too, so
@@ -171,9 +184,14 @@ class Invalidations:
     def __init__(self, last_max: int = LAST_MAX) -> None:
         self.lock = threading.Lock()
         self.seq = 0
-        #: (epoch, listener client id or None while not subscribed), replaced as a
-        #: whole so that a reader sees a consistent pair without the lock
-        self.state: tuple[int, int | None] = (0, None)
+        #: (epoch, {node: its listener's client id, while subscribed}), replaced as
+        #: a whole so that a reader sees a consistent pair without the lock
+        self.state: tuple[int, dict[Hashable, int]] = (0, {})
+        #: the nodes with a listener (ready when each is subscribed)
+        self._links: set[Hashable] = set()
+        #: on a cluster: a read's first key -> the node serving its slot (None while
+        #: the slot map is unknown: the read is not tracked)
+        self.route: Callable[[bytes], Hashable] | None = None
         self.floor = 0
         # invalidated key -> seq, oldest first (an OrderedDict: a plain dict popped from
         # the front scans its deleted slots, O(n) a pop)
@@ -186,7 +204,7 @@ class Invalidations:
         self._live: tuple[weakref.ref[LocalStore], ...] = ()
         #: set by the listener: start (or wake) it when a read finds it down
         self.demand: Callable[[], None] = _no_demand
-        #: set while the listener is subscribed (tests and benchmarks wait on it)
+        #: set while every listener is subscribed (tests and benchmarks wait on it)
         self.ready = threading.Event()
         #: invalidated keys received and flushes, by reason (observability, tests)
         self.received = 0
@@ -220,10 +238,14 @@ class Invalidations:
 
     def begin(self, keys: Iterable[str | bytes]) -> Token:
         """Take a token before sending a read of ``keys``."""
-        epoch, client_id = self.state
+        epoch, ids = self.state
+        encoded = _encode(keys)
+        route = self.route
+        node = None if route is None else route(encoded[0])
+        client_id = ids.get(node)
         if client_id is None:
             self.demand()
-        return Token(self.seq, epoch, client_id, _encode(keys))
+        return Token(self.seq, epoch, client_id, encoded, node)
 
     def admit(self, token: Token) -> bool:
         """May ``token``'s reply be stored? Call under :attr:`lock`."""
@@ -266,32 +288,53 @@ class Invalidations:
 
     def flush(self, reason: str) -> None:
         """No invalidation can be trusted to have arrived (``reason``: ``flushall``,
-        ``disconnect``, ``reconnect``, ``fork``, ``clear``): empty every store and
+        ``disconnect``, ``reconnect``, ``fork``, ``clear``, ``topology``: a cluster's
+        slot map changed or a read met MOVED/ASK): empty every store and
         refuse every read in flight."""
-        self._new_epoch(reason, keep_client=True)
+        self._new_epoch(reason)
 
-    def connected(self, client_id: int, *, first: bool = False) -> None:
-        """The listener is subscribed as ``client_id``: reads may store again. Reads
-        that began before are refused (their redirect went elsewhere). ``first``: the
-        listener's first connection (nothing to flush, nothing counted)."""
-        self._new_epoch(None if first else "reconnect", client_id=client_id)
-        self.ready.set()
+    def link(self, node: Hashable = None) -> None:
+        """A listener feeds this guard for ``node`` from now on."""
+        with self.lock:
+            self._links.add(node)
+            self.ready.clear()
 
-    def disconnected(self) -> None:
-        """The listener lost its connection: invalidations may have been lost."""
+    def unlink(self, node: Hashable) -> None:
+        """``node``'s listener is gone for good (no longer a primary)."""
+        with self.lock:
+            self._links.discard(node)
+            if self._links <= self.state[1].keys():
+                self.ready.set()
+
+    def client_id(self, node: Hashable = None) -> int | None:
+        """``node``'s listener id while it is subscribed."""
+        return self.state[1].get(node)
+
+    def connected(
+        self, client_id: int, *, first: bool = False, node: Hashable = None
+    ) -> None:
+        """``node``'s listener is subscribed as ``client_id``: reads may store again.
+        Reads that began before are refused (their redirect went elsewhere).
+        ``first``: the listener's first connection (nothing to flush, nothing
+        counted)."""
+        ids = {**self.state[1], node: client_id}
+        self._new_epoch(None if first else "reconnect", ids)
+        if self._links <= ids.keys():
+            self.ready.set()
+
+    def disconnected(self, node: Hashable = None) -> None:
+        """``node``'s listener lost its connection: invalidations may have been
+        lost."""
         self.ready.clear()
-        self._new_epoch("disconnect", client_id=None)
+        ids = {k: v for k, v in self.state[1].items() if k != node}
+        self._new_epoch("disconnect", ids)
 
     def _new_epoch(
-        self,
-        reason: str | None,
-        *,
-        client_id: int | None = None,
-        keep_client: bool = False,
+        self, reason: str | None, ids: dict[Hashable, int] | None = None
     ) -> None:
         with self.lock:
             epoch, current = self.state
-            self.state = (epoch + 1, current if keep_client else client_id)
+            self.state = (epoch + 1, current if ids is None else ids)
             self.floor = self.seq  # tokens of the old epoch are refused anyway
             self._last.clear()
             stores = self.stores
@@ -337,7 +380,7 @@ class Invalidations:
         """In a forked child: start empty, with no listener (it is the parent's)."""
         self.lock = threading.Lock()
         self.ready = threading.Event()
-        self.state = (self.state[0] + 1, None)
+        self.state = (self.state[0] + 1, {})
         self.floor = self.seq
         self._last = OrderedDict()
         self.stamp_values.clear()

@@ -90,7 +90,8 @@ class MetricsSink(Protocol):
     def local_flush(self, cache: str, reason: str) -> None:
         """The local tier of ``cache`` was emptied: ``reason`` is ``disconnect`` (the
         listener lost its connection: a restart, a kill, a network fault),
-        ``reconnect``, ``flushall`` (FLUSHALL/FLUSHDB), ``fork`` or ``clear``."""
+        ``reconnect``, ``flushall`` (FLUSHALL/FLUSHDB), ``fork``, ``clear`` or
+        ``topology`` (Redis Cluster: the slot map changed, or a read met MOVED/ASK)."""
 
     def local_entries(self, cache: str, entries: int) -> None:
         """The local tier of ``cache`` holds ``entries`` entries now."""

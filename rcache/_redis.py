@@ -511,6 +511,8 @@ class ClientSpec:
         self._user_sentinel = client is not None and _sentinel_pool(client) is not None
         self._multi: tuple[str, MultiHostURL | None] | None = None
         self._fake_server: Any = None
+        #: what :meth:`describe` says of a user client (else ``"client"``)
+        self.label: str | None = None
 
     @property
     def url(self) -> str | None:
@@ -723,6 +725,11 @@ class ClientSpec:
                 {**kwargs, "retry": retry},
             )
         kwargs = _async_kwargs(client.connection_pool.connection_kwargs)
+        # a sync pool made with them off does not list them: off here too (see
+        # __init__; and a RESP2 twin, as the local tier's, refuses them on)
+        maint = self.options.get("maint_notifications_config")
+        if maint is not None:
+            kwargs.setdefault("maint_notifications_config", maint)
         return redis.asyncio.Redis(**kwargs, retry=retry)
 
     @staticmethod
@@ -749,7 +756,7 @@ class ClientSpec:
     def describe(self) -> str:
         if self.url is not None:
             return _redact(self.url)
-        return "client"
+        return self.label or "client"
 
 
 def connection_kwargs(client: Any) -> Mapping[str, Any]:

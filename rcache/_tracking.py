@@ -23,8 +23,19 @@
   Nothing happens at import time. A forked child starts with an empty tier and no
   listener; the first read there connects its own.
 
-Redis Cluster (one listener per primary) is not supported yet; ``memory://`` has no
-server to track with: the tier stays off there.
+* **Redis Cluster** (:class:`ClusterListeners`): a listener per primary, all feeding
+  one guard (``CLIENT TRACKING REDIRECT`` names a client of the same server, so each
+  node's tracked connections redirect to that node's listener). An entry's keys share
+  a slot (slot groups), so its read is one command on the primary serving that slot,
+  on a tracked connection of that node (a :class:`TrackedReader` per node). The slot
+  map is read on a helper thread at start and checked every second (``CLUSTER
+  SLOTS``); a change of it, a read that meets MOVED/ASK, and any one listener's
+  disconnect or reconnect flush the *whole* tier (simplest; such events are rare) and
+  the listeners follow the new primaries. A read whose node has no subscribed
+  listener yet, or that met MOVED, goes through the Cache's own cluster client and
+  is not kept.
+
+``memory://`` has no server to track with: the tier stays off there.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import redis
 import redis.asyncio
 import redis.exceptions as rex
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from rcache._exceptions import ConfigurationError
@@ -52,10 +64,19 @@ from rcache._flow import AsyncDriver, Command, SyncDriver
 from rcache._local import Invalidations, LocalStore, LocalTier, Token
 from rcache._logging import RateLimitedLog, cache_log
 from rcache._policy import Guard
-from rcache._redis import ClientSpec, LuaScript, _sentinel_pool, misconfiguration
+from rcache._redis import (
+    ClientSpec,
+    LuaScript,
+    _async_kwargs,
+    _sentinel_pool,
+    connection_kwargs,
+    misconfiguration,
+)
 
 __all__ = [
     "CHANNEL",
+    "ClusterListeners",
+    "ClusterReader",
     "Listener",
     "Tier",
     "TrackedRead",
@@ -64,6 +85,7 @@ __all__ = [
     "attach",
     "guard_for",
     "is_active",
+    "reader_for",
     "server_key",
     "tracking_client",
     "tracking_supported",
@@ -79,24 +101,21 @@ HEALTH_TIMEOUT: Final = 1.0
 RECONNECT_FIRST: Final = 0.01
 RECONNECT_MAX: Final = 2.0
 LISTENER_NAME: Final = "rcache-invalidations"
+#: a cluster's slot map is checked this often (a failover or resharding seen within it)
+TOPOLOGY_INTERVAL: Final = 1.0
 
 _log = RateLimitedLog(cache_log, interval=60.0)
 
 # process state, created on first use (nothing at import time); reset in a forked child
 _lock = threading.Lock()
 _listeners: dict[Hashable, Listener] = {}
+_clusters: dict[Hashable, ClusterListeners] = {}
 _loop: _Loop | None = None
 _hooked = False
 
 
 def tracking_supported(spec: ClientSpec) -> str | None:
     """None if the local tier can track keys on ``spec``'s server, else why not."""
-    if spec.cluster:
-        return (
-            "the local tier is not supported on Redis Cluster yet (it needs one "
-            "invalidation listener per primary): point the Cache at one primary or a "
-            "Sentinel set, or leave local= off"
-        )
     if (
         spec.async_factory is not None
         and spec.user_client is None
@@ -180,14 +199,25 @@ def _close(client: redis.Redis) -> None:
 
 class Listener:
     """One RESP2 connection subscribed to ``__redis__:invalidate``, feeding
-    :attr:`guard` (the :class:`~rcache._local.Invalidations` of its server). Its
-    methods other than the constructor run on the ``rcache-tracking`` thread."""
+    :attr:`guard` (the :class:`~rcache._local.Invalidations` of its server, or of its
+    cluster for the listener of ``node``, a primary). Its methods other than the
+    constructor run on the ``rcache-tracking`` thread."""
 
-    def __init__(self, key: Hashable, spec: ClientSpec) -> None:
+    def __init__(
+        self,
+        key: Hashable,
+        spec: ClientSpec,
+        guard: Invalidations | None = None,
+        node: Hashable = None,
+    ) -> None:
         self.key = key
         self.spec = spec
-        self.guard = Invalidations()
+        self.node = node
+        self.guard = guard if guard is not None else Invalidations()
         self.guard.demand = _demand
+        self.guard.link(node)
+        #: set when its node is no longer a primary: the loop closes it
+        self.retired = False
         self._client: redis.Redis | None = None
         self._conn: Any = None
         self._sock: Any = None
@@ -211,7 +241,7 @@ class Listener:
 
     @property
     def client_id(self) -> int | None:
-        return self.guard.state[1]
+        return self.guard.client_id(self.node)
 
     def _open(self) -> tuple[Any, int] | Exception:
         """Connect and subscribe; blocks up to the connect timeout. Returns the
@@ -260,7 +290,7 @@ class Listener:
         now = time.monotonic()
         self._ping_at = now + HEALTH_INTERVAL
         self._pong_due = None
-        self.guard.connected(client_id, first=self._first)
+        self.guard.connected(client_id, first=self._first, node=self.node)
         self._first = False
 
     def connect(self, selector: selectors.BaseSelector) -> None:
@@ -349,7 +379,7 @@ class Listener:
         """The connection is gone or unusable: flush, and reconnect soon."""
         self._close_conn(selector)
         self.losses += 1
-        self.guard.disconnected()
+        self.guard.disconnected(self.node)
         self._retry_later()
 
     def _retry_later(self) -> None:
@@ -388,8 +418,8 @@ class Listener:
         if self._client is not None:
             _close(self._client)
             self._client = None
-        if self.guard.state[1] is not None:
-            self.guard.disconnected()
+        if self.client_id is not None:
+            self.guard.disconnected(self.node)
 
     def after_fork(self) -> None:
         # the socket is the parent's: forget it without a word to the server
@@ -401,7 +431,6 @@ class Listener:
         self._first = True
         self.retry_at = 0.0
         self._backoff = RECONNECT_FIRST
-        self.guard.after_fork()
 
 
 class _Loop:
@@ -434,19 +463,30 @@ class _Loop:
                     if self.stopping:  # interpreter exit: close every connection
                         for listener in _listeners.values():
                             listener.close(self.selector)
+                        for cluster in _clusters.values():
+                            cluster.close()
                         return
                     listeners = []
                     for key, listener in list(_listeners.items()):
-                        if listener.guard.stores:
+                        if listener.guard.stores and not listener.retired:
                             listeners.append(listener)
-                        else:  # its caches are gone or closed
+                        else:  # its caches are gone or closed, or not a primary now
                             del _listeners[key]
                             listener.close(self.selector)
-                    if not listeners:
+                    clusters = []
+                    for key, cluster in list(_clusters.items()):
+                        if cluster.guard.stores:
+                            clusters.append(cluster)
+                        else:
+                            del _clusters[key]
+                            cluster.close()
+                    if not listeners and not clusters:
                         _loop = None
                         return
                 now = time.monotonic()
                 until = now + HEALTH_INTERVAL
+                for cluster in clusters:
+                    until = min(until, cluster.tick(now, self))
                 for listener in listeners:
                     listener.installed(self.selector)
                 up = sum(1 for listener in listeners if listener.connected)
@@ -523,26 +563,237 @@ def _after_fork_in_child() -> None:
     global _lock, _loop
     _lock = threading.Lock()  # the parent's may have been held by another thread
     _loop = None  # its thread did not come along
+    guards = {}
     for listener in list(_listeners.values()):
         listener.after_fork()
+        guards[id(listener.guard)] = listener.guard
+    for cluster in list(_clusters.values()):
+        cluster.after_fork()
+        guards[id(cluster.guard)] = cluster.guard
+    for guard in guards.values():  # once each: a cluster's is shared by its listeners
+        guard.after_fork()
 
 
 def attach(
     spec: ClientSpec, options: LocalTier, name: str, metrics: Any
-) -> tuple[LocalStore, Listener]:
-    """A new store on ``spec``'s server, fed by its listener."""
+) -> tuple[LocalStore, Listener | ClusterListeners]:
+    """A new store on ``spec``'s server (or cluster), fed by its listener(s)."""
     why = tracking_supported(spec)
     if why is not None:
         raise ConfigurationError(why)
     key = server_key(spec)
+    source: Listener | ClusterListeners | None
     with _lock:
-        listener = _listeners.get(key)
-        if listener is None:
-            listener = _listeners[key] = Listener(key, spec)
+        if spec.cluster:
+            source = _clusters.get(key)
+            if source is None:
+                source = _clusters[key] = ClusterListeners(key, spec)
+        else:
+            source = _listeners.get(key)
+            if source is None:
+                source = _listeners[key] = Listener(key, spec)
         # made under _lock: the thread closes a listener without stores
-        store = LocalStore(options, listener.guard, name, metrics)
+        store = LocalStore(options, source.guard, name, metrics)
         _start_locked().wake()
-    return store, listener
+    return store, source
+
+
+def reader_for(
+    spec: ClientSpec, source: Listener | ClusterListeners
+) -> TrackedReader | ClusterReader:
+    """The tracked reads of one Cache fed by ``source`` (from :func:`attach`)."""
+    if isinstance(source, ClusterListeners):
+        return ClusterReader(source)
+    return TrackedReader(spec, source.guard)
+
+
+# -- Redis Cluster ---------------------------------------------------------------------
+
+#: (first slot, last slot, primary host, primary port) of each range: a slot map
+_Shape = tuple[tuple[int, int, str, int], ...]
+
+
+class ClusterListeners:
+    """The local tier on one Redis Cluster: a :class:`Listener` per primary, all feeding
+    one :attr:`guard`, and the slot map that routes each tracked read to its node
+    (``guard.route``). The map is read by a helper thread (``rcache-tracking-slots``,
+    blocking IO never runs on the listener thread) at start and every
+    :data:`TOPOLOGY_INTERVAL`; the loop installs what it found (:meth:`tick`)."""
+
+    def __init__(self, key: Hashable, spec: ClientSpec) -> None:
+        self.key = key
+        self.spec = spec
+        self.guard = Invalidations()
+        self.guard.demand = _demand
+        self.guard.route = self._route
+        #: slot -> the name of the primary serving it, None until the map is read
+        self._slots: list[str | None] | None = None
+        self.shape: _Shape | None = None
+        #: primary name -> connection settings of that node (listeners and readers)
+        self.nodes: dict[str, ClientSpec] = {}
+        #: primary name -> its listener (changed under _lock, on the loop thread)
+        self.listeners: dict[str, Listener] = {}
+        self._client: Any = None  # reads the slot map (helper threads only)
+        self.check_at = 0.0
+        self._checking = False
+        self._pending: tuple[_Shape, dict[str, tuple[str, int]]] | Exception | None
+        self._pending = None
+        self._pending_lock = threading.Lock()
+        self._closed = False
+        #: slot map changes seen after the first (tests, observability)
+        self.changes = 0
+
+    def __repr__(self) -> str:
+        return f"<ClusterListeners {self.spec.describe()} {sorted(self.listeners)}>"
+
+    def _route(self, key: bytes) -> str | None:
+        slots = self._slots
+        return None if slots is None else slots[key_slot(key)]
+
+    def listener_of(self, key: str | bytes) -> Listener | None:
+        """The listener of the primary serving ``key`` (tests, observability)."""
+        node = self._route(key.encode() if isinstance(key, str) else key)
+        return None if node is None else self.listeners.get(node)
+
+    @property
+    def client_id(self) -> list[int] | None:
+        """The subscribed listeners' ids, or None while none is (tests)."""
+        ids = self.guard.state[1]
+        return sorted(ids.values()) if ids else None
+
+    def stale(self) -> None:
+        """A read met MOVED/ASK or lost its node: check the slot map now."""
+        self.check_at = 0.0
+        loop = _loop
+        if loop is not None:
+            loop.wake()
+
+    def moved(self) -> None:
+        """A read met MOVED/ASK: the map this tier followed is out of date. Flush (an
+        entry read from a node that no longer serves its slot is not tracked where
+        its key is written now) and read the map again. Until then reads are not
+        tracked (no route); the map is installed even if it looks unchanged (the node
+        asked may not have seen the change yet, and then the next check will)."""
+        self._slots = None
+        self.shape = None
+        self.guard.flush("topology")
+        self.stale()
+
+    def tick(self, now: float, loop: _Loop) -> float:
+        """Install a finished check; start one when due. Returns when to come back."""
+        with self._pending_lock:
+            result, self._pending = self._pending, None
+        if result is not None:
+            self._checking = False
+            self._apply(result, loop)
+        if self._checking:
+            return now + TOPOLOGY_INTERVAL  # the helper wakes the loop when done
+        if now >= self.check_at:
+            self._checking = True
+            self.check_at = now + TOPOLOGY_INTERVAL
+
+            def run() -> None:
+                found = self._check()
+                with self._pending_lock:
+                    self._pending = found
+                loop.wake()
+
+            threading.Thread(
+                target=run, name="rcache-tracking-slots", daemon=True
+            ).start()
+        return self.check_at
+
+    def _check(self) -> tuple[_Shape, dict[str, tuple[str, int]]] | Exception:
+        """Read the slot map (helper thread): its shape and the primaries."""
+        try:
+            if self._client is None:
+                self._client = self.spec.sync_client()
+            ranges = self._client.execute_command("CLUSTER SLOTS")
+        except Exception as exc:
+            return exc
+        finally:
+            if self._closed:  # closed meanwhile: nobody else will close the client
+                self.close()
+        shape = tuple(
+            sorted(
+                (int(lo), int(hi), str(info["primary"][0]), int(info["primary"][1]))
+                for (lo, hi), info in ranges.items()
+            )
+        )
+        primaries = {f"{h}:{p}": (h, p) for _, _, h, p in shape}
+        return shape, primaries
+
+    def _apply(
+        self,
+        result: tuple[_Shape, dict[str, tuple[str, int]]] | Exception,
+        loop: _Loop,
+    ) -> None:
+        if isinstance(result, Exception):
+            _log.warning(
+                "slots:" + self.spec.describe(),
+                "rcache: the local tier cannot read the slot map of %s (%s: %s); "
+                "reads are not kept locally until it can",
+                self.spec.describe(),
+                type(result).__name__,
+                result,
+            )
+            return
+        shape, primaries = result
+        if shape == self.shape:
+            return
+        slots: list[str | None] = [None] * 16384
+        for lo, hi, host, port in shape:
+            slots[lo : hi + 1] = [f"{host}:{port}"] * (hi - lo + 1)
+        template = _async_kwargs(connection_kwargs(self._client), redis.Redis)
+        for name in ("host", "port", "redis_connect_func", "cache", "cache_config"):
+            template.pop(name, None)
+        # a cluster client does not pass it to its nodes; RESP2 needs it off
+        maint = self.spec.options.get("maint_notifications_config")
+        if maint is not None:
+            template["maint_notifications_config"] = maint
+        first = self.shape is None
+        with _lock:
+            if self._closed:
+                return
+            nodes = dict(self.nodes)
+            for name, (host, port) in primaries.items():
+                if name not in self.listeners:
+                    # a template the tracked pools copy their settings from (never
+                    # connected itself)
+                    nodes[name] = ClientSpec(
+                        client=redis.Redis(host=host, port=port, **template)
+                    )
+                    nodes[name].label = name  # what logs name
+                    self.listeners[name] = _listeners[(self.key, name)] = Listener(
+                        (self.key, name), nodes[name], self.guard, node=name
+                    )
+            for name in [n for n in self.listeners if n not in primaries]:
+                self.listeners.pop(name).retired = True  # the loop closes it
+                self.guard.unlink(name)
+            self.nodes = nodes
+            self._slots = slots
+            self.shape = shape
+        if not first:
+            self.changes += 1
+            # after the new map is in place: a read that began on the old one is
+            # refused by the new epoch
+            self.guard.flush("topology")
+        loop.wake()  # the new listeners connect in the next round
+
+    def close(self) -> None:
+        """No store is left (its listeners are closed by the loop as well)."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None and client is not self.spec.user_client:
+            client.close()
+
+    def after_fork(self) -> None:
+        # the parent's connections are forgotten, not closed (redis-py checks the pid)
+        self._client = None
+        self._checking = False
+        self._pending = None
+        self._pending_lock = threading.Lock()
+        self.check_at = 0.0
 
 
 # -- tracked reads ---------------------------------------------------------------------
@@ -553,7 +804,7 @@ class TrackedReader:
     loop), each connection redirected to the listener before its first read."""
 
     def __init__(self, spec: ClientSpec, guard: Invalidations) -> None:
-        self._spec = spec
+        self._spec = spec  # one server (a cluster: one node, see ClusterReader)
         self._guard = guard
         self._client: redis.Redis | None = None
         self._pid = 0
@@ -580,7 +831,7 @@ class TrackedReader:
         if conn._rcache_redirect == -want:  # refused on this connection: no retry
             token.ok = False
             return [tuple(argv)]
-        if want != self._guard.state[1]:
+        if want != self._guard.client_id(token.node):
             # the listener moved on since the read began: the token is refused anyway;
             # never redirect to an old id (a restarted server hands ids out again)
             token.ok = False
@@ -613,10 +864,15 @@ class TrackedReader:
         return client
 
     def read(
-        self, token: Token, argv: Sequence[Any], script: LuaScript | None = None
+        self,
+        token: Token,
+        argv: Sequence[Any],
+        script: LuaScript | None = None,
+        client: Any = None,
     ) -> Any:
         """Run ``argv`` (a read: GET, MGET, or EVALSHA of ``script``) on a tracked
-        connection; the reply, as redis-py parses it without callbacks."""
+        connection; the reply, as redis-py parses it without callbacks. ``client``
+        (the Cache's own) is for :class:`ClusterReader`'s untracked reads."""
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()
         try:
@@ -655,7 +911,11 @@ class TrackedReader:
         return client
 
     async def aread(
-        self, token: Token, argv: Sequence[Any], script: LuaScript | None = None
+        self,
+        token: Token,
+        argv: Sequence[Any],
+        script: LuaScript | None = None,
+        client: Any = None,
     ) -> Any:
         """Async twin of :meth:`read`."""
         pool: Any = (await self._aclient()).connection_pool
@@ -705,6 +965,97 @@ class TrackedReader:
             await client.aclose()
 
 
+#: a tracked read on the wrong node: the slot map moved (CLUSTERDOWN: the cluster is
+#: reconfiguring); the read is redone untracked and the tier flushed
+_MOVED: Final = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+
+
+class ClusterReader:
+    """The tracked reads of one ``Cache`` on Redis Cluster: a :class:`TrackedReader`
+    per primary, the one of the token's node (``guard.route`` chose it from the slot
+    map before the read was sent). A read with no node to track it (the map is not
+    read yet, or its node has no listener yet) or that met MOVED/ASK goes through the
+    Cache's own cluster client, which follows redirects, and is not kept."""
+
+    def __init__(self, cluster: ClusterListeners) -> None:
+        self._cluster = cluster
+        self._readers: dict[str, TrackedReader] = {}
+        self._lock = threading.Lock()
+
+    def _reader(self, token: Token) -> TrackedReader | None:
+        node = token.node
+        if not token.ok or not isinstance(node, str):
+            return None
+        reader = self._readers.get(node)
+        if reader is None:
+            spec = self._cluster.nodes.get(node)
+            if spec is None:
+                return None
+            with self._lock:  # one per node: a second would leave a pool open
+                reader = self._readers.get(node)
+                if reader is None:
+                    reader = TrackedReader(spec, self._cluster.guard)
+                    self._readers[node] = reader
+        return reader
+
+    def read(
+        self,
+        token: Token,
+        argv: Sequence[Any],
+        script: LuaScript | None = None,
+        client: Any = None,
+    ) -> Any:
+        reader = self._reader(token)
+        if reader is not None:
+            try:
+                return reader.read(token, argv, script)
+            except _MOVED:
+                self._cluster.moved()
+            except (rex.ConnectionError, rex.TimeoutError):
+                self._cluster.stale()  # a failover may be under way
+                raise
+        token.ok = False
+        try:
+            return client.execute_command(*argv)
+        except rex.NoScriptError:
+            if script is None:
+                raise
+            return client.execute_command("EVAL", script.source, *argv[2:])
+
+    async def aread(
+        self,
+        token: Token,
+        argv: Sequence[Any],
+        script: LuaScript | None = None,
+        client: Any = None,
+    ) -> Any:
+        """Async twin of :meth:`read`."""
+        reader = self._reader(token)
+        if reader is not None:
+            try:
+                return await reader.aread(token, argv, script)
+            except _MOVED:
+                self._cluster.moved()
+            except (rex.ConnectionError, rex.TimeoutError):
+                self._cluster.stale()
+                raise
+        token.ok = False
+        try:
+            return await client.execute_command(*argv)
+        except rex.NoScriptError:
+            if script is None:
+                raise
+            return await client.execute_command("EVAL", script.source, *argv[2:])
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+    async def aclose(self) -> None:
+        for reader in self._readers.values():
+            await reader.aclose()
+
+
 @dataclass(frozen=True, slots=True)
 class TrackedRead(Command):
     """A read whose keys Redis tracks for the local tier's listener (a flow command:
@@ -714,7 +1065,7 @@ class TrackedRead(Command):
     sha, n, *keys)`` with ``script`` set for a NOSCRIPT reload); ``token`` comes from
     ``store.begin(keys)``, taken before this command is yielded."""
 
-    reader: TrackedReader
+    reader: TrackedReader | ClusterReader
     token: Token
     argv: tuple[Any, ...]
     guard: Guard | None = None
@@ -722,15 +1073,16 @@ class TrackedRead(Command):
 
     def run(self, driver: SyncDriver) -> Any:
         reader, token, argv, script = self.reader, self.token, self.argv, self.script
-        return driver.redis.run(lambda _c: reader.read(token, argv, script))
+        return driver.redis.run(lambda c: reader.read(token, argv, script, c))
 
     async def arun(self, driver: AsyncDriver) -> Any:
         reader, token, argv, script = self.reader, self.token, self.argv, self.script
-        return await driver.redis.run(lambda _c: reader.aread(token, argv, script))
+        return await driver.redis.run(lambda c: reader.aread(token, argv, script, c))
 
 
-def wait_ready(listener: Listener, timeout: float) -> bool:
-    """Block until ``listener`` is subscribed (tests, benchmarks, warm-up)."""
+def wait_ready(listener: Listener | ClusterListeners, timeout: float) -> bool:
+    """Block until ``listener`` is subscribed (a cluster's: every primary's) (tests,
+    benchmarks, warm-up)."""
     return listener.guard.ready.wait(timeout)
 
 
@@ -744,7 +1096,10 @@ class Tier:
     __slots__ = ("listener", "reader", "store")
 
     def __init__(
-        self, store: LocalStore, reader: TrackedReader, listener: Listener
+        self,
+        store: LocalStore,
+        reader: TrackedReader | ClusterReader,
+        listener: Listener | ClusterListeners,
     ) -> None:
         self.store = store
         self.reader = reader
@@ -765,10 +1120,10 @@ def guard_for(key: Hashable) -> Invalidations | None:
     """The guard of the server with :func:`server_key` ``key`` if a local tier of this
     process reads from it (so that a write made through any ``Cache`` drops this
     process's copies at once)."""
-    listener = _listeners.get(key) if _listeners else None
-    return None if listener is None else listener.guard
+    source = (_listeners.get(key) or _clusters.get(key)) if is_active() else None
+    return None if source is None else source.guard
 
 
 def is_active() -> bool:
     """Does any local tier read in this process (any listener exists)?"""
-    return bool(_listeners)
+    return bool(_listeners or _clusters)

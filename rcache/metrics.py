@@ -32,7 +32,7 @@ name, a result; never keys, arguments, task ids or pids)::
     rcache_lock_eviction_risk_total{policy}     lock servers found with an evicting
                                                 maxmemory-policy (once per Cache)
     rcache_local_invalidations_total{cache}     invalidated keys the local tier received
-    rcache_local_flushes_total{cache, reason="disconnect|reconnect|flushall|fork|clear"}
+    rcache_local_flushes_total{cache, reason="disconnect|reconnect|flushall|fork|clear|topology"}
     rcache_local_entries{cache}                 entries held by the local tier (gauge)
 
 There is deliberately no hit-ratio gauge: a ratio of ratios cannot be aggregated across
@@ -292,7 +292,8 @@ class PrometheusMetrics:
             c(
                 "local_flushes",
                 "Times the local tier was emptied, by reason: disconnect (listener "
-                "lost: restart, kill, network), reconnect, flushall, fork, clear.",
+                "lost: restart, kill, network), reconnect, flushall, fork, clear, "
+                "topology (Redis Cluster slot map changed).",
                 ("cache", "reason"),
             )
         )

@@ -5,12 +5,20 @@ Every invalidation path of issue 16 on the server the suite runs (Redis 7.0 by d
 keys; FLUSHALL/FLUSHDB; a killed listener; a restarted server; tracking-table overflow;
 the sequence guard's race (with the guard and without it, so the test can fail); a
 forked child. Waits poll with deadlines (``wait_until``).
+
+The tests on the session server run on the Redis Cluster fixture too (a listener per
+primary): what they write from outside names the keys through the Cache
+(``rkey``, ``KeySpace``), which on the cluster carry slot groups. The tests marked
+``single_server`` are facts of one server's listener; the cluster's own (a write on
+each primary, one node's listener killed, a failover, MOVED) are at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -25,8 +33,10 @@ from rcache import ConfigurationError, LocalTier
 from rcache._flow import Flow
 from rcache._local import MISSING, Invalidations, LocalStore, args_key
 from rcache._serializers import encode_envelope, resolve_serializer
-from rcache._tracking import Tier
-from rcache.testing import RedisSentinel, RedisServer, wait_until
+from rcache._tracking import ClusterListeners, Tier
+from rcache.testing import RedisCluster, RedisSentinel, RedisServer, wait_until
+
+pytestmark = pytest.mark.topologies("single", "cluster")
 
 #: how soon another client's write must drop a local entry (issue 16: "within 50 ms")
 WITHIN = 0.05
@@ -35,6 +45,11 @@ WITHIN = 0.05
 def envelope(value: Any, ttl: float = 60.0) -> bytes:
     """What ``Cache.set`` writes, for writers that are plain redis-py clients."""
     return encode_envelope(resolve_serializer("json"), value, fresh_for=ttl)
+
+
+def rkey(cache: rcache.Cache, key: str) -> str:
+    """The Redis key of ``cache``'s explicit ``key`` (on the cluster: in its group)."""
+    return cache._key(key)
 
 
 def tier_of(cache: rcache.Cache) -> Tier:
@@ -117,7 +132,7 @@ async def test_async_reads_use_the_tier_too(lcache: rcache.Cache, writer: Any) -
     while held(tier, "k") != [1, 2] and time.monotonic() < deadline:
         assert await lcache.aget("k") == [1, 2]
     assert held(tier, "k") == [1, 2]
-    writer.set("test:k:k", envelope([3]))
+    writer.set(rkey(lcache, "k"), envelope([3]))
     dropped_within(tier, "k", 1)
     assert await lcache.aget("k") == [3]
 
@@ -139,14 +154,15 @@ def test_another_clients_change_drops_the_entry(
     lcache: rcache.Cache, writer: redis.Redis, op: str
 ) -> None:
     # the value says "fresh for 60 s"; only Redis's key expiry (op "expire") ends it
-    writer.set("test:k:k", envelope("old"), px=400 if op == "expire" else None)
+    key = rkey(lcache, "k")
+    writer.set(key, envelope("old"), px=400 if op == "expire" else None)
     tier = warm(lcache, "k", "old")
     if op == "write":
-        writer.set("test:k:k", envelope("new"))
+        writer.set(key, envelope("new"))
     elif op == "delete":
-        writer.delete("test:k:k")
+        writer.delete(key)
     elif op == "rename":
-        writer.rename("test:k:k", "test:k:elsewhere")
+        writer.rename(key, key + ":elsewhere")  # the same slot on the cluster
     # an expiry is noticed by Redis's own expire cycle (up to ~100 ms after it)
     elapsed = dropped_within(tier, "k", 2.0 if op == "expire" else 1.0)
     if op != "expire":
@@ -171,27 +187,29 @@ def test_a_stamp_invalidation_drops_every_entry_reading_it(
     lcache: rcache.Cache, writer: redis.Redis
 ) -> None:
     tier = tier_of(lcache)
-    writer.mset({"v:1": b"a", "v:2": b"b", "s:fn": b"1", "s:t:x": b"2", "s:t:y": b"3"})
+    # one hash tag: the keys of an entry share a slot on the cluster
+    v1, v2, fn, x, y = ("{e}v:1", "{e}v:2", "{e}s:fn", "{e}s:t:x", "{e}s:t:y")
+    writer.mset({v1: b"a", v2: b"b", fn: b"1", x: b"2", y: b"3"})
     wait_until(
         lambda: (
-            _read_into(lcache, tier, ("f", 1), ["v:1", "s:fn", "s:t:x"])
+            _read_into(lcache, tier, ("f", 1), [v1, fn, x])
             and held(tier, ("f", 1)) is not MISSING
         )
     )
-    _read_into(lcache, tier, ("f", 2), ["v:2", "s:fn", "s:t:y"])
+    _read_into(lcache, tier, ("f", 2), [v2, fn, y])
     assert len(tier.store) == 2
-    writer.delete("s:t:x")  # a tag stamp: one entry
+    writer.delete(x)  # a tag stamp: one entry
     dropped_within(tier, ("f", 1), 1)
     assert held(tier, ("f", 2)) is not MISSING
-    _read_into(lcache, tier, ("f", 1), ["v:1", "s:fn", "s:t:y"])
-    writer.set("s:fn", b"9")  # the function stamp: both
+    _read_into(lcache, tier, ("f", 1), [v1, fn, y])
+    writer.set(fn, b"9")  # the function stamp: both
     dropped_within(tier, ("f", 1), 1)
     dropped_within(tier, ("f", 2), 1)
 
 
 def test_invalidate_tags_drops_local_copies_at_once(lcache: rcache.Cache) -> None:
     tier = tier_of(lcache)
-    stamp = lcache.tag_key("users")
+    stamp = lcache.keyspace.tag_stamps("users")[0]  # on the cluster: group 0's copy
     lcache._sync.client.set(stamp, b"1")
     wait_until(
         lambda: (
@@ -244,6 +262,7 @@ def test_flushall_and_flushdb_flush_the_tier(
     assert lcache.get("k") is None
 
 
+@pytest.mark.single_server  # one listener; the cluster's: test_a_killed_node_listener_...
 def test_a_killed_listener_flushes_then_recovers(
     lcache: rcache.Cache, writer: redis.Redis
 ) -> None:
@@ -342,8 +361,8 @@ def test_a_write_between_reply_and_store_is_never_kept(
     stale = 0
     for i in range(40):
         key = f"race{i}"  # a stale entry is never invalidated again: one key per round
-        writer.set(f"test:k:{key}", envelope("old"))
-        rewrite.append((f"test:k:{key}", envelope("new")))
+        writer.set(rkey(lcache, key), envelope("old"))
+        rewrite.append((rkey(lcache, key), envelope("new")))
         assert lcache.get(key) == "old"  # the reply; the rewrite lands after it
         if held(tier, key) == "old":
             stale += 1  # kept although its invalidation has passed: served until ttl
@@ -396,13 +415,14 @@ def test_a_forked_child_starts_empty(lcache: rcache.Cache, writer: redis.Redis) 
     }, report
     assert report["own"] not in (None, tier.listener.client_id)  # its own listener
     assert held(tier, "k") == "parent"  # the parent's tier is untouched
-    writer.set("test:k:k", envelope("new"))
+    writer.set(rkey(lcache, "k"), envelope("new"))
     dropped_within(tier, "k", 1)
 
 
 # -- configuration and bounds -------------------------------------------------------------
 
 
+@pytest.mark.single_server  # the cluster's: test_a_write_on_each_primary_invalidates
 def test_one_thread_and_one_listener_per_server(redis_url: str) -> None:
     a = rcache.Cache(redis_url, prefix="a", local=True)
     b = rcache.Cache(redis_url, prefix="b", local=LocalTier(max_entries=5))
@@ -439,13 +459,11 @@ def test_entries_stay_bounded(redis_url: str) -> None:
         cache.close()
 
 
-def test_memory_and_cluster_urls(redis_url: str) -> None:
+def test_memory_urls_and_bad_options(redis_url: str) -> None:
     mem = rcache.Cache("memory://", prefix="m", ttl=60, local=True)
     mem.set("k", 1)
     assert mem.get("k") == 1 and mem.get("k") == 1  # the store is in-process already
     assert mem._local_tiers == []
-    with pytest.raises(ConfigurationError, match="Cluster"):
-        rcache.Cache("redis+cluster://127.0.0.1:7000", local=True)
     with pytest.raises(ConfigurationError, match="LocalTier"):
         rcache.Cache(redis_url, local=5)  # type: ignore[arg-type]
 
@@ -543,12 +561,14 @@ def test_prometheus_metrics_of_the_tier(redis_url: str, writer: redis.Redis) -> 
         cache.get("k")
         assert value("rcache_cache_gets_total", result="local_hit") >= 1
         assert value("rcache_local_entries") == 1
-        writer.set("test:k:k", envelope(2))
+        writer.set(rkey(cache, "k"), envelope(2))
         dropped_within(tier, "k", 1)
         wait_until(lambda: value("rcache_local_invalidations_total") >= 1)
         assert value("rcache_local_entries") == 0
         writer.flushall()
-        wait_until(lambda: value("rcache_local_flushes_total", reason="flushall") == 1)
+        wait_until(lambda: value("rcache_local_flushes_total", reason="flushall") >= 1)
+        # one per server where a tracked read ran (on the cluster: "k"'s primary)
+        assert value("rcache_local_flushes_total", reason="flushall") == 1
     finally:
         cache.close()
 
@@ -655,7 +675,8 @@ def test_stamps_drop_decorated_entries(
     spec = tagged._spec  # type: ignore[attr-defined]
     tier = _held_call(tagged, 1)
     _held_call(tagged, 2)
-    writer.delete(lcache.tag_key("user:1"))  # another process's invalidate_tags
+    # another process's invalidate_tags (on the cluster: every group's copy)
+    writer.delete(*lcache.keyspace.tag_stamps("user:1"))
     dropped_within(tier, args_key(spec, (1,)), 1)
     assert held(tier, args_key(spec, (2,))) == 2
     _held_call(tagged, 1)
@@ -666,7 +687,8 @@ def test_stamps_drop_decorated_entries(
     tagged.invalidate_all()
     assert held(tier, args_key(spec, (1,))) is MISSING
     _held_call(tagged, 1)
-    writer.delete(f"test:s:f:{spec.name}")  # the function stamp, from elsewhere
+    # the function stamp, from elsewhere
+    writer.delete(*lcache.keyspace.function_stamps(spec.name))
     dropped_within(tier, args_key(spec, (1,)), 1)
 
 
@@ -779,3 +801,207 @@ def test_the_decorated_read_is_guarded_too(
             stale += 1  # kept although Redis no longer has it
     print(f"decorated, guard={guarded}: {stale} stale rounds of 40")
     assert (stale == 0) if guarded else (stale > 0)
+
+
+# -- Redis Cluster: a listener per primary ------------------------------------------------
+
+
+def _one_key_per_primary(cache: rcache.Cache, cluster: RedisCluster) -> dict[int, str]:
+    """primary port -> an explicit key of ``cache`` that this primary serves."""
+    wanted = {n.port for n in cluster.primaries()}
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < len(wanted):
+        port = cluster.node_for(rkey(cache, f"n{i}")).port
+        keys.setdefault(port, f"n{i}")
+        i += 1
+    return keys
+
+
+def _listeners(tier: Tier) -> ClusterListeners:
+    assert isinstance(tier.listener, ClusterListeners)
+    return tier.listener
+
+
+def _write_elsewhere(cluster_url: str, items: dict[str, bytes]) -> None:
+    """Write ``items`` from another process (a plain redis-py cluster client)."""
+    seeds = cluster_url.split("://", 1)[1].split("/", 1)[0].split(",")
+    host, port = seeds[0].rsplit(":", 1)
+    code = (
+        "import sys, json, redis.cluster as c\n"
+        f"r = c.RedisCluster(host={host!r}, port={port})\n"
+        "for k, v in json.loads(sys.stdin.read()).items():\n"
+        "    r.set(k, v.encode('latin-1'))\n"
+    )
+    payload = json.dumps({k: v.decode("latin-1") for k, v in items.items()})
+    subprocess.run(
+        [sys.executable, "-c", code], input=payload, text=True, check=True, timeout=30
+    )
+
+
+def test_a_write_on_each_primary_invalidates(
+    cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    cache = rcache.Cache(cluster_url, prefix="test", ttl=60, local=True)
+    try:
+        tier = tier_of(cache)
+        cluster = _listeners(tier)
+        primaries = {f"127.0.0.1:{n.port}" for n in redis_cluster.primaries()}
+        assert set(cluster.listeners) == primaries  # one listener per primary
+        for node in redis_cluster.primaries():
+            client = node.client()
+            names = [c["name"] for c in client.client_list()]
+            client.close()
+            assert names.count("rcache-invalidations") == 1, node.port
+        keys = _one_key_per_primary(cache, redis_cluster)
+        for port, key in keys.items():
+            cache.set(key, port)
+            warm(cache, key, port)
+            listener = cluster.listener_of(rkey(cache, key))
+            assert listener is not None and listener.node == f"127.0.0.1:{port}"
+        assert len(tier.store) == len(keys)
+        # (counted per guard: a previous test's FLUSHALL may be in it already)
+        flushes = dict(tier.listener.guard.flushes)
+        _write_elsewhere(
+            cluster_url, {rkey(cache, k): envelope(-p) for p, k in keys.items()}
+        )
+        for key in keys.values():
+            dropped_within(tier, key, 1)
+        for port, key in keys.items():
+            assert cache.get(key) == -port
+        assert tier.listener.guard.flushes == flushes  # invalidated, not flushed
+    finally:
+        cache.close()
+
+
+def test_a_killed_node_listener_flushes_and_recovers(
+    cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    cache = rcache.Cache(cluster_url, prefix="test", ttl=60, local=True)
+    try:
+        tier = tier_of(cache)
+        cluster = _listeners(tier)
+        keys = _one_key_per_primary(cache, redis_cluster)
+        for key in keys.values():
+            cache.set(key, "old")
+            warm(cache, key, "old")
+        port, key = next(iter(keys.items()))
+        victim = cluster.listener_of(rkey(cache, key))
+        assert victim is not None
+        first_id = victim.client_id
+        node = next(n for n in redis_cluster.primaries() if n.port == port)
+        client = node.client()
+        try:
+            # only this node's listener dies; a write lands before it is back
+            client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            client.set(rkey(cache, key), envelope("during the gap"))
+        finally:
+            client.close()
+        wait_until(lambda: victim.losses >= 1, timeout=2)
+        assert len(tier.store) == 0  # the whole tier: every node's entries
+        assert cache.get(key) == "during the gap"
+        wait_until(tier.listener.guard.ready.is_set, timeout=5)
+        assert victim.client_id not in (None, first_id)
+        assert all(
+            other.losses == 0
+            for other in cluster.listeners.values()
+            if other is not victim
+        )
+        warm(cache, key, "during the gap")
+        writer = redis_cluster.client()
+        writer.set(rkey(cache, key), envelope("after"))  # invalidations work again
+        writer.close()
+        dropped_within(tier, key, 1)
+        assert cache.get(key) == "after"
+        assert cache.metrics.count("local_flushes", "test", "disconnect") >= 1  # type: ignore[attr-defined]
+    finally:
+        cache.close()
+
+
+def test_moved_flushes_and_the_slot_map_is_read_again(cluster_url: str) -> None:
+    """A read sent to a node that does not serve its slot (the map in use is wrong,
+    as after a resharding not seen yet) meets MOVED: answered through the cluster
+    client, not kept, the tier flushed and the map read again."""
+    cache = rcache.Cache(cluster_url, prefix="test", ttl=60, local=True)
+    try:
+        cache.set("k", 1)
+        cache.set("other", 2)
+        tier = warm(cache, "k", 1)
+        cluster = _listeners(tier)
+        warm(cache, "other", 2)
+        right = cluster._route(rkey(cache, "k").encode())
+        wrong = next(n for n in cluster.listeners if n != right)
+        cluster._slots = [wrong] * 16384  # every slot "served" by one other node
+        assert cache.get("k", local=False) == 1
+        tier.store.clear()
+        assert cache.get("k") == 1  # MOVED: read through the cluster client
+        assert tier.listener.guard.flushes.get("topology", 0) >= 1
+        warm(cache, "k", 1)  # the map was read again: tracked reads resume
+        assert cluster._route(rkey(cache, "k").encode()) == right
+    finally:
+        cache.close()
+
+
+def _primary_of(replica: RedisServer) -> int:
+    client = replica.client()
+    try:
+        return int(client.info("replication")["master_port"])
+    finally:
+        client.close()
+
+
+def _follows(cache: rcache.Cache, cluster: RedisCluster, key: str, value: Any) -> None:
+    """The tier's listeners are the cluster's primaries now, and a write from another
+    client to ``key`` (wherever it lives now) drops it."""
+    tier = tier_of(cache)
+    listeners = _listeners(tier)
+    primaries = {f"127.0.0.1:{n.port}" for n in cluster.primaries()}
+    wait_until(lambda: set(listeners.listeners) == primaries, timeout=5)
+    wait_until(listeners.guard.ready.is_set, timeout=5)
+    serving = listeners.listener_of(rkey(cache, key))
+    assert serving is not None
+    assert serving.node == f"127.0.0.1:{cluster.node_for(rkey(cache, key)).port}"
+    cache.set(key, value)
+    warm(cache, key, value)
+    writer = cluster.client()
+    writer.set(rkey(cache, key), envelope("written"))  # on the new primary
+    writer.close()
+    dropped_within(tier, key, 1)
+    assert cache.get(key) == "written"
+
+
+def test_cluster_failovers_flush_and_invalidations_work_after() -> None:
+    """A graceful CLUSTER FAILOVER (seen by the slot map check), then a SIGKILLed
+    primary (its listener's EOF flushes at once; the promoted replica is followed)."""
+    # its own cluster: the session's keeps its topology for the other tests
+    with RedisCluster() as cluster:  # 3 primaries: a majority votes when one dies
+        cache = rcache.Cache(cluster.url, prefix="test", ttl=60, local=True)
+        try:
+            tier = tier_of(cache)
+            listeners = _listeners(tier)
+            keys = _one_key_per_primary(cache, cluster)
+            for key in keys.values():
+                cache.set(key, "before")
+                warm(cache, key, "before")
+            port, key = next(iter(keys.items()))
+            replica = next(n for n in cluster.replicas() if _primary_of(n) == port)
+            cluster.failover(replica)
+            # the slot map check (every second) sees the new primary: flushed
+            wait_until(lambda: len(tier.store) == 0, timeout=5)
+            wait_until(
+                lambda: listeners.guard.flushes.get("topology", 0) >= 1, timeout=5
+            )
+            _follows(cache, cluster, key, "after")
+            assert cluster.node_for(rkey(cache, key)).port == replica.port
+
+            # the other primary (it has a replica still) dies
+            other = next(k for p, k in keys.items() if p != port)
+            warm(cache, other, "before")
+            disconnects = listeners.guard.flushes.get("disconnect", 0)
+            victim = cluster.kill_primary(cluster.node_for(rkey(cache, other)))
+            wait_until(lambda: len(tier.store) == 0, timeout=2)  # at once: its EOF
+            assert listeners.guard.flushes.get("disconnect", 0) > disconnects
+            cluster.wait_promoted(victim)
+            _follows(cache, cluster, other, "after")
+        finally:
+            cache.close()

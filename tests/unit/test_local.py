@@ -237,6 +237,35 @@ def test_nothing_is_stored_while_the_listener_is_down() -> None:
     assert put(store, "k", 1)
 
 
+def test_a_cluster_guard_routes_each_read_to_its_nodes_listener() -> None:
+    """One guard for a cluster, a listener per node: a token names the node its keys'
+    slot is served by and that node's listener id; ready once every node's listener
+    is subscribed; one node's disconnect flushes every node's entries."""
+    guard = Invalidations()
+    guard.route = lambda key: "a" if key.startswith(b"a") else "b"
+    guard.link("a")
+    guard.link("b")
+    store = LocalStore(LocalTier(), guard, "app", InMemoryMetrics())
+    guard.connected(11, first=True, node="a")
+    assert not guard.ready.is_set()  # b is not subscribed yet
+    token = store.begin(["b:1"])
+    assert (token.node, token.client_id, token.ok) == ("b", None, False)
+    assert not store.store(token, "b1", 1)  # not tracked: never kept
+    guard.connected(22, first=True, node="b")
+    assert guard.ready.is_set()
+    token = store.begin(["a:1"])
+    assert (token.node, token.client_id) == ("a", 11)
+    assert put(store, "a1", 1, "a:1") and put(store, "b1", 2, "b:1")
+    token = store.begin(["a:2"])
+    guard.disconnected("b")  # another node's listener: the whole tier, reads too
+    assert len(store) == 0 and not store.store(token, "a2", 3)
+    assert guard.client_id("a") == 11 and guard.client_id("b") is None
+    assert not guard.ready.is_set()
+    guard.unlink("b")  # no longer a primary: a's listener alone makes it ready
+    assert guard.ready.is_set()
+    assert put(store, "a2", 3, "a:2")
+
+
 def test_an_unusable_token_is_refused() -> None:
     store, _, _ = make()
     token = store.begin(["r:k"])
@@ -258,7 +287,7 @@ def test_after_fork_the_store_is_empty_and_waits_for_a_listener() -> None:
     store, guard, _ = make()
     put(store, "k", 1)
     guard.after_fork()
-    assert len(store) == 0 and guard.state[1] is None and not guard.ready.is_set()
+    assert len(store) == 0 and guard.client_id() is None and not guard.ready.is_set()
     assert not put(store, "k", 1)
 
 
