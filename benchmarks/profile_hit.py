@@ -111,7 +111,7 @@ def main() -> None:
         def internals() -> tuple[Any, Any, list[str], list[Any]]:
             spec = f._spec  # type: ignore[attr-defined]
             client = cache._sync.client
-            stamp_keys = spec.stamp_keys((42,), {})
+            stamp_keys = spec.stamp_keys((42,), {}, key)
             return spec, client, stamp_keys, client.mget([key, *stamp_keys])
 
         step(
@@ -128,7 +128,9 @@ def main() -> None:
         )
         step(
             "  tag keys rendered from the arguments",
-            lambda: (lambda s, c, k, r: lambda: s.stamp_keys((42,), {}))(*internals()),
+            lambda: (lambda s, c, k, r: lambda: s.stamp_keys((42,), {}, key))(
+                *internals()
+            ),
         )
         step(
             "  envelope decode + JSON payload",
