@@ -244,36 +244,18 @@ class Attempt(NamedTuple):
         return cls(_ACQUIRED[int(reply[0])], int(reply[1]))
 
 
-class LockScript:
-    """One lock script: its name, and its source loaded on first use (nothing is read
-    at import time)."""
-
-    __slots__ = ("_lua", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lua: LuaScript | None = None
-
-    @property
-    def lua(self) -> LuaScript:
-        lua = self._lua
-        if lua is None:
-            lua = self._lua = LuaScript(self.name)
-        return lua
-
-
-_LOCK_ACQUIRE = LockScript("lock_acquire")
-_LOCK_RELEASE = LockScript("lock_release")
-_LOCK_EXTEND = LockScript("lock_extend")
-_LOCK_WAKE = LockScript("lock_wake")
-_FAIR_ACQUIRE = LockScript("lock_fair_acquire")
-_FAIR_RELEASE = LockScript("lock_fair_release")
-_RW_READ = LockScript("rwlock_read")
-_RW_WRITE = LockScript("rwlock_write")
-_RW_RELEASE = LockScript("rwlock_release")
-_SEM_ACQUIRE = LockScript("sem_acquire")
-_SEM_RELEASE = LockScript("sem_release")
-_SEM_EXTEND = LockScript("sem_extend")
+_LOCK_ACQUIRE = LuaScript("lock_acquire")
+_LOCK_RELEASE = LuaScript("lock_release")
+_LOCK_EXTEND = LuaScript("lock_extend")
+_LOCK_WAKE = LuaScript("lock_wake")
+_FAIR_ACQUIRE = LuaScript("lock_fair_acquire")
+_FAIR_RELEASE = LuaScript("lock_fair_release")
+_RW_READ = LuaScript("rwlock_read")
+_RW_WRITE = LuaScript("rwlock_write")
+_RW_RELEASE = LuaScript("rwlock_release")
+_SEM_ACQUIRE = LuaScript("sem_acquire")
+_SEM_RELEASE = LuaScript("sem_release")
+_SEM_EXTEND = LuaScript("sem_extend")
 
 #: How a call waits for its reply: (seconds, or None for the client's socket timeout;
 #: a callback run once the command is written, or None).
@@ -306,27 +288,27 @@ class ScriptCall:
 
     __slots__ = ("args", "keys", "spec")
 
-    def __init__(self, spec: LockScript, keys: list[str], args: list[Any]) -> None:
+    def __init__(self, spec: LuaScript, keys: list[str], args: list[Any]) -> None:
         self.spec = spec
         self.keys = keys
         self.args = args
 
     @property
     def script(self) -> LuaScript:
-        return self.spec.lua
+        return self.spec
 
     def run(self, client: redis.Redis, within: _Within | None = None) -> Any:
         """Run the script; ``within`` bounds the wait for its reply (see _Within)."""
         if within is None:
-            return self.spec.lua(client, self.keys, self.args)
-        return eval_within(client, self.spec.lua, self.keys, self.args, *within)
+            return self.spec(client, self.keys, self.args)
+        return eval_within(client, self.spec, self.keys, self.args, *within)
 
     def arun(
         self, client: redis.asyncio.Redis, within: _Within | None = None
     ) -> Awaitable[Any]:
         if within is None:
-            return self.spec.lua.acall(client, self.keys, self.args)
-        return aeval_within(client, self.spec.lua, self.keys, self.args, *within)
+            return self.spec.acall(client, self.keys, self.args)
+        return aeval_within(client, self.spec, self.keys, self.args, *within)
 
     def run_confirmed(
         self, client: redis.Redis, within: _Within, confirm: Confirm
@@ -334,14 +316,14 @@ class ScriptCall:
         """Run the script and WAIT for ``confirm``'s replicas on the same connection:
         (the script's reply, replicas that acknowledged)."""
         return eval_confirmed_within(
-            client, self.spec.lua, self.keys, self.args, *confirm, *within
+            client, self.spec, self.keys, self.args, *confirm, *within
         )
 
     def arun_confirmed(
         self, client: redis.asyncio.Redis, within: _Within, confirm: Confirm
     ) -> Awaitable[tuple[Any, int]]:
         return aeval_confirmed_within(
-            client, self.spec.lua, self.keys, self.args, *confirm, *within
+            client, self.spec, self.keys, self.args, *confirm, *within
         )
 
 
