@@ -39,7 +39,7 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   backend error), release/extend raise :class:`LockError`; nothing pretends to hold.
   Lock commands carry no failure-policy guard (``rcache._policy``): they never bypass.
 * Waits keep their budget: each call of a wait (script or BLPOP) waits for its reply at
-  most the rest of the budget plus ``_IO_MARGIN``, so a hung Redis cannot hold a
+  most the rest of the budget plus ``IO_MARGIN``, so a hung Redis cannot hold a
   waiter on a socket timeout; clean-up after giving up runs in the background.
 * The lock server's eviction policy is read once per Cache when locks are first used:
   an evicting policy can take a held lock, so it is logged at ERROR and counted.
@@ -70,7 +70,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from types import TracebackType
 from typing import (
@@ -96,17 +96,15 @@ from rcache._exceptions import (
     LockReleaseUnconfirmedError,
     RCacheError,
 )
-from rcache._flow import Command, Critical, Eval, Flow, Sleep
+from rcache._flow import IO_MARGIN, Block, Command, Critical, Eval, Flow, Sleep
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import Renewable, get_renewer
 from rcache._logging import lock_log
 from rcache._redis import (
     LuaScript,
-    acommand_within,
     aeval_confirmed_within,
     aeval_within,
     aeviction_policy,
-    command_within,
     connection_kwargs,
     eval_confirmed_within,
     eval_within,
@@ -159,9 +157,6 @@ _FALLBACK = (0.005, 0.05)
 #: (ms): long enough for a woken process to be scheduled and send its try on a loaded
 #: 2-core box, short enough to cost little throughput if it never comes.
 _GRACE_MS = 10
-#: A call made for a wait may take the rest of the wait's budget plus this for its reply
-#: (issue 14: with Redis stopped, acquire(timeout=2) returned after 9.4 s).
-_IO_MARGIN = 0.2
 #: Eviction policies that never evict a key: every other one can take a held lock
 #: (allkeys-*) or, since lock keys carry a TTL, volatile-* too.
 _SAFE_POLICIES = frozenset({"noeviction"})
@@ -530,7 +525,7 @@ class _Eval(Command):
     """A lock script, run by the driver's client with its transient-error retries.
 
     With a ``deadline`` (a wait's budget), each attempt waits for its reply at most the
-    rest of the budget plus ``_IO_MARGIN`` (never past the client's socket timeout),
+    rest of the budget plus ``IO_MARGIN`` (never past the client's socket timeout),
     and no attempt starts once that is spent: a retry needs a new connection, whose
     handshake waits the full socket timeout on a hung Redis (a reply lost fast, a
     reset, is still retried, even by a single try). ``on_sent`` runs once the command
@@ -576,18 +571,18 @@ class _Eval(Command):
             return cap, self.on_sent
         now = _monotonic()
         if self.attempts > 1:
-            left = deadline + _IO_MARGIN - now
+            left = deadline + IO_MARGIN - now
             # A retry after a reply that did not come (the last attempt waited) needs a
             # new connection, and its handshake waits the full socket timeout on a hung
             # Redis: start it only if the budget covers that (CI: 2.4 s for a 1.5 s
             # budget). A reply lost fast (a reset) is still retried.
-            waited = now - self._started >= _IO_MARGIN
+            waited = now - self._started >= IO_MARGIN
             if left <= 0 or (waited and cap is not None and left < cap):
                 raise BackendUnavailableError(
                     "Redis did not answer within the wait's budget"
                 )
         self._started = now
-        limit = max(0.0, deadline - now) + _IO_MARGIN
+        limit = max(0.0, deadline - now) + IO_MARGIN
         return (limit if cap is None else min(limit, cap)), self.on_sent
 
     # Always through command_within (ScriptCall with a `within`), even with nothing to
@@ -662,42 +657,12 @@ def _unreplicated(what: str, acked: int, confirm: Confirm) -> str:
     )
 
 
-class _Pop(Command):
-    """Block up to ``timeout`` s for a wake-up on the list ``key``: BLPOP on the
-    blocking client, so that one release wakes one waiter (rcache._flow.Block's BLMOVE
-    wakes every waiter, as a cache fill should). The reply is awaited at most the
-    block plus ``_IO_MARGIN``: a stopped Redis must not keep a waiter past its budget
-    on the blocking client's long socket timeout (issue 14)."""
+@dataclass(frozen=True, slots=True)
+class _Pop(Block):
+    """A lock waiter's wait: BLPOP, so that one release wakes one waiter
+    (rcache._flow.Block, which bounds the wait, with ``pop``)."""
 
-    __slots__ = ("key", "timeout")
-
-    def __init__(self, key: str, timeout: float) -> None:
-        self.key = key
-        self.timeout = timeout
-
-    def run(self, driver: SyncDriver) -> Any:
-        redis, key, timeout = driver.redis, self.key, self.timeout
-        blocking = redis.blocking_client
-        if redis.memory:
-            return redis.run(lambda _c: blocking.blpop([key], timeout), retry=False)
-        limit = timeout + _IO_MARGIN
-        return redis.run(
-            lambda _c: command_within(blocking, limit, "BLPOP", key, timeout),
-            retry=False,
-        )
-
-    async def arun(self, driver: AsyncDriver) -> Any:
-        redis, key, timeout = driver.redis, self.key, self.timeout
-        blocking = redis.blocking_client
-        if redis.memory:
-            return await redis.run(
-                lambda _c: blocking.blpop([key], timeout), retry=False
-            )
-        limit = timeout + _IO_MARGIN
-        return await redis.run(
-            lambda _c: acommand_within(blocking, limit, "BLPOP", key, timeout),
-            retry=False,
-        )
+    pop: bool = True
 
 
 class _Detach(Command):
