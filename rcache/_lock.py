@@ -1566,6 +1566,13 @@ class Lock(_LeasedLock):
         return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
 
 
+def _place_ttl(cap: float) -> float:
+    """How long a waiter's place (a fair lock's queue entry, a waiting writer's intent)
+    lasts: the waiter refreshes it on every try, at least every ``cap`` seconds, so it
+    outlives a few late tries, and ends soon after a waiter that died."""
+    return max(2.0, cap * 4)
+
+
 class FairLock(Lock):
     """A :class:`Lock` granted in FIFO order (``cache.lock(name, fair=True)``).
 
@@ -1593,7 +1600,6 @@ class FairLock(Lock):
         return super()._wait_time(hint_ms, deadline, cap)
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
-        # A waiter refreshes its place on every try, at least every `cap` seconds.
         return fair_acquire(
             self._key,
             self._fence_key,
@@ -1602,7 +1608,7 @@ class FairLock(Lock):
             self._tickets,
             token=token,
             ttl=self.ttl,
-            place=max(2.0, cap * 4),
+            place=_place_ttl(cap),
         )
 
     def _release_call(self, token: str) -> ScriptCall:
@@ -1721,7 +1727,6 @@ class WriteLock(_RWPart):
         self._exclusive_key = self._writer
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
-        # A waiting writer refreshes its intent on every try, at least every `cap` s.
         return rw_write(
             self._readers,
             self._writer,
@@ -1729,7 +1734,7 @@ class WriteLock(_RWPart):
             self._fence_key,
             token=token,
             ttl=self.ttl,
-            intent=max(2.0, cap * 4),
+            intent=_place_ttl(cap),
         )
 
     def _release_call(self, token: str) -> ScriptCall:
