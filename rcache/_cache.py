@@ -126,6 +126,9 @@ __all__ = ["BYPASS", "Cache"]
 
 #: the options of ``local=True`` on a Cache created without ``local=``
 _DEFAULT_LOCAL = LocalTier()
+#: How long ``aclose`` waits for this loop's lock clean-ups (each is one or two
+#: commands, bounded by the socket timeout) before cancelling them.
+_SETTLE_S = 3.0
 
 
 class _CachedDecorator(Protocol):
@@ -881,7 +884,10 @@ class Cache:
         self._close_local()
 
     async def aclose(self) -> None:
-        """Close the current event loop's async client."""
+        """Close the current event loop's async client, once this loop's lock
+        clean-ups (a cancelled waiter withdrawing, a shielded release) have finished:
+        up to a few seconds, then they are cancelled (their keys expire by TTL)."""
+        await self._adriver.settle(_SETTLE_S)
         await self._async.aclose()
         if isinstance(self._lock_cache, Cache):
             await self._lock_cache.aclose()

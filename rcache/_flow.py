@@ -262,11 +262,28 @@ class SyncDriver:
 class AsyncDriver:
     """Async twin of :class:`SyncDriver`."""
 
-    __slots__ = ("failures", "redis")
+    __slots__ = ("background", "failures", "redis")
 
     def __init__(self, redis: AsyncRedis, failures: Failures) -> None:
         self.redis = redis
         self.failures = failures
+        #: Tasks started for this driver's flows that outlive their caller (a lock's
+        #: clean-up after a cancelled wait, a shielded release): ``Cache.aclose``
+        #: lets them finish, or they would open a client nobody closes.
+        self.background: set[asyncio.Task[Any]] = set()
+
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for this loop's background tasks, then cancel the
+        rest (what they would undo expires by its TTL)."""
+        loop = asyncio.get_running_loop()
+        pending = [t for t in self.background if t.get_loop() is loop]
+        if not pending:
+            return
+        _done, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     async def execute(self, command: Command) -> Any:
         """The one guarded path of async mode (see :meth:`SyncDriver.execute`)."""

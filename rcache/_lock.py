@@ -697,7 +697,7 @@ class _Detach(Command):
             get_renewer().submit(job, driver.redis)
 
     async def arun(self, driver: AsyncDriver) -> None:
-        _spawn(self.tasks, driver.drive(self.flow))
+        _spawn(self.tasks, driver.drive(self.flow), driver.background)
 
 
 class _ReadPolicy(Command):
@@ -716,18 +716,25 @@ _READ_POLICY: Final = _ReadPolicy()
 
 
 def _spawn(
-    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]
+    tasks: set[asyncio.Task[Any]],
+    coro: Coroutine[Any, Any, Any],
+    driver_tasks: set[asyncio.Task[Any]],
 ) -> asyncio.Task[Any]:
-    """A background task, referenced in ``tasks`` until it is done."""
+    """A background task, referenced in ``tasks`` (the lock's) and ``driver_tasks``
+    (its driver's, which ``Cache.aclose`` waits for) until it is done."""
     task = asyncio.ensure_future(coro)
     tasks.add(task)
-    task.add_done_callback(_reap(tasks))
+    driver_tasks.add(task)
+    task.add_done_callback(_reap(tasks, driver_tasks))
     return task
 
 
-def _reap(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+def _reap(
+    tasks: set[asyncio.Task[Any]], driver_tasks: set[asyncio.Task[Any]]
+) -> Callable[[asyncio.Task[Any]], None]:
     def done(task: asyncio.Task[Any]) -> None:
         tasks.discard(task)
+        driver_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             lock_log.debug("rcache: background lock task failed: %s", task.exception())
 
@@ -1328,9 +1335,9 @@ class _LeasedLock:
         the token is kept until Redis confirmed (redis-py #3847 / PR #3900)."""
         held = self._releasing()
         if held is not None:
-            flow = self._release_flow(*held)
+            flow, driver = self._release_flow(*held), self._cache._adriver
             await asyncio.shield(
-                _spawn(self._background, self._cache._adriver.drive(flow))
+                _spawn(self._background, driver.drive(flow), driver.background)
             )
 
     def _releasing(self) -> tuple[_Owner, Lease] | None:

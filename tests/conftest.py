@@ -15,7 +15,6 @@ states the cluster's own (grouped keys, B DELs per invalidation).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -139,13 +138,8 @@ async def cache(redis_url: str) -> AsyncIterator[rcache.Cache]:
     """A Cache on the session server; async so that its loop's client is closed in-loop."""
     c = rcache.Cache(redis_url, prefix="test")
     yield c
-    # A lock's background clean-up (a cancelled waiter withdrawing, a compensating
-    # release) still running at aclose() would open a new client for this loop that
-    # nobody closes: an unclosed-connection warning in a later test. Let them finish.
-    current = asyncio.current_task()
-    pending = [t for t in asyncio.all_tasks() if t is not current]
-    if pending:
-        await asyncio.wait(pending, timeout=3)
+    # aclose() lets this loop's lock clean-ups (a cancelled waiter withdrawing, a
+    # compensating release) finish first: they would open a client nobody closes.
     await c.aclose()
     c.close()
 
