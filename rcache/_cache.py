@@ -224,7 +224,7 @@ class Cache:
         self._log = RateLimitedLog(cache_log)
         # computation leases, renewed by the process's lease renewer through this
         # cache's sync driver, or its async one on the computing loop
-        self._leases = KeyLeases(CACHE_RENEW.script, self, cache_log)
+        self._leases = KeyLeases(CACHE_RENEW, self, cache_log)
         # background refreshes of stale entries (sync functions): a few threads at most,
         # started on first use
         self._refresher = RefreshPool()

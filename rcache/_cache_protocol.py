@@ -45,26 +45,14 @@ __all__ = [
 ]
 
 
-class ScriptSpec:
-    """A packaged Lua script, read from ``rcache/_scripts`` on first use (not at import)."""
-
-    __slots__ = ("_script", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._script: LuaScript | None = None
-
-    @property
-    def script(self) -> LuaScript:
-        script = self._script
-        if script is None:  # two threads may both load it: the same bytes, harmless
-            script = self._script = LuaScript(self.name)
-        return script
+class ScriptSpec(LuaScript):
+    """A packaged Lua script (read on first use, as every :class:`LuaScript`) that
+    builds its own :class:`Eval`; subclasses add typed ``keys``/``args``/``parse``."""
 
     def command(
         self, keys: Sequence[Any], args: Sequence[Any], guard: Guard | None
     ) -> Eval:
-        return Eval(self.script, keys, args, guard)
+        return Eval(self, keys, args, guard)
 
 
 # -- cache_read ----------------------------------------------------------------------
@@ -78,8 +66,6 @@ class Read(NamedTuple):
 
 
 class _ReadSpec(ScriptSpec):
-    __slots__ = ()
-
     @staticmethod
     def parse(reply: Sequence[Any]) -> Read:
         return Read(int(reply[0]), list(reply[1:]))
@@ -99,8 +85,6 @@ class Claim(NamedTuple):
 
 
 class _ClaimSpec(ScriptSpec):
-    __slots__ = ()
-
     @staticmethod
     def keys(lease_key: str, ready_key: str, stamp_keys: Sequence[str]) -> list[str]:
         return [lease_key, ready_key, *stamp_keys]
@@ -139,8 +123,6 @@ class Stored(IntEnum):
 
 
 class _StoreSpec(ScriptSpec):
-    __slots__ = ()
-
     @staticmethod
     def keys(
         value_key: str, lease_key: str, ready_key: str, stamp_keys: Sequence[str]
@@ -204,8 +186,6 @@ class Store(Command):
 
 
 class _StoreManySpec(ScriptSpec):
-    __slots__ = ()
-
     @staticmethod
     def keys(fn_stamp_key: str, value_keys: Sequence[str]) -> list[str]:
         return [fn_stamp_key, *value_keys]

@@ -252,7 +252,7 @@ def batch(
         if unstamped:  # no stamp yet: create the groups' copies to store under
             claims = [_eval(parts[g].stamp_claim()) for g in unstamped]
             got = yield EvalEach(
-                CACHE_CLAIM.script, [(c.keys, c.args) for c in claims], head.get
+                CACHE_CLAIM, [(c.keys, c.args) for c in claims], head.get
             )
             if got is not BYPASS:
                 for g, r in zip(unstamped, got, strict=True):
@@ -279,7 +279,7 @@ def batch(
     stores = [c for c in stores if c.keys[1:]]  # groups with something to store
     if stores and computed:
         n = yield EvalEach(
-            CACHE_STORE_MANY.script, [(c.keys, c.args) for c in stores], head.put
+            CACHE_STORE_MANY, [(c.keys, c.args) for c in stores], head.put
         )
         if n is not BYPASS:
             for _ in range(sum(CACHE_STORE_MANY.parse(x) for x in n)):

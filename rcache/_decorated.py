@@ -277,7 +277,7 @@ class CachedSpec:
         offset = self.cache._clock.offset()
         if offset is not None:
             return tier.read(token, ("MGET", *keys), self.rt.get), offset, token
-        script = CACHE_READ.script
+        script = CACHE_READ
         argv = ("EVALSHA", script.sha, len(keys), *keys)
         return tier.read(token, argv, self.rt.get, script), None, token
 

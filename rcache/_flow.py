@@ -54,9 +54,11 @@ R = TypeVar("R")
 #: A flow: yields commands, receives their replies, returns R.
 Flow = Generator["Command", Any, R]
 
-#: How much longer than its own timeout a blocking wait may take before Redis counts as
-#: hung (a blocked BLMOVE normally answers within a few ms of its timeout).
-_BLOCK_MARGIN = 0.25
+#: How much longer than its own timeout a blocking wait (or a call made for a wait: the
+#: lock's) may take for its reply before Redis counts as hung: a blocked command answers
+#: within a few ms of its timeout (issue 14: with Redis stopped, acquire(timeout=2)
+#: returned after 9.4 s, on the blocking client's socket timeout).
+IO_MARGIN = 0.2
 
 
 class Command:
@@ -111,46 +113,60 @@ class Eval(Command):
 
 @dataclass(frozen=True, slots=True)
 class Block(Command):
-    """Wait up to ``timeout`` s for a wake-up pushed on the list ``key`` (BLMOVE from
-    and to the same list, so one wake-up wakes every waiter). Replies False when Redis
-    did not answer within the timeout plus a margin (hung or cut off: the caller's
-    budget must not wait on a socket timeout), else True (other errors: the next
-    command reports them)."""
+    """Wait up to ``timeout`` s for a wake-up pushed on the list ``key``, on the blocking
+    client, awaiting the reply at most ``timeout`` plus ``IO_MARGIN``: a hung or cut-off
+    Redis must not hold the caller's budget on a socket timeout. memory:// runs the same
+    command on fakeredis, which blocks in process (and nothing there can hang).
+
+    A cache fill (``pop`` False): BLMOVE from and to the same list, so one wake-up wakes
+    every waiter; replies False when Redis did not answer in time, else True (other
+    errors: the next command reports them). A lock waiter (``pop`` True): BLPOP, so one
+    release wakes one waiter; replies BLPOP's reply, errors mapped as any command's
+    (the lock falls back to a short sleep)."""
 
     key: str
     timeout: float
+    pop: bool = False
 
-    def _argv(self) -> tuple[float, tuple[Any, ...]]:
-        timeout = max(0.001, min(self.timeout, MAX_BLOCK))
-        key = self.key
-        return timeout, ("BLMOVE", key, key, "LEFT", "RIGHT", timeout)
+    @property
+    def _timeout(self) -> float:
+        return max(0.001, min(self.timeout, MAX_BLOCK))
 
-    def run(self, driver: SyncDriver) -> bool:
-        timeout, argv = self._argv()
-        if driver.redis.memory:  # fakeredis does not block: poll the in-process store
-            time.sleep(min(timeout, 0.01))
-            return True
+    def _op(self, blocking: Any, memory: bool, within: Any) -> Callable[[Any], Any]:
+        """The blocking call (``within``: command_within or its async twin)."""
+        timeout, key = self._timeout, self.key
+        if self.pop:
+            argv: tuple[Any, ...] = ("BLPOP", key, timeout)
+        else:
+            argv = ("BLMOVE", key, key, "LEFT", "RIGHT", timeout)
+        if memory:
+            return lambda _c: blocking.execute_command(*argv)
+        return lambda _c: within(blocking, timeout + IO_MARGIN, *argv)
+
+    def run(self, driver: SyncDriver) -> Any:
+        redis = driver.redis
+        op = self._op(redis.blocking_client, redis.memory, command_within)
+        if self.pop:
+            return redis.run(op, retry=False)
         try:
-            command_within(driver.redis.blocking_client, timeout + _BLOCK_MARGIN, *argv)
+            op(None)
         except RedisTimeoutError:
             return False
         except Exception:
-            time.sleep(min(timeout, 0.05))
+            time.sleep(min(self._timeout, 0.05))
         return True
 
-    async def arun(self, driver: AsyncDriver) -> bool:
-        timeout, argv = self._argv()
-        if driver.redis.memory:
-            await asyncio.sleep(min(timeout, 0.01))
-            return True
+    async def arun(self, driver: AsyncDriver) -> Any:
+        redis = driver.redis
+        op = self._op(redis.blocking_client, redis.memory, acommand_within)
+        if self.pop:
+            return await redis.run(op, retry=False)
         try:
-            await acommand_within(
-                driver.redis.blocking_client, timeout + _BLOCK_MARGIN, *argv
-            )
+            await op(None)
         except RedisTimeoutError:
             return False
         except Exception:
-            await asyncio.sleep(min(timeout, 0.05))
+            await asyncio.sleep(min(self._timeout, 0.05))
         return True
 
 

@@ -39,7 +39,7 @@ Protocol (all keys of one name share a Redis Cluster slot through the hash tag):
   backend error), release/extend raise :class:`LockError`; nothing pretends to hold.
   Lock commands carry no failure-policy guard (``rcache._policy``): they never bypass.
 * Waits keep their budget: each call of a wait (script or BLPOP) waits for its reply at
-  most the rest of the budget plus ``_IO_MARGIN``, so a hung Redis cannot hold a
+  most the rest of the budget plus ``IO_MARGIN``, so a hung Redis cannot hold a
   waiter on a socket timeout; clean-up after giving up runs in the background.
 * The lock server's eviction policy is read once per Cache when locks are first used:
   an evicting policy can take a held lock, so it is logged at ERROR and counted.
@@ -70,7 +70,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from types import TracebackType
 from typing import (
@@ -96,17 +96,15 @@ from rcache._exceptions import (
     LockReleaseUnconfirmedError,
     RCacheError,
 )
-from rcache._flow import Command, Critical, Eval, Flow, Sleep
+from rcache._flow import IO_MARGIN, Block, Command, Critical, Eval, Flow, Sleep
 from rcache._keys import KeyBuilder, KeySpace
 from rcache._leases import Renewable, get_renewer
 from rcache._logging import lock_log
 from rcache._redis import (
     LuaScript,
-    acommand_within,
     aeval_confirmed_within,
     aeval_within,
     aeviction_policy,
-    command_within,
     connection_kwargs,
     eval_confirmed_within,
     eval_within,
@@ -159,9 +157,6 @@ _FALLBACK = (0.005, 0.05)
 #: (ms): long enough for a woken process to be scheduled and send its try on a loaded
 #: 2-core box, short enough to cost little throughput if it never comes.
 _GRACE_MS = 10
-#: A call made for a wait may take the rest of the wait's budget plus this for its reply
-#: (issue 14: with Redis stopped, acquire(timeout=2) returned after 9.4 s).
-_IO_MARGIN = 0.2
 #: Eviction policies that never evict a key: every other one can take a held lock
 #: (allkeys-*) or, since lock keys carry a TTL, volatile-* too.
 _SAFE_POLICIES = frozenset({"noeviction"})
@@ -244,36 +239,18 @@ class Attempt(NamedTuple):
         return cls(_ACQUIRED[int(reply[0])], int(reply[1]))
 
 
-class LockScript:
-    """One lock script: its name, and its source loaded on first use (nothing is read
-    at import time)."""
-
-    __slots__ = ("_lua", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lua: LuaScript | None = None
-
-    @property
-    def lua(self) -> LuaScript:
-        lua = self._lua
-        if lua is None:
-            lua = self._lua = LuaScript(self.name)
-        return lua
-
-
-_LOCK_ACQUIRE = LockScript("lock_acquire")
-_LOCK_RELEASE = LockScript("lock_release")
-_LOCK_EXTEND = LockScript("lock_extend")
-_LOCK_WAKE = LockScript("lock_wake")
-_FAIR_ACQUIRE = LockScript("lock_fair_acquire")
-_FAIR_RELEASE = LockScript("lock_fair_release")
-_RW_READ = LockScript("rwlock_read")
-_RW_WRITE = LockScript("rwlock_write")
-_RW_RELEASE = LockScript("rwlock_release")
-_SEM_ACQUIRE = LockScript("sem_acquire")
-_SEM_RELEASE = LockScript("sem_release")
-_SEM_EXTEND = LockScript("sem_extend")
+_LOCK_ACQUIRE = LuaScript("lock_acquire")
+_LOCK_RELEASE = LuaScript("lock_release")
+_LOCK_EXTEND = LuaScript("lock_extend")
+_LOCK_WAKE = LuaScript("lock_wake")
+_FAIR_ACQUIRE = LuaScript("lock_fair_acquire")
+_FAIR_RELEASE = LuaScript("lock_fair_release")
+_RW_READ = LuaScript("rwlock_read")
+_RW_WRITE = LuaScript("rwlock_write")
+_RW_RELEASE = LuaScript("rwlock_release")
+_SEM_ACQUIRE = LuaScript("sem_acquire")
+_SEM_RELEASE = LuaScript("sem_release")
+_SEM_EXTEND = LuaScript("sem_extend")
 
 #: How a call waits for its reply: (seconds, or None for the client's socket timeout;
 #: a callback run once the command is written, or None).
@@ -306,27 +283,27 @@ class ScriptCall:
 
     __slots__ = ("args", "keys", "spec")
 
-    def __init__(self, spec: LockScript, keys: list[str], args: list[Any]) -> None:
+    def __init__(self, spec: LuaScript, keys: list[str], args: list[Any]) -> None:
         self.spec = spec
         self.keys = keys
         self.args = args
 
     @property
     def script(self) -> LuaScript:
-        return self.spec.lua
+        return self.spec
 
     def run(self, client: redis.Redis, within: _Within | None = None) -> Any:
         """Run the script; ``within`` bounds the wait for its reply (see _Within)."""
         if within is None:
-            return self.spec.lua(client, self.keys, self.args)
-        return eval_within(client, self.spec.lua, self.keys, self.args, *within)
+            return self.spec(client, self.keys, self.args)
+        return eval_within(client, self.spec, self.keys, self.args, *within)
 
     def arun(
         self, client: redis.asyncio.Redis, within: _Within | None = None
     ) -> Awaitable[Any]:
         if within is None:
-            return self.spec.lua.acall(client, self.keys, self.args)
-        return aeval_within(client, self.spec.lua, self.keys, self.args, *within)
+            return self.spec.acall(client, self.keys, self.args)
+        return aeval_within(client, self.spec, self.keys, self.args, *within)
 
     def run_confirmed(
         self, client: redis.Redis, within: _Within, confirm: Confirm
@@ -334,14 +311,14 @@ class ScriptCall:
         """Run the script and WAIT for ``confirm``'s replicas on the same connection:
         (the script's reply, replicas that acknowledged)."""
         return eval_confirmed_within(
-            client, self.spec.lua, self.keys, self.args, *confirm, *within
+            client, self.spec, self.keys, self.args, *confirm, *within
         )
 
     def arun_confirmed(
         self, client: redis.asyncio.Redis, within: _Within, confirm: Confirm
     ) -> Awaitable[tuple[Any, int]]:
         return aeval_confirmed_within(
-            client, self.spec.lua, self.keys, self.args, *confirm, *within
+            client, self.spec, self.keys, self.args, *confirm, *within
         )
 
 
@@ -548,7 +525,7 @@ class _Eval(Command):
     """A lock script, run by the driver's client with its transient-error retries.
 
     With a ``deadline`` (a wait's budget), each attempt waits for its reply at most the
-    rest of the budget plus ``_IO_MARGIN`` (never past the client's socket timeout),
+    rest of the budget plus ``IO_MARGIN`` (never past the client's socket timeout),
     and no attempt starts once that is spent: a retry needs a new connection, whose
     handshake waits the full socket timeout on a hung Redis (a reply lost fast, a
     reset, is still retried, even by a single try). ``on_sent`` runs once the command
@@ -594,18 +571,18 @@ class _Eval(Command):
             return cap, self.on_sent
         now = _monotonic()
         if self.attempts > 1:
-            left = deadline + _IO_MARGIN - now
+            left = deadline + IO_MARGIN - now
             # A retry after a reply that did not come (the last attempt waited) needs a
             # new connection, and its handshake waits the full socket timeout on a hung
             # Redis: start it only if the budget covers that (CI: 2.4 s for a 1.5 s
             # budget). A reply lost fast (a reset) is still retried.
-            waited = now - self._started >= _IO_MARGIN
+            waited = now - self._started >= IO_MARGIN
             if left <= 0 or (waited and cap is not None and left < cap):
                 raise BackendUnavailableError(
                     "Redis did not answer within the wait's budget"
                 )
         self._started = now
-        limit = max(0.0, deadline - now) + _IO_MARGIN
+        limit = max(0.0, deadline - now) + IO_MARGIN
         return (limit if cap is None else min(limit, cap)), self.on_sent
 
     # Always through command_within (ScriptCall with a `within`), even with nothing to
@@ -680,42 +657,12 @@ def _unreplicated(what: str, acked: int, confirm: Confirm) -> str:
     )
 
 
-class _Pop(Command):
-    """Block up to ``timeout`` s for a wake-up on the list ``key``: BLPOP on the
-    blocking client, so that one release wakes one waiter (rcache._flow.Block's BLMOVE
-    wakes every waiter, as a cache fill should). The reply is awaited at most the
-    block plus ``_IO_MARGIN``: a stopped Redis must not keep a waiter past its budget
-    on the blocking client's long socket timeout (issue 14)."""
+@dataclass(frozen=True, slots=True)
+class _Pop(Block):
+    """A lock waiter's wait: BLPOP, so that one release wakes one waiter
+    (rcache._flow.Block, which bounds the wait, with ``pop``)."""
 
-    __slots__ = ("key", "timeout")
-
-    def __init__(self, key: str, timeout: float) -> None:
-        self.key = key
-        self.timeout = timeout
-
-    def run(self, driver: SyncDriver) -> Any:
-        redis, key, timeout = driver.redis, self.key, self.timeout
-        blocking = redis.blocking_client
-        if redis.memory:
-            return redis.run(lambda _c: blocking.blpop([key], timeout), retry=False)
-        limit = timeout + _IO_MARGIN
-        return redis.run(
-            lambda _c: command_within(blocking, limit, "BLPOP", key, timeout),
-            retry=False,
-        )
-
-    async def arun(self, driver: AsyncDriver) -> Any:
-        redis, key, timeout = driver.redis, self.key, self.timeout
-        blocking = redis.blocking_client
-        if redis.memory:
-            return await redis.run(
-                lambda _c: blocking.blpop([key], timeout), retry=False
-            )
-        limit = timeout + _IO_MARGIN
-        return await redis.run(
-            lambda _c: acommand_within(blocking, limit, "BLPOP", key, timeout),
-            retry=False,
-        )
+    pop: bool = True
 
 
 class _Detach(Command):
@@ -1626,6 +1573,13 @@ class Lock(_LeasedLock):
         return "lock", keys, ["string", _SIGNAL_MS, "1", 1, "1"]
 
 
+def _place_ttl(cap: float) -> float:
+    """How long a waiter's place (a fair lock's queue entry, a waiting writer's intent)
+    lasts: the waiter refreshes it on every try, at least every ``cap`` seconds, so it
+    outlives a few late tries, and ends soon after a waiter that died."""
+    return max(2.0, cap * 4)
+
+
 class FairLock(Lock):
     """A :class:`Lock` granted in FIFO order (``cache.lock(name, fair=True)``).
 
@@ -1653,7 +1607,6 @@ class FairLock(Lock):
         return super()._wait_time(hint_ms, deadline, cap)
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
-        # A waiter refreshes its place on every try, at least every `cap` seconds.
         return fair_acquire(
             self._key,
             self._fence_key,
@@ -1662,7 +1615,7 @@ class FairLock(Lock):
             self._tickets,
             token=token,
             ttl=self.ttl,
-            place=max(2.0, cap * 4),
+            place=_place_ttl(cap),
         )
 
     def _release_call(self, token: str) -> ScriptCall:
@@ -1781,7 +1734,6 @@ class WriteLock(_RWPart):
         self._exclusive_key = self._writer
 
     def _acquire_call(self, token: str, mode: str, cap: float) -> ScriptCall:
-        # A waiting writer refreshes its intent on every try, at least every `cap` s.
         return rw_write(
             self._readers,
             self._writer,
@@ -1789,7 +1741,7 @@ class WriteLock(_RWPart):
             self._fence_key,
             token=token,
             ttl=self.ttl,
-            intent=max(2.0, cap * 4),
+            intent=_place_ttl(cap),
         )
 
     def _release_call(self, token: str) -> ScriptCall:

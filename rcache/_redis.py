@@ -42,6 +42,7 @@ from rcache._logging import cache_log
 __all__ = [
     "AsyncRedis",
     "ClientSpec",
+    "Exchange",
     "FirstUse",
     "LuaScript",
     "SyncRedis",
@@ -926,24 +927,50 @@ def _direct_async(client: Any) -> tuple[bool, bool]:
     )
 
 
+class Exchange:
+    """A pooled connection for one request/reply exchange (``with Exchange(pool) as
+    conn``, ``async with`` on an asyncio pool). Any failure but the server's own answer
+    (ResponseError: the connection is in step) drops the connection, so that a reply
+    left pending (a timeout, a cancellation) never answers the next command; it goes
+    back to the pool either way. A class, not a generator: it runs on every read."""
+
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool  # redis-py's connection API is untyped
+
+    def __enter__(self) -> Any:
+        conn = self.conn = self.pool.get_connection()
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is not None and not issubclass(kind, rex.ResponseError):
+                self.conn.disconnect()
+        finally:
+            self.pool.release(self.conn)
+
+    async def __aenter__(self) -> Any:
+        conn = self.conn = await self.pool.get_connection()
+        return conn
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is not None and not issubclass(kind, rex.ResponseError):
+                await self.conn.disconnect(nowait=True)
+        finally:
+            await self.pool.release(self.conn)
+
+
 def _read(client: redis.Redis, args: tuple[Any, ...]) -> Any:
     """Send one command on a pooled connection and read its reply: what redis-py's
     ``execute_command`` does, without its retry wrapper (off in rcache's clients:
     rcache retries itself), its closure and its observability recorders. As there, a
     connection that failed is dropped, never pooled with a reply pending; packed as
     :func:`_send` packs."""
-    pool: Any = client.connection_pool
-    conn: Any = pool.get_connection()
-    try:
+    with Exchange(client.connection_pool) as conn:
         _send(conn, args)
         return conn.read_response()
-    except rex.ResponseError:
-        raise  # the server answered: the connection is in sync
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
 
 
 async def _aread(
@@ -951,21 +978,12 @@ async def _aread(
 ) -> Any:
     """Async twin of :func:`_read` (``packed``: hiredis packs, see
     :func:`_direct_async`). A cancelled read drops its connection."""
-    pool: Any = client.connection_pool
-    conn: Any = await pool.get_connection()
-    try:
+    async with Exchange(client.connection_pool) as conn:
         if packed:
             await conn.send_packed_command(_hiredis_pack(args))
         else:
             await conn.send_command(*args)
         return await conn.read_response()
-    except rex.ResponseError:
-        raise
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(conn)
 
 
 class FirstUse(Protocol):
@@ -1598,41 +1616,36 @@ def command_within(
         except _SLOT_STALE:
             _refresh_slots(cluster)
             raise
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()  # redis-py's connection API is untyped
-    try:
-        _send(conn, args)
-        if on_sent is not None:
-            on_sent()
-        # Without a tighter limit the socket timeout bounds the read: no poll first.
-        wait = _reply_wait(limit, conn.socket_timeout)
-        if wait is not None and not conn.can_read(timeout=wait):
-            raise rex.TimeoutError(f"no reply from Redis within {wait}s")
-        # A plain client's reply to a command without a response callback (EVALSHA,
-        # not BLPOP) is what its parse_response would return: read it directly. The
-        # names are upper case, as redis-py's case-insensitive table stores them, so a
-        # plain dict lookup tells. A subclass may hook parse_response: keep it.
-        name = args[0]
-        callbacks: Any = client.response_callbacks
-        if type(client) is redis.Redis and not dict.__contains__(callbacks, name):
-            return conn.read_response()
-        return client.parse_response(conn, str(name))  # type: ignore[no-untyped-call]
-    except rex.ResponseError:
-        raise  # the server answered: the connection is in sync
-    except (TypeError, AttributeError) as exc:
-        conn.disconnect()
-        if getattr(conn, "_sock", None) is not None:
-            raise
-        # Another thread closed the client (Cache.close()) while this one waited: the
-        # poll woke on the shut-down socket and redis-py's reader then met _sock None
-        # (TypeError from hiredis' can_read, AttributeError from the Python parser). A
-        # waiter must see a closed connection, not a TypeError out of acquire().
-        raise rex.ConnectionError("the connection was closed while waiting") from exc
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
+    with Exchange(client.connection_pool) as conn:
+        try:
+            _send(conn, args)
+            if on_sent is not None:
+                on_sent()
+            # Without a tighter limit the socket timeout bounds the read: no poll first.
+            wait = _reply_wait(limit, conn.socket_timeout)
+            if wait is not None and not conn.can_read(timeout=wait):
+                raise rex.TimeoutError(f"no reply from Redis within {wait}s")
+            # A plain client's reply to a command without a response callback (EVALSHA,
+            # not BLPOP) is what its parse_response would return: read it directly. The
+            # names are upper case, as redis-py's case-insensitive table stores them, so
+            # a plain dict lookup tells. A subclass may hook parse_response: keep it.
+            name = args[0]
+            callbacks: Any = client.response_callbacks
+            if type(client) is redis.Redis and not dict.__contains__(callbacks, name):
+                return conn.read_response()
+            return client.parse_response(conn, str(name))  # type: ignore[no-untyped-call]
+        except (TypeError, AttributeError) as exc:
+            conn.disconnect()
+            if getattr(conn, "_sock", None) is not None:
+                raise
+            # Another thread closed the client (Cache.close()) while this one waited:
+            # the poll woke on the shut-down socket and redis-py's reader then met
+            # _sock None (TypeError from hiredis' can_read, AttributeError from the
+            # Python parser). A waiter must see a closed connection, not a TypeError
+            # out of acquire().
+            raise rex.ConnectionError(
+                "the connection was closed while waiting"
+            ) from exc
 
 
 #: What tells that the slot table a command was routed by is out of date: the slot
@@ -1895,14 +1908,12 @@ def eval_confirmed_within(
             _refresh_slots(cluster)
             raise
     commands = _confirm_commands(script, keys, args, replicas, wait_ms)
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()
-    try:
+    replies: list[Any] = []
+    with Exchange(client.connection_pool) as conn:
         conn.send_packed_command(conn.pack_commands(commands))
         if on_sent is not None:
             on_sent()
         end = _confirm_end(limit, conn.socket_timeout, wait_ms)
-        replies: list[Any] = []
         for _ in commands:
             if end is not None:
                 wait = max(end - time.monotonic(), 0.001)
@@ -1912,11 +1923,6 @@ def eval_confirmed_within(
                 replies.append(conn.read_response())
             except rex.ResponseError as exc:  # read whole: the connection is in sync
                 replies.append(exc)
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
     result = _confirmed(replies)
     if result is None:
         client.script_load(script.source)

@@ -66,6 +66,7 @@ from rcache._logging import RateLimitedLog, cache_log
 from rcache._policy import Guard
 from rcache._redis import (
     ClientSpec,
+    Exchange,
     LuaScript,
     _async_kwargs,
     _sentinel_pool,
@@ -873,9 +874,7 @@ class TrackedReader:
         """Run ``argv`` (a read: GET, MGET, or EVALSHA of ``script``) on a tracked
         connection; the reply, as redis-py parses it without callbacks. ``client``
         (the Cache's own) is for :class:`ClusterReader`'s untracked reads."""
-        pool = self.client.connection_pool
-        conn: Any = pool.get_connection()
-        try:
+        with Exchange(self.client.connection_pool) as conn:
             # get_connection() connected it; a reconnect ran _on_connect (redirect off)
             self._hook(conn)
             commands = self._plan(conn, token, argv)
@@ -895,13 +894,6 @@ class TrackedReader:
                 conn.read_response()
                 conn.send_command(*argv)
                 return conn.read_response()
-        except rex.ResponseError:
-            raise  # the server answered: the connection is in step
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
 
     async def _aclient(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
@@ -918,9 +910,8 @@ class TrackedReader:
         client: Any = None,
     ) -> Any:
         """Async twin of :meth:`read`."""
-        pool: Any = (await self._aclient()).connection_pool
-        conn: Any = await pool.get_connection()
-        try:
+        # a cancelled or failed read leaves its reply unread: Exchange drops it
+        async with Exchange((await self._aclient()).connection_pool) as conn:
             self._hook(conn)
             commands = self._plan(conn, token, argv)
             await conn.send_packed_command(conn.pack_commands(commands))
@@ -939,14 +930,6 @@ class TrackedReader:
                 await conn.read_response()
                 await conn.send_command(*argv)
                 return await conn.read_response()
-        except rex.ResponseError:
-            raise
-        except BaseException:
-            # a cancelled or failed read leaves its reply unread: never reuse it
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
 
     def close(self) -> None:
         if self._client is not None:

@@ -12,6 +12,8 @@
 --                  wake one waiter blocked on `list` (LPUSH: its BLPOP pops it), keep
 --                  at most `keep` wake-ups in it (one release, one grant) and let an
 --                  unconsumed one expire after `ms` (a stale one costs a spurious retry)
+-- not_held(cur)    the reply when a lock key does not hold our token (`cur`: its GET):
+--                  -1 the key is gone (the lease expired), 0 it holds another token
 local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -27,6 +29,12 @@ local function next_fence(key)
     fence = redis.call('INCR', key)
   end
   return fence
+end
+local function not_held(cur)
+  if cur == false then
+    return -1
+  end
+  return 0
 end
 local function push_wakeup(list, keep, ms)
   redis.call('LPUSH', list, '1')

@@ -6,12 +6,10 @@
 --          0  the key holds another token
 --         -1  the key is gone (expired); it is NOT recreated (redsync's
 --             touchWithSetNXScript resurrects expired locks)
+-- @include _shared
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if cur == false then
-  return -1
-end
-return 0
+return not_held(cur)

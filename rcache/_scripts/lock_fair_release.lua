@@ -19,8 +19,7 @@ if ARGV[3] == 'a' then
 else
   local cur = redis.call('GET', KEYS[1])
   if cur ~= ARGV[1] then
-    if cur == false then return -1 end
-    return 0
+    return not_held(cur)
   end
   redis.call('DEL', KEYS[1])
 end

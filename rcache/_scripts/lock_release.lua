@@ -26,7 +26,4 @@ if cur == ARGV[1] then
   push_wakeup(KEYS[2], ARGV[3], ARGV[2])
   return 1
 end
-if cur == false then
-  return -1
-end
-return 0
+return not_held(cur)

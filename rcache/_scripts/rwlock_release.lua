@@ -18,8 +18,7 @@ local result = 1
 if ARGV[2] == 'w' then
   local cur = redis.call('GET', KEYS[2])
   if cur ~= ARGV[1] then
-    if cur == false then return -1 end
-    return 0
+    return not_held(cur)
   end
   redis.call('DEL', KEYS[2])
 elseif ARGV[2] == 'r' then

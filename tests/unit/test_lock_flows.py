@@ -155,14 +155,16 @@ def test_replies_parse_into_named_codes() -> None:
 
 
 def test_scripts_are_read_on_first_use_only() -> None:
-    spec = _lock.LockScript("lock_extend")
-    assert spec._lua is None
-    assert "PEXPIRE" in spec.lua.source
-    assert spec.lua is spec.lua
+    # LockScript's own lazy wrapper is gone: a lock script is a LuaScript, which reads
+    # its file on first use and keeps it.
+    spec = _lock.LuaScript("lock_extend")
+    assert spec._loaded is None
+    assert "PEXPIRE" in spec.source
+    assert spec._loaded is not None
 
 
 def test_shared_wake_up_push_is_pasted_where_included() -> None:
-    source = _lock.LockScript("sem_release").lua.source
+    source = _lock.LuaScript("sem_release").source
     assert "local function push_wakeup" in source
     assert source.count("'LPUSH'") == 1  # only inside push_wakeup
 
