@@ -393,19 +393,33 @@ class LeaseRenewer:
 
     def _renew_sync(self, driver: SyncDriver, leases: list[Renewable]) -> None:
         sent = self._clock()
-        commands = [lease._renew_command() for lease in leases]
-        evals = [c for c in commands if isinstance(c, Eval) and c.guard is None]
-        if len(leases) == 1 or len(evals) < len(commands):
-            for lease, command in zip(leases, commands, strict=True):
-                self._renew_one(driver, lease, command, sent)
-            return
+        batch: list[tuple[Renewable, Eval]] = []
+        others: list[tuple[Renewable, Command]] = []
+        for lease in leases:
+            command = lease._renew_command()
+            if isinstance(command, Eval) and command.guard is None:
+                batch.append((lease, command))
+            else:
+                others.append((lease, command))
+        # Plain renewals first, in one pipeline: a renewal that waits for replicas
+        # (min_replicas: up to replica_timeout each) must not delay the others.
+        if len(batch) == 1:
+            others.insert(0, batch.pop())
+        elif batch:
+            self._renew_batch(driver, batch, sent)
+        for lease, command in others:
+            self._renew_one(driver, lease, command, sent)
+
+    def _renew_batch(
+        self, driver: SyncDriver, batch: list[tuple[Renewable, Eval]], sent: float
+    ) -> None:
         try:
-            replies = driver.execute(_Pipeline(evals))
+            replies = driver.execute(_Pipeline([command for _, command in batch]))
         except RCacheError as exc:
-            for lease in leases:
+            for lease, _ in batch:
                 self._failed(lease, exc)
             return
-        for lease, command, reply in zip(leases, commands, replies, strict=True):
+        for (lease, command), reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):  # e.g. NOSCRIPT after a restart
                 self._renew_one(driver, lease, command, sent)
             else:
