@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from rcc_helpers import Worker, eventually, runs
+from rcc_helpers import Worker, eventually, released_in_time, runs
 
 from rcache.testing import RedisServer
 
@@ -31,10 +31,12 @@ def test_sigkill_of_the_child_frees_the_key_within_a_second(
     res = ns.suicide.delay(token)
     eventually(lambda: runs(r, token) == 1, message="the task ran")
     killed = time.monotonic()  # the task SIGKILLs itself right after its INCR
-    eventually(lambda: not r.exists(key), timeout=5, message="key released")
-    assert time.monotonic() - killed < 1.0  # the lease (lock_ttl=30) did not expire
+    lost_wait = float(ns.app.conf.worker_lost_wait)
+    eventually(lambda: not r.exists(key), timeout=lost_wait + 5, message="released")
+    # at once, not when the lease (lock_ttl=30) expires; billiard's race allowed
+    assert released_in_time(time.monotonic() - killed, lost_wait)
     with pytest.raises(WorkerLostError):
-        res.get(timeout=20, propagate=True)
+        res.get(timeout=lost_wait + 20, propagate=True)
     assert ns.suicide.delay(token).id != res.id  # enqueued anew
 
 
@@ -46,17 +48,9 @@ def test_every_sigkill_frees_the_key_within_a_second(
     Celery's pool reaps a child when its sentinel pipe closes, with waitpid(WNOHANG);
     the pipe closes before the child can be reaped, so a quick parent skipped it and
     reaped it only at its 5 s maintenance timer (4-5 s in 10 of 12 kills before
-    rcache_celery's reaping timer).
-
-    One race is billiard's own: a child killed before the main process has read its
-    job's acknowledgement is not "acked by gone" when it is reaped
-    (billiard/pool.py ``_join_exited_workers``), so Celery raises ``WorkerLostError``
-    only after ``worker_lost_wait`` (10 s by default; CI saw it once in about a dozen
-    runs of four kills). A kill may take that path; most must be released within a
-    second, and none may wait for the lease (30 s).
+    rcache_celery's reaping timer). billiard's own race is allowed (released_in_time).
     """
     lost_wait = float(ns.app.conf.worker_lost_wait)
-    took: list[float] = []
     for i in range(4):
         arg = f"{token}-{i}"
         key = _key(ns.suicide, arg)
@@ -74,12 +68,12 @@ def test_every_sigkill_frees_the_key_within_a_second(
             raise AssertionError(
                 f"kill {i}: not released; worker log:\n{tail}"
             ) from None
-        took.append(time.monotonic() - killed)
+        took = time.monotonic() - killed
+        assert released_in_time(took, lost_wait), (
+            f"kill {i}: released after {took:.2f}s"
+        )
         with pytest.raises(WorkerLostError):
             res.get(timeout=lost_wait + 20, propagate=True)
-    fast = [t for t in took if t < 1.0]
-    assert len(fast) >= 3, f"released after {[round(t, 2) for t in took]} s"
-    assert max(took) < lost_wait + 1.0, took
 
 
 def test_revoke_with_terminate_frees_the_key(
