@@ -99,10 +99,45 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     """
     state = maybe_state(getattr(sender, "app", None))
     hub = getattr(sender, "hub", None)
-    maintain = getattr(getattr(sender, "pool", None), "maintain_pool", None)
+    pool = getattr(sender, "pool", None)
+    maintain = getattr(pool, "maintain_pool", None)
     if state is None or hub is None or maintain is None or state.reaper is not None:
         return
-    state.reaper = hub.call_repeatedly(REAP_INTERVAL, maintain)
+
+    def reap() -> None:
+        maintain()
+        _report_orphans(getattr(pool, "_pool", None))
+
+    state.reaper = hub.call_repeatedly(REAP_INTERVAL, reap)
+
+
+def _report_orphans(asyncpool: Any) -> None:
+    """Report as lost the jobs accepted by a pool child that is gone.
+
+    billiard reports a dead child's job only if the child's acknowledgement of it was
+    read before the child was reaped (``_join_exited_workers``: "acked by gone"). When
+    the child dies first (SIGKILL right after it started the job), the acknowledgement
+    is read afterwards, and the job waits for the next child exit to be noticed: in CI
+    a key stayed held for more than 10 s after its child was killed (it would have
+    waited for its lease). Such a job is reported here the way Celery's own pool
+    reports a lost one (``on_job_process_lost``: ``WorkerLostError``), within a reap.
+    """
+    cache = getattr(asyncpool, "_cache", None)
+    workers = getattr(asyncpool, "_pool", None)
+    lost = getattr(asyncpool, "on_job_process_lost", None)
+    if not cache or workers is None or lost is None:
+        return
+    alive = {worker.pid for worker in workers}
+    for job in list(cache.values()):
+        try:
+            if job.ready():
+                continue
+            gone = next((pid for pid in job.worker_pids() if pid not in alive), None)
+            if gone is not None:
+                lost(job, gone, 0)  # the exit code was taken by the reaper
+        except Exception as exc:  # pool internals changed: never break the worker
+            log.debug("rcache-celery: orphan check skipped: %r", exc)
+            return
 
 
 def _on_failure(

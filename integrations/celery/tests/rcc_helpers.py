@@ -151,16 +151,3 @@ class Worker:
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
-
-
-def released_in_time(took: float, lost_wait: float) -> bool:
-    """Was a SIGKILLed child's key released at once (under 1 s), or, on billiard's own
-    race, when Celery reports the loss after ``worker_lost_wait``?
-
-    A child killed before the main process has read its job's acknowledgement is not
-    "acked by gone" when it is reaped (billiard/pool.py ``_join_exited_workers``), so
-    ``WorkerLostError`` comes only ``worker_lost_wait`` later (10 s by default; CI saw
-    it once in about a dozen runs of four kills). Anything else (the 4-5 s of Celery's
-    maintenance timer without rcache_celery's reaping timer, or the 30 s lease) fails.
-    """
-    return took < 1.0 or lost_wait - 0.5 <= took < lost_wait + 1.0

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import WorkerLostError
-from rcc_helpers import Worker, eventually, released_in_time, runs
+from rcc_helpers import Worker, eventually, runs
 
 from rcache.testing import RedisCluster, RedisServer
 
@@ -156,11 +156,7 @@ def test_sigkill_of_the_child_frees_the_key_on_the_cluster(
     assert _on_cluster(cluster, key)  # taken at enqueue, on the cluster
     eventually(lambda: runs(r, token) == 1, message="the task ran")
     killed = time.monotonic()  # the task SIGKILLs itself right after its INCR
-    lost_wait = float(ns_cluster.app.conf.worker_lost_wait)
-    eventually(
-        lambda: not _on_cluster(cluster, key), timeout=lost_wait + 5, message="released"
-    )
-    # at once, not when the lease (lock_ttl=30) expires; billiard's race allowed
-    assert released_in_time(time.monotonic() - killed, lost_wait)
+    eventually(lambda: not _on_cluster(cluster, key), timeout=5, message="released")
+    assert time.monotonic() - killed < 1.0  # the lease (lock_ttl=30) did not expire
     with pytest.raises(WorkerLostError):
-        res.get(timeout=lost_wait + 20, propagate=True)
+        res.get(timeout=20, propagate=True)

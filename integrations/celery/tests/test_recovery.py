@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from rcc_helpers import Worker, eventually, released_in_time, runs
+from rcc_helpers import Worker, eventually, runs
 
 from rcache.testing import RedisServer
 
@@ -31,12 +31,10 @@ def test_sigkill_of_the_child_frees_the_key_within_a_second(
     res = ns.suicide.delay(token)
     eventually(lambda: runs(r, token) == 1, message="the task ran")
     killed = time.monotonic()  # the task SIGKILLs itself right after its INCR
-    lost_wait = float(ns.app.conf.worker_lost_wait)
-    eventually(lambda: not r.exists(key), timeout=lost_wait + 5, message="released")
-    # at once, not when the lease (lock_ttl=30) expires; billiard's race allowed
-    assert released_in_time(time.monotonic() - killed, lost_wait)
+    eventually(lambda: not r.exists(key), timeout=5, message="key released")
+    assert time.monotonic() - killed < 1.0  # the lease (lock_ttl=30) did not expire
     with pytest.raises(WorkerLostError):
-        res.get(timeout=lost_wait + 20, propagate=True)
+        res.get(timeout=20, propagate=True)
     assert ns.suicide.delay(token).id != res.id  # enqueued anew
 
 
@@ -48,9 +46,11 @@ def test_every_sigkill_frees_the_key_within_a_second(
     Celery's pool reaps a child when its sentinel pipe closes, with waitpid(WNOHANG);
     the pipe closes before the child can be reaped, so a quick parent skipped it and
     reaped it only at its 5 s maintenance timer (4-5 s in 10 of 12 kills before
-    rcache_celery's reaping timer). billiard's own race is allowed (released_in_time).
+    rcache_celery's reaping timer). A child killed before the main process read its
+    acknowledgement of the job is reported by that timer too (``_report_orphans``; CI
+    once saw such a key still held after 10 s). The worker's log is printed if a key is
+    not released.
     """
-    lost_wait = float(ns.app.conf.worker_lost_wait)
     for i in range(4):
         arg = f"{token}-{i}"
         key = _key(ns.suicide, arg)
@@ -60,7 +60,7 @@ def test_every_sigkill_frees_the_key_within_a_second(
         try:
             eventually(
                 lambda key=key: not r.exists(key),
-                timeout=lost_wait + 5,
+                timeout=10,
                 message="released",
             )
         except TimeoutError:
@@ -69,11 +69,9 @@ def test_every_sigkill_frees_the_key_within_a_second(
                 f"kill {i}: not released; worker log:\n{tail}"
             ) from None
         took = time.monotonic() - killed
-        assert released_in_time(took, lost_wait), (
-            f"kill {i}: released after {took:.2f}s"
-        )
+        assert took < 1.0, f"kill {i}: released after {took:.2f}s"
         with pytest.raises(WorkerLostError):
-            res.get(timeout=lost_wait + 20, propagate=True)
+            res.get(timeout=20, propagate=True)
 
 
 def test_revoke_with_terminate_frees_the_key(
