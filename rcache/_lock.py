@@ -105,11 +105,11 @@ from rcache._redis import (
     aeval_confirmed_within,
     aeval_within,
     aeviction_policy,
-    connection_kwargs,
     eval_confirmed_within,
     eval_within,
     eviction_policy,
     process_id,
+    socket_timeout,
 )
 from rcache._types import P, R
 
@@ -491,7 +491,7 @@ def _caps(redis: SyncRedis | AsyncRedis) -> _Caps:
         return last[1]
     caps = _CAPS.get(redis)
     if caps is None:
-        io = _socket_timeout(redis.client)
+        io = socket_timeout(redis.client)
         block = _block_cap(redis.blocking_client)
         caps = _CAPS[redis] = _Caps(io, block, redis.memory)
     _LAST_CAPS = (weakref.ref(redis), caps)
@@ -741,21 +741,9 @@ def _reap(
     return done
 
 
-def _socket_timeout(client: Any) -> float | None:
-    """The client's socket timeout (None: none, or not a redis-py client). Read through
-    connection_kwargs(), which also knows cluster clients (they have no pool): without
-    it a lock wait on Redis Cluster had no I/O cap while the server hung."""
-    try:
-        kwargs = connection_kwargs(client)
-    except AttributeError:  # a pool without connection settings (a test double)
-        return None
-    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
-    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
-
-
 def _block_cap(blocking: Any) -> float:
     """Longest BLPOP that stays under the blocking client's socket timeout."""
-    timeout = _socket_timeout(blocking)
+    timeout = socket_timeout(blocking)
     if timeout is None:
         return _MAX_BLOCK
     return max(_MIN_BLOCK, min(_MAX_BLOCK, timeout * 0.8))

@@ -769,6 +769,18 @@ def connection_kwargs(client: Any) -> Mapping[str, Any]:
     return cast("Mapping[str, Any]", getter() if getter is not None else {})
 
 
+def socket_timeout(client: Any) -> float | None:
+    """The client's socket timeout (None: none, or not a redis-py client). Read through
+    connection_kwargs(), which also knows cluster clients (they have no pool): without
+    it a lock wait on Redis Cluster had no I/O cap while the server hung."""
+    try:
+        kwargs = connection_kwargs(client)
+    except AttributeError:  # a pool without connection settings (a test double)
+        return None
+    timeout = kwargs.get("socket_timeout") if hasattr(kwargs, "get") else None
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
 def _is_cluster_client(client: object) -> bool:
     """A Redis Cluster client, sync or asyncio (the one duck test for it)."""
     # redis.cluster.RedisCluster and redis.asyncio.cluster.RedisCluster both route with
@@ -878,8 +890,8 @@ def _retries(policy: RetryPolicy, exc: BaseException, retry: bool, client: Any) 
     if not (retry and _transient(exc) and policy.attempts > 1):
         return False
     if isinstance(exc, (rex.TimeoutError, TimeoutError)):
-        timeout = connection_kwargs(client).get("socket_timeout")
-        return isinstance(timeout, (int, float)) and 0 < timeout <= policy.max_time
+        timeout = socket_timeout(client)
+        return timeout is not None and timeout <= policy.max_time
     return True
 
 
